@@ -1,0 +1,130 @@
+"""Spec -> rendered stage config: the one-way flow from a FineTuneJob to what one trainer process runs.
+
+The operator renders a StageConfig per stage attempt and hands it to the trainer entrypoint; `finetune run` does the same
+locally. The trainer never reads the FineTuneJob itself.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+from pydantic import ConfigDict, Field
+
+from finetune_api.spec import (
+    TRAINING_DEFAULTS,
+    ApiModel,
+    DeepSpeedSpec,
+    FineTuneJobSpec,
+    ModelSpec,
+    PeftSpec,
+    ResourcesSpec,
+    StageSpec,
+    StorageSpec,
+    TrainingSpec,
+    uri_scheme,
+)
+
+# Where the trainer pods mount `pvc://<claim>/...` volumes; `pvc://claim/a/b` is read as `<root>/claim/a/b`.
+PVC_MOUNT_ROOT = "/mnt/pvc"
+
+# Learning-rate defaults by (stage type, full vs adapter training), from TRL's and OpenRLHF's defaults.
+_DEFAULT_LR = {
+    ("cpt", "full"): 2e-5, ("cpt", "adapter"): 2e-4,
+    ("sft", "full"): 2e-5, ("sft", "adapter"): 2e-4,
+    ("reward", "full"): 1e-5, ("reward", "adapter"): 1e-4,
+    ("dpo", "full"): 1e-6, ("dpo", "adapter"): 5e-6,
+    ("kto", "full"): 1e-6, ("kto", "adapter"): 5e-6,
+    ("orpo", "full"): 8e-6, ("orpo", "adapter"): 5e-5,
+    ("ppo", "full"): 3e-6, ("ppo", "adapter"): 1e-5,
+    ("grpo", "full"): 1e-6, ("grpo", "adapter"): 1e-5,
+}
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or an `s3://`/`pvc://` URI."""
+    scheme = uri_scheme(base)
+    if scheme in ("s3", "pvc"):
+        return posixpath.join(base.rstrip("/"), *parts)
+    return posixpath.join(base, *parts)
+
+
+def stage_root(storage: StorageSpec, stage_name: str) -> str:
+    return join_uri(storage.uri, stage_name)
+
+
+def stage_output_uri(storage: StorageSpec, stage_name: str) -> str:
+    """The stage's final model (merged when trained with adapters): the next stage's input."""
+    return join_uri(storage.uri, stage_name, "model")
+
+
+def stage_checkpoint_dir(storage: StorageSpec, stage_name: str) -> str:
+    """Resumable checkpoints (`checkpoint-<step>`) written while the stage runs."""
+    return join_uri(storage.uri, stage_name, "checkpoints")
+
+
+def rayjob_name(job_name: str, stage_name: str, attempt: int) -> str:
+    """Deterministic RayJob name per (job, stage, attempt) so that creates are idempotent."""
+    return f"{job_name}-{stage_name}-{attempt}"[:63].rstrip("-")
+
+
+def report_configmap_name(job_name: str, stage_name: str) -> str:
+    """The per-stage ConfigMap the trainer writes its StageReport into."""
+    return f"{job_name}-{stage_name}-report"[:63].rstrip("-")
+
+
+def resolve_training(job: FineTuneJobSpec, stage: StageSpec) -> TrainingSpec:
+    """Defaults < spec.training < stage.training, field by field."""
+    merged = TRAINING_DEFAULTS.model_dump()
+    for layer in (job.training, stage.training):
+        if layer is not None:
+            merged.update(layer.model_dump(exclude_none=True))
+    peft = stage.peft or job.peft
+    if merged.get("learning_rate") is None:
+        merged["learning_rate"] = _DEFAULT_LR[(stage.type, "full" if peft.method == "full" else "adapter")]
+    return TrainingSpec(**merged)
+
+
+class StageConfig(ApiModel):
+    """Everything one stage attempt needs, fully resolved and frozen."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_name: str = Field(description="The FineTuneJob's name.")
+    namespace: str | None = Field(default=None, description="The FineTuneJob's namespace (None when run locally).")
+    stage_index: int = Field(description="Position of the stage in the pipeline (0-based).")
+    stage: StageSpec = Field(description="The stage as written, with per-stage overrides.")
+    model: ModelSpec = Field(description="The job's base model settings (tokenizer, chat template, credentials).")
+    input_model: str = Field(description="Model this stage starts from: the base model, or the previous stage's output.")
+    reward_model: str | None = Field(default=None, description="The `rewardFrom` stage's output model (ppo/grpo).")
+    output_uri: str = Field(description="Where the stage's final model goes.")
+    checkpoint_dir: str = Field(description="Where resumable checkpoints go.")
+    storage: StorageSpec = Field(description="Storage settings (S3 endpoint, credentials secret).")
+    training: TrainingSpec = Field(description="Resolved hyper-parameters.")
+    peft: PeftSpec = Field(description="Resolved PEFT settings.")
+    deepspeed: DeepSpeedSpec = Field(description="Resolved DeepSpeed settings.")
+    resources: ResourcesSpec = Field(description="Resolved compute.")
+    attempt: int = Field(default=1, ge=1, description="Attempt number; >1 resumes from the latest checkpoint.")
+
+
+def render_stage(job_name: str, spec: FineTuneJobSpec, stage_name: str, namespace: str | None = None, attempt: int = 1) -> StageConfig:
+    """Render the frozen config of one stage. Inputs and outputs are derived from storage, so no prior state is needed."""
+    index = next(i for i, s in enumerate(spec.stages) if s.name == stage_name)
+    stage = spec.stages[index]
+    input_model = spec.model.source if index == 0 else stage_output_uri(spec.storage, spec.stages[index - 1].name)
+    return StageConfig(
+        job_name=job_name,
+        namespace=namespace,
+        stage_index=index,
+        stage=stage,
+        model=spec.model,
+        input_model=input_model,
+        reward_model=stage_output_uri(spec.storage, stage.reward_from) if stage.reward_from else None,
+        output_uri=stage_output_uri(spec.storage, stage.name),
+        checkpoint_dir=stage_checkpoint_dir(spec.storage, stage.name),
+        storage=spec.storage,
+        training=resolve_training(spec, stage),
+        peft=stage.peft or spec.peft,
+        deepspeed=stage.deepspeed or spec.deepspeed,
+        resources=stage.resources or spec.resources,
+        attempt=attempt,
+    )
