@@ -19,6 +19,7 @@ from finetune_api.spec import (
     PeftSpec,
     ResourcesSpec,
     StageSpec,
+    StageType,
     StorageSpec,
     TrainingSpec,
     uri_scheme,
@@ -94,7 +95,9 @@ class StageConfig(ApiModel):
     stage_index: int = Field(description="Position of the stage in the pipeline (0-based).")
     stage: StageSpec = Field(description="The stage as written, with per-stage overrides.")
     model: ModelSpec = Field(description="The job's base model settings (tokenizer, chat template, credentials).")
-    input_model: str = Field(description="Model this stage starts from: the base model, or the previous stage's output.")
+    input_model: str = Field(
+        description="Model this stage starts from: the latest earlier non-reward stage's output, or the base model for the first stage."
+    )
     reward_model: str | None = Field(default=None, description="The `rewardFrom` stage's output model (ppo/grpo).")
     output_uri: str = Field(description="Where the stage's final model goes.")
     checkpoint_dir: str = Field(description="Where resumable checkpoints go.")
@@ -110,7 +113,9 @@ def render_stage(job_name: str, spec: FineTuneJobSpec, stage_name: str, namespac
     """Render the frozen config of one stage. Inputs and outputs are derived from storage, so no prior state is needed."""
     index = next(i for i, s in enumerate(spec.stages) if s.name == stage_name)
     stage = spec.stages[index]
-    input_model = spec.model.source if index == 0 else stage_output_uri(spec.storage, spec.stages[index - 1].name)
+    # A stage continues the policy: reward stages produce a scorer, not a policy, so the chain skips them.
+    policy_stages = [s for s in spec.stages[:index] if s.type != StageType.reward.value]
+    input_model = stage_output_uri(spec.storage, policy_stages[-1].name) if policy_stages else spec.model.source
     return StageConfig(
         job_name=job_name,
         namespace=namespace,

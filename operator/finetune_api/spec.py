@@ -331,7 +331,10 @@ class StageSpec(ApiModel):
     type: StageType = Field(description="What the stage trains: cpt, sft, reward, dpo, kto, orpo, ppo or grpo.")
     dataset: DatasetSpec = Field(description="The stage's data.")
     reward_from: str | None = Field(
-        default=None, description="For ppo/grpo: the name of an earlier `reward` stage whose model scores the rollouts."
+        default=None,
+        description="For ppo/grpo: the name of an earlier `reward` stage whose model scores the rollouts.",
+        max_length=STAGE_NAME_MAX,
+        pattern=DNS_LABEL,
     )
     training: TrainingSpec | None = Field(default=None, description="Overrides of `spec.training` for this stage.")
     peft: PeftSpec | None = Field(default=None, description="Overrides `spec.peft` for this stage.")

@@ -86,7 +86,9 @@ def test_render_chains_stage_outputs_and_layers_training_overrides():
     assert (second.training.max_steps, second.training.learning_rate, second.training.batch_size) == (40, 0.001, 8)
     assert (second.attempt, second.namespace) == (2, "ml")
     assert ppo.reward_model == "s3://bucket/runs/q/rm/model"
-    assert ppo.input_model == "s3://bucket/runs/q/rm/model"
+    # The policy chain skips reward stages: PPO continues from the SFT model, not from the reward model.
+    assert ppo.input_model == "s3://bucket/runs/q/instruct/model"
+    assert render_stage("q", job.spec, "rm").input_model == "s3://bucket/runs/q/instruct/model"
 
 
 def test_default_learning_rate_depends_on_stage_type_and_peft():

@@ -1,0 +1,148 @@
+"""The generated CRD against a real API server: installs, explains, defaults, and enforces every rule it claims."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune_operator.devcluster import ControlPlane
+from finetune_operator.devcluster.binaries import REPO_ROOT
+
+EXAMPLES = REPO_ROOT / "examples"
+INVALID = sorted((EXAMPLES / "invalid").glob("*.yaml"))
+QUICKSTART = EXAMPLES / "quickstart-k8s.yaml"
+
+
+def one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text)
+
+
+def get_job(cp: ControlPlane, namespace: str, name: str = "quickstart") -> dict:
+    return json.loads(cp.kubectl("get", "ftj", name, "-n", namespace, "-o", "json").stdout)
+
+
+def apply_quickstart(cp: ControlPlane, namespace: str) -> None:
+    cp.kubectl("apply", "-n", namespace, "-f", str(QUICKSTART))
+
+
+def patch(cp: ControlPlane, namespace: str, body: dict, *extra: str, check: bool = False):
+    return cp.kubectl("patch", "ftj", "quickstart", "-n", namespace, "--type=merge", "-p", json.dumps(body), *extra, check=check)
+
+
+def test_crd_is_established_with_its_names(control_plane: ControlPlane):
+    crd = json.loads(control_plane.kubectl("get", "crd", "finetunejobs.finetune.dev", "-o", "json").stdout)
+    conditions = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
+    assert conditions["Established"] == "True" and conditions["NamesAccepted"] == "True"
+    resources = control_plane.kubectl("api-resources", "--api-group=finetune.dev", "-o", "wide").stdout
+    assert re.search(r"finetunejobs\s+ftj\s+finetune.dev/v1alpha1\s+true\s+FineTuneJob", resources), resources
+    assert "finetune" in resources.split("\n")[1]  # the category column
+
+
+def explain(cp: ControlPlane, field: str, timeout: float = 60.0) -> str:
+    """The API server publishes a new CRD's OpenAPI a little after it is Established, so retry briefly."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = cp.kubectl("explain", field, check=False)
+        if result.returncode == 0 or time.monotonic() > deadline:
+            assert result.returncode == 0, result.stderr
+            return result.stdout
+        time.sleep(1)
+
+
+def test_kubectl_explain_shows_the_contract_descriptions(control_plane: ControlPlane):
+    assert "Strength of the implicit KL constraint to the reference model." in explain(control_plane, "finetunejob.spec.stages.dpo.beta")
+    assert "Evaluation metrics reported by the stage" in explain(control_plane, "ftj.status.stages.metrics")
+
+
+def test_quickstart_is_accepted_and_defaulted(control_plane: ControlPlane, namespace: str):
+    apply_quickstart(control_plane, namespace)
+    spec = get_job(control_plane, namespace)["spec"]
+    assert [s["name"] for s in spec["stages"]] == ["cpt", "sft", "reward", "dpo"]
+    # Defaults of the pydantic models, filled in by the API server, nested ones included.
+    assert spec["deepspeed"] == {"zeroStage": 0, "offloadOptimizer": False, "offloadParams": False}
+    assert spec["peft"]["method"] == "full" and spec["peft"]["r"] == 8
+    assert spec["stages"][3]["dpo"] == {"beta": 0.1, "lossType": "sigmoid", "labelSmoothing": 0}
+    assert spec["stages"][0]["dataset"]["validationSplit"] == 0.1
+    assert spec["backoffLimit"] == 2 and spec["suspend"] is False
+
+
+@pytest.mark.parametrize("path", INVALID, ids=[p.stem for p in INVALID])
+def test_invalid_example_is_rejected_naming_the_field(control_plane: ControlPlane, namespace: str, path: Path):
+    text = path.read_text()
+    field = re.search(r"^# field: (\S+)$", text, re.M).group(1)
+    answer = re.search(r"^# kubectl apply answers: (.+)$", text, re.M).group(1)
+    result = control_plane.kubectl("apply", "-n", namespace, "-f", str(path), check=False)
+    assert result.returncode != 0, f"{path.name} was accepted"
+    error = one_line(result.stderr)
+    assert field in error and answer in error, error
+    assert not control_plane.kubectl("get", "ftj", "-n", namespace, "-o", "name").stdout.strip()
+
+
+def test_null_means_unset_as_in_the_contract(control_plane: ControlPlane, namespace: str):
+    job = yaml.safe_load(QUICKSTART.read_text())
+    job["spec"]["model"]["revision"] = None
+    job["spec"]["stages"][1]["rewardFrom"] = None  # would be refused on an sft stage if it were kept
+    job["spec"]["activeDeadlineSeconds"] = None
+    control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(job))
+    spec = get_job(control_plane, namespace)["spec"]
+    assert "revision" not in spec["model"] and "rewardFrom" not in spec["stages"][1]
+    assert "activeDeadlineSeconds" not in spec
+
+
+def test_fractional_bounds_hold_for_integral_values(control_plane: ControlPlane, namespace: str):
+    apply_quickstart(control_plane, namespace)
+    stages = get_job(control_plane, namespace)["spec"]["stages"]
+    stages[3]["dpo"]["labelSmoothing"] = 0.5
+    refused = patch(control_plane, namespace, {"spec": {"stages": stages}})
+    assert refused.returncode != 0 and "spec.stages[3].dpo.labelSmoothing" in refused.stderr
+    assert "must be less than 0.5" in refused.stderr
+    stages[3]["dpo"]["labelSmoothing"] = 0
+    patch(control_plane, namespace, {"spec": {"stages": stages}}, check=True)
+
+
+def test_status_is_validated_and_shown_in_columns(control_plane: ControlPlane, namespace: str):
+    apply_quickstart(control_plane, namespace)
+    status = {
+        "phase": "Running",
+        "currentStage": "sft",
+        "progress": "1/4",
+        "startTime": "2026-01-01T00:00:00Z",
+        "conditions": [{"type": "Running", "status": "True", "reason": "StageRunning", "message": "sft"}],
+        "stages": [{"name": "cpt", "type": "cpt", "phase": "Succeeded", "metrics": {"eval_loss_after": 1.5}}],
+    }
+    patch(control_plane, namespace, {"status": status}, "--subresource=status", check=True)
+    stored = get_job(control_plane, namespace)["status"]
+    assert stored["stages"][0]["metrics"] == {"eval_loss_after": 1.5} and stored["stages"][0]["attempts"] == 0
+    table = control_plane.kubectl("get", "ftj", "-n", namespace).stdout.split("\n")
+    assert table[0].split() == ["NAME", "PHASE", "STAGE", "PROGRESS", "AGE"]
+    assert table[1].split()[:4] == ["quickstart", "Running", "sft", "1/4"]
+    assert "finetunejob.finetune.dev/quickstart" in control_plane.kubectl("get", "finetune", "-n", namespace, "-o", "name").stdout
+    wrong = patch(control_plane, namespace, {"status": {"phase": "Exploded"}}, "--subresource=status")
+    assert wrong.returncode != 0 and "status.phase" in wrong.stderr and "Unsupported value" in wrong.stderr
+
+
+def test_stages_are_immutable_once_started(control_plane: ControlPlane, namespace: str):
+    apply_quickstart(control_plane, namespace)
+    stages = get_job(control_plane, namespace)["spec"]["stages"]
+    # Before the operator records a start, the pipeline may still be edited.
+    stages[0]["training"]["maxSteps"] = 41
+    patch(control_plane, namespace, {"spec": {"stages": stages}}, check=True)
+
+    patch(control_plane, namespace, {"status": {"phase": "Running", "startTime": "2026-01-01T00:00:00Z"}}, "--subresource=status", check=True)
+    stages[0]["training"]["maxSteps"] = 42
+    refused = patch(control_plane, namespace, {"spec": {"stages": stages}})
+    assert refused.returncode != 0
+    assert "spec.stages" in refused.stderr and "cannot be changed once the job has started" in refused.stderr
+    refused = patch(control_plane, namespace, {"spec": {"stages": stages[:2]}})
+    assert refused.returncode != 0 and "cannot be changed once the job has started" in refused.stderr
+
+    # Suspension and the deadlines stay editable: Kueue and users flip them on running jobs.
+    patch(control_plane, namespace, {"spec": {"suspend": True, "ttlSecondsAfterFinished": 600, "activeDeadlineSeconds": 7200}}, check=True)
+    spec = get_job(control_plane, namespace)["spec"]
+    assert spec["suspend"] is True and spec["ttlSecondsAfterFinished"] == 600
+    assert spec["stages"][0]["training"]["maxSteps"] == 41

@@ -1,0 +1,200 @@
+"""The Helm chart renders, lints, and grants exactly the permissions the controller uses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from finetune_operator.crdgen import REPO_ROOT
+
+pytestmark = pytest.mark.unit
+
+CHART = REPO_ROOT / "charts" / "finetune-operator"
+NAMESPACE = "ops"
+
+# The operator design's RBAC, as (apiGroup, resource, verb) triples.
+NAMESPACED = {
+    *(("finetune.dev", "finetunejobs", v) for v in ("get", "list", "watch", "patch", "update", "delete")),
+    *(("finetune.dev", "finetunejobs/status", v) for v in ("get", "patch", "update")),
+    ("finetune.dev", "finetunejobs/finalizers", "update"),
+    *(("ray.io", "rayjobs", v) for v in ("create", "get", "list", "watch", "patch", "delete")),
+    *(("", "configmaps", v) for v in ("create", "get", "list", "watch", "patch", "delete")),
+    *(("", "serviceaccounts", v) for v in ("create", "get", "delete")),
+    *(("rbac.authorization.k8s.io", r, v) for r in ("roles", "rolebindings") for v in ("create", "get", "delete")),
+    *(("", "events", v) for v in ("create", "patch")),
+    ("", "secrets", "get"),
+}
+CRD_READ = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}
+NAMESPACES_WATCH = {("", "namespaces", v) for v in ("list", "watch")}
+TOKEN_CREATE = {("", "serviceaccounts/token", "create")}
+
+
+def peering(resource: str) -> set[tuple[str, str, str]]:
+    return {("kopf.dev", resource, v) for v in ("get", "list", "watch", "patch")}
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    from finetune_operator.devcluster import GoNotFoundError, ensure_binaries
+
+    try:
+        return ensure_binaries().helm
+    except GoNotFoundError as exc:
+        pytest.skip(f"no Go toolchain to build helm: {exc}")
+
+
+def run_helm(helm: Path, *args: str, values: dict[str, Any] | None = None, tmp_path: Path, check: bool = True):
+    values_file = tmp_path / "values.json"
+    values_file.write_text(json.dumps(values or {}))
+    env = {"HELM_CACHE_HOME": str(tmp_path / "cache"), "HELM_CONFIG_HOME": str(tmp_path / "config"), "HELM_DATA_HOME": str(tmp_path / "data"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([str(helm), *args, "-f", str(values_file)], capture_output=True, text=True, env=env)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def render(helm: Path, tmp_path: Path, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    result = run_helm(helm, "template", "ft", str(CHART), "--namespace", NAMESPACE, values=values, tmp_path=tmp_path)
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def grants(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (deployment,) = by_kind(docs, "Deployment")
+    (operator,) = deployment["spec"]["template"]["spec"]["containers"]
+    return operator
+
+
+def env_of(docs: list[dict[str, Any]]) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container(docs)["env"]}
+
+
+def test_lint_passes_strict(helm: Path, tmp_path: Path):
+    run_helm(helm, "lint", "--strict", str(CHART), tmp_path=tmp_path)
+    run_helm(helm, "lint", "--strict", str(CHART), values={"watchNamespaces": ["a", "b"], "executor": "local"}, tmp_path=tmp_path)
+
+
+def test_values_yaml_matches_the_schema_defaults():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def compare(values: dict[str, Any], schema: dict[str, Any], path: str) -> list[str]:
+        problems = []
+        for key, value in values.items():
+            child = schema["properties"].get(key)
+            if child is None:
+                problems.append(f"{path}{key}: not in the schema")
+            elif child.get("type") == "object" and "properties" in child:
+                problems += compare(value, child, f"{path}{key}.")
+            elif "default" in child and child["default"] != value:
+                problems.append(f"{path}{key}: values.yaml {value!r} != schema default {child['default']!r}")
+        return problems
+
+    assert compare(values, schema, "") == []
+
+
+def test_default_values_are_cluster_wide(helm: Path, tmp_path: Path):
+    docs = render(helm, tmp_path)
+    assert {d["kind"] for d in docs} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ClusterKopfPeering"}
+    (role,) = by_kind(docs, "ClusterRole")
+    assert grants(role) == NAMESPACED | CRD_READ | NAMESPACES_WATCH | peering("clusterkopfpeerings")
+    (binding,) = by_kind(docs, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ft-finetune-operator", "namespace": NAMESPACE}]
+    (peer,) = by_kind(docs, "ClusterKopfPeering")
+    env = env_of(docs)
+    assert env["FINETUNE_PEERING"] == peer["metadata"]["name"]
+    assert env["FINETUNE_EXECUTOR"] == "kuberay" and env["FINETUNE_NAMESPACES"] == ""
+    assert env["FINETUNE_TRAINER_IMAGE"] == "ghcr.io/finetune-operator/trainer:0.1.0"
+
+
+def test_watch_namespaces_grant_roles_per_namespace(helm: Path, tmp_path: Path):
+    docs = render(helm, tmp_path, {"watchNamespaces": ["a", "b"]})
+    roles = by_kind(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["a", "b"]
+    for role in roles:
+        assert grants(role) == NAMESPACED | peering("kopfpeerings")
+    bindings = by_kind(docs, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["a", "b"]
+    assert all(b["subjects"][0]["namespace"] == NAMESPACE for b in bindings)
+    # Nothing cluster-wide: kopf serves the listed namespaces by name, without the CRD and namespace watches.
+    assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
+    assert sorted(p["metadata"]["namespace"] for p in by_kind(docs, "KopfPeering")) == ["a", "b"]
+    assert not by_kind(docs, "ClusterKopfPeering")
+    assert env_of(docs)["FINETUNE_NAMESPACES"] == "a,b"
+
+
+def test_token_requests_only_with_the_local_executor(helm: Path, tmp_path: Path):
+    docs = render(helm, tmp_path, {"executor": "local"})
+    (role,) = by_kind(docs, "ClusterRole")
+    assert grants(role) == NAMESPACED | TOKEN_CREATE | CRD_READ | NAMESPACES_WATCH | peering("clusterkopfpeerings")
+    assert env_of(docs)["FINETUNE_STATE_DIR"].startswith("/tmp/")
+
+
+def test_pod_is_non_root_and_read_only(helm: Path, tmp_path: Path):
+    docs = render(helm, tmp_path)
+    (deployment,) = by_kind(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 65532
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    operator = container(docs)
+    assert operator["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert {"name": "tmp", "mountPath": "/tmp"} in operator["volumeMounts"]
+    assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
+    ports = {p["name"]: p["containerPort"] for p in operator["ports"]}
+    assert ports == {"metrics": 8080, "health": 8081}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert operator[probe]["httpGet"]["port"] == "health"
+    assert deployment["spec"]["replicas"] == 1
+
+
+def test_metrics_service_and_optional_service_monitor(helm: Path, tmp_path: Path):
+    docs = render(helm, tmp_path)
+    (service,) = by_kind(docs, "Service")
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+    assert not by_kind(docs, "ServiceMonitor")
+    docs = render(helm, tmp_path, {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}})
+    (monitor,) = by_kind(docs, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    docs = render(helm, tmp_path, {"metrics": {"port": 0, "serviceMonitor": {"enabled": True}}})
+    assert not by_kind(docs, "Service") and not by_kind(docs, "ServiceMonitor")
+    assert env_of(docs)["FINETUNE_METRICS_PORT"] == "0"
+
+
+def test_standalone_mode_refuses_extra_replicas(helm: Path, tmp_path: Path):
+    docs = render(helm, tmp_path, {"peering": {"enabled": False}})
+    assert env_of(docs)["FINETUNE_STANDALONE"] == "true" and "FINETUNE_PEERING" not in env_of(docs)
+    assert not by_kind(docs, "ClusterKopfPeering")
+    result = run_helm(helm, "template", "ft", str(CHART), values={"peering": {"enabled": False}, "replicas": 2}, tmp_path=tmp_path, check=False)
+    assert result.returncode != 0 and "replicas > 1 needs peering.enabled" in result.stderr
+
+
+def test_schema_rejects_unknown_and_mistyped_values(helm: Path, tmp_path: Path):
+    for values, complaint in (({"replica": 2}, "replica"), ({"executor": "slurm"}, "executor"), ({"watchNamespaces": "a"}, "watchNamespaces")):
+        result = run_helm(helm, "template", "ft", str(CHART), values=values, tmp_path=tmp_path, check=False)
+        assert result.returncode != 0 and complaint in result.stderr, (values, result.stderr)
+
+
+def test_crds_ship_with_the_chart(helm: Path, tmp_path: Path):
+    result = run_helm(helm, "template", "ft", str(CHART), "--include-crds", tmp_path=tmp_path)
+    crds = {d["metadata"]["name"] for d in yaml.safe_load_all(result.stdout) if d and d["kind"] == "CustomResourceDefinition"}
+    assert crds == {"finetunejobs.finetune.dev", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}

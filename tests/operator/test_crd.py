@@ -1,0 +1,203 @@
+"""The FineTuneJob CRD is generated from the pydantic contract, is structural, and the committed copies are current."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from finetune_api.manifest import ManifestError, load_manifest
+from finetune_api.spec import PeftSpec, ResourcesSpec, StageType
+from finetune_operator import crdgen
+
+pytestmark = pytest.mark.unit
+
+REPO_ROOT = crdgen.REPO_ROOT
+INVALID_EXAMPLES = sorted((REPO_ROOT / "examples" / "invalid").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def crd() -> dict[str, Any]:
+    return crdgen.finetunejob_crd()
+
+
+@pytest.fixture(scope="module")
+def root(crd: dict[str, Any]) -> dict[str, Any]:
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def walk(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    yield path, schema
+    for name, child in schema.get("properties", {}).items():
+        yield from walk(child, f"{path}.{name}")
+    if isinstance(schema.get("items"), dict):
+        yield from walk(schema["items"], f"{path}[]")
+    if isinstance(schema.get("additionalProperties"), dict):
+        yield from walk(schema["additionalProperties"], f"{path}{{}}")
+
+
+def test_committed_files_match_the_contract():
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune_operator.crdgen", "--check"], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, f"generated files drifted; run `make crds`:\n{result.stdout}{result.stderr}"
+
+
+def test_check_reports_drift_with_a_diff(tmp_path: Path):
+    expected = crdgen.generated_files()[REPO_ROOT / "crds" / crdgen.CRD_FILE]
+    stale = tmp_path / "stale.yaml"
+    stale.write_text(expected.replace("shortNames:\n    - ftj", "shortNames:\n    - fj"))
+    (diff,) = crdgen.check({stale: expected})
+    assert "-    - fj\n" in diff and "+    - ftj\n" in diff
+    (missing,) = crdgen.check({tmp_path / "absent.yaml": expected})
+    assert "missing" in missing
+    assert crdgen.check({stale: stale.read_text()}) == []
+
+
+def test_names_scope_and_subresources(crd: dict[str, Any]):
+    assert crd["metadata"]["name"] == "finetunejobs.finetune.dev"
+    names = crd["spec"]["names"]
+    assert (names["kind"], names["plural"], names["singular"]) == ("FineTuneJob", "finetunejobs", "finetunejob")
+    assert names["shortNames"] == ["ftj"] and names["categories"] == ["finetune"]
+    (version,) = crd["spec"]["versions"]
+    assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
+    assert version["subresources"] == {"status": {}}
+
+
+def test_printer_columns_read_the_status(crd: dict[str, Any]):
+    columns = {c["name"]: c["jsonPath"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]}
+    assert columns == {
+        "Phase": ".status.phase",
+        "Stage": ".status.currentStage",
+        "Progress": ".status.progress",
+        "Age": ".metadata.creationTimestamp",
+    }
+
+
+def test_schema_is_structural(root: dict[str, Any]):
+    problems = []
+    for path, node in walk(root):
+        for forbidden in ("$ref", "$defs", "anyOf", "oneOf", "allOf", "const", "title", "examples", "nullable"):
+            if forbidden in node:
+                problems.append(f"{path}: {forbidden}")
+        if "type" not in node:
+            problems.append(f"{path}: no type")
+        if node.get("additionalProperties") is False:
+            problems.append(f"{path}: additionalProperties false")
+        if "properties" in node and "additionalProperties" in node:
+            problems.append(f"{path}: properties next to additionalProperties")
+        for bound in ("exclusiveMinimum", "exclusiveMaximum"):
+            if bound in node and not isinstance(node[bound], bool):
+                problems.append(f"{path}: numeric {bound}")
+        for bound in ("minimum", "maximum"):
+            # Fractional bounds are truncated for integral values by the API server; they must be CEL rules.
+            if isinstance(node.get(bound), float) and not node[bound].is_integer():
+                problems.append(f"{path}: fractional {bound}")
+    assert not problems
+
+
+def test_every_property_is_described(root: dict[str, Any]):
+    undocumented = [
+        path for path, node in walk(root["properties"]["spec"], "spec") if not node.get("description") and not path.endswith(("[]", "{}"))
+    ] + [
+        path for path, node in walk(root["properties"]["status"], "status") if not node.get("description") and not path.endswith(("[]", "{}"))
+    ]
+    assert not undocumented
+
+
+def test_status_is_strict_and_mirrors_the_status_model(root: dict[str, Any]):
+    status = root["properties"]["status"]
+    assert "x-kubernetes-preserve-unknown-fields" not in status
+    assert set(status["properties"]) == {
+        "phase", "conditions", "observedGeneration", "currentStage", "progress", "startTime", "completionTime", "stages"
+    }
+    stage = status["properties"]["stages"]["items"]
+    assert {"name", "type", "phase", "attempts", "rayJob", "checkpoint", "lastCheckpoint", "progress", "metrics"} <= set(stage["properties"])
+    assert stage["properties"]["metrics"]["additionalProperties"] == {"type": "number"}
+    assert status["properties"]["conditions"]["x-kubernetes-list-map-keys"] == ["type"]
+    assert status["properties"]["phase"]["enum"] == ["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+
+
+def test_defaults_match_the_pydantic_defaults(root: dict[str, Any]):
+    spec = root["properties"]["spec"]["properties"]
+    assert spec["backoffLimit"]["default"] == 2
+    assert spec["suspend"]["default"] is False
+    assert spec["envFromSecrets"]["default"] == []
+    # default_factory models are written out in full: the API server validates defaults as they stand.
+    assert spec["peft"]["default"] == PeftSpec().to_wire()
+    assert spec["resources"]["default"] == ResourcesSpec().to_wire()
+    stage = spec["stages"]["items"]["properties"]
+    assert stage["dataset"]["properties"]["format"]["default"] == "auto"
+    assert stage["dataset"]["properties"]["columns"] == {
+        "type": "object",
+        "description": stage["dataset"]["properties"]["columns"]["description"],
+        "default": {},
+        "additionalProperties": {"type": "string"},
+    }
+    assert stage["ppo"]["properties"]["klCoef"]["default"] == 0.05
+    # Optional fields without a default get none (a null would be pruned anyway).
+    assert "default" not in spec["activeDeadlineSeconds"]
+
+
+def test_constraints_come_from_the_field_definitions(root: dict[str, Any]):
+    spec = root["properties"]["spec"]["properties"]
+    stage = spec["stages"]["items"]
+    assert (spec["stages"]["minItems"], spec["stages"]["maxItems"]) == (1, 16)
+    assert stage["properties"]["name"]["maxLength"] == 30 and stage["properties"]["name"]["pattern"]
+    assert stage["properties"]["type"]["enum"] == [t.value for t in StageType]
+    assert stage["required"] == ["name", "type", "dataset"]
+    zero = spec["deepspeed"]["properties"]["zeroStage"]
+    assert (zero["minimum"], zero["maximum"]) == (0, 3)
+    beta = stage["properties"]["dpo"]["properties"]["beta"]
+    assert beta["minimum"] == 0 and beta["exclusiveMinimum"] is True
+    smoothing = stage["properties"]["dpo"]["properties"]["labelSmoothing"]
+    assert "maximum" not in smoothing and smoothing["x-kubernetes-validations"][0]["rule"] == "self < 0.5"
+    assert spec["resources"]["properties"]["nodeSelector"]["additionalProperties"] == {"type": "string"}
+
+
+def test_cel_rules_cover_the_cross_field_checks(root: dict[str, Any]):
+    spec = root["properties"]["spec"]["properties"]
+    stage_rules = {r["fieldPath"] for r in spec["stages"]["items"]["x-kubernetes-validations"]}
+    assert stage_rules == {".rewardFrom", *(f".{option}" for option in crdgen.OPTION_STAGES)}
+    list_rules = [r["message"] for r in spec["stages"]["x-kubernetes-validations"]]
+    assert list_rules == ["stage names must be unique", "rewardFrom must name an earlier stage of type reward"]
+    (immutable,) = root["x-kubernetes-validations"]
+    assert "oldSelf.spec.stages" in immutable["rule"] and "oldSelf.status.startTime" in immutable["rule"]
+    # Every rule and message expression may only use strings the API server can bound (maxLength) for cost estimates.
+    assert spec["stages"]["items"]["properties"]["rewardFrom"]["maxLength"] == 30
+
+
+def test_reference_doc_lists_every_spec_field(root: dict[str, Any]):
+    doc = (REPO_ROOT / "docs" / "crd-reference.md").read_text()
+    for path, _ in walk(root["properties"]["spec"], "spec"):
+        if path.count(".") and not path.endswith(("[]", "{}")):
+            assert f"| `{path}` |" in doc, path
+
+
+@pytest.mark.parametrize("path", INVALID_EXAMPLES, ids=[p.stem for p in INVALID_EXAMPLES])
+def test_invalid_examples_are_also_rejected_by_the_contract(path: Path):
+    """The CRD and pydantic agree: every manifest the API server must refuse, `finetune run` refuses too, at the same place."""
+    field = re.search(r"^# field: (\S+)$", path.read_text(), re.M).group(1)
+    with pytest.raises(ManifestError) as raised:
+        load_manifest(path)
+    places = [problem.split(": ")[1] for problem in raised.value.problems]
+    assert any(place.startswith(field) or field.startswith(place) for place in places), (field, raised.value.problems)
+
+
+def test_cluster_quickstart_is_the_local_quickstart_with_its_own_storage():
+    cluster = load_manifest(REPO_ROOT / "examples" / "quickstart-k8s.yaml").spec
+    local = load_manifest(REPO_ROOT / "examples" / "quickstart.yaml").spec
+    assert [s.type for s in cluster.stages] == ["cpt", "sft", "reward", "dpo"]
+    assert cluster.storage.uri != local.storage.uri
+    assert cluster.model_dump(exclude={"storage"}) == local.model_dump(exclude={"storage"})
+
+
+def test_generated_yaml_has_no_anchors():
+    text = (REPO_ROOT / "crds" / crdgen.CRD_FILE).read_text()
+    assert "&id" not in text and "*id" not in text
+    assert yaml.safe_load(text)["kind"] == "CustomResourceDefinition"
