@@ -48,14 +48,16 @@ def _line_of(node: yaml.Node | None, loc: list[str | int]) -> tuple[int | None, 
     return line, found
 
 
-def _field_path(loc: list[str | int]) -> str:
+def field_path(loc: list[str | int]) -> str:
+    """`spec.stages[1].rewardFrom` from a location list."""
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
 
-def _describe(error: dict[str, Any]) -> tuple[list[str | int], str]:
+def describe_error(error: dict[str, Any]) -> tuple[list[str | int], str]:
+    """(location as the user wrote it, problem) for one pydantic error, with cross-field paths folded into the location."""
     loc = [p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
     message = error["msg"].removeprefix("Value error, ")
     # Cross-field validators put the offending path at the start of their message: `stages[2].rewardFrom: ...`.
@@ -87,9 +89,9 @@ def parse_manifest(text: str, source: str = "<manifest>") -> FineTuneJob:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            loc, message = _describe(error)
+            loc, message = describe_error(error)
             line, _ = _line_of(root, loc)
-            problems.append(f"{source}:{line}: {_field_path(loc) or '(root)'}: {message}")
+            problems.append(f"{source}:{line}: {field_path(loc) or '(root)'}: {message}")
         raise ManifestError(source, problems) from None
 
 

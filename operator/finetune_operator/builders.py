@@ -1,0 +1,263 @@
+"""Pure functions from a FineTuneJob to the manifests of its children; no API calls here.
+
+Every child carries an owner reference to its FineTuneJob and the `finetune.dev/*` labels, so the operator
+can find (and clean up) everything a job owns with one label selector.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from finetune_api.render import PVC_MOUNT_ROOT, StageConfig, rayjob_name, report_configmap_name
+from finetune_api.spec import API_VERSION, KIND, FineTuneJobSpec, uri_scheme
+
+from finetune_operator.settings import Settings
+
+MANAGED_BY = "finetune-operator"
+JOB_LABEL = "finetune.dev/job"
+STAGE_LABEL = "finetune.dev/stage"
+ATTEMPT_LABEL = "finetune.dev/attempt"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+# Kueue admits RayJobs by these labels; they are copied from the FineTuneJob to each stage's RayJob.
+KUEUE_LABELS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
+# Non-root uid/gid of the Ray images' `ray` user; fsGroup makes mounted volumes writable for it.
+TRAINER_UID = 1000
+STAGE_MODULE = "finetune_trainer.stage"
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """The identity of a FineTuneJob, as children and Events refer to it."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int = 1
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    resource_version: str | None = None
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> JobRef:
+        meta = body["metadata"]
+        return cls(
+            name=meta["name"],
+            namespace=meta["namespace"],
+            uid=meta["uid"],
+            generation=meta.get("generation", 1),
+            labels=dict(meta.get("labels") or {}),
+            annotations=dict(meta.get("annotations") or {}),
+            resource_version=meta.get("resourceVersion"),
+        )
+
+
+def child_labels(job: JobRef, stage: str | None = None, attempt: int | None = None) -> dict[str, str]:
+    labels = {JOB_LABEL: job.name, MANAGED_BY_LABEL: MANAGED_BY}
+    if stage is not None:
+        labels[STAGE_LABEL] = stage
+    if attempt is not None:
+        labels[ATTEMPT_LABEL] = str(attempt)
+    return labels
+
+
+def job_selector(job_name: str) -> str:
+    """Label selector matching every child of one job."""
+    return f"{JOB_LABEL}={job_name},{MANAGED_BY_LABEL}={MANAGED_BY}"
+
+
+def owner_reference(job: JobRef) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": job.name,
+        "uid": job.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(job: JobRef, name: str, labels: dict[str, str]) -> dict[str, Any]:
+    return {"name": name, "namespace": job.namespace, "labels": labels, "ownerReferences": [owner_reference(job)]}
+
+
+def trainer_service_account_name(job_name: str) -> str:
+    return f"{job_name}-trainer"[:63].rstrip("-")
+
+
+def report_configmap(job: JobRef, stage: str) -> dict[str, Any]:
+    """The per-stage progress channel; the trainer fills `report.json`."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, report_configmap_name(job.name, stage), child_labels(job, stage)),
+        "data": {},
+    }
+
+
+def trainer_rbac(job: JobRef, spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    """ServiceAccount + Role + RoleBinding: the trainer may get/patch its job's report ConfigMaps, nothing else."""
+    name = trainer_service_account_name(job.name)
+    labels = child_labels(job)
+    report_names = sorted(report_configmap_name(job.name, stage.name) for stage in spec.stages)
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(job, name, labels)},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _metadata(job, name, labels),
+            "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": report_names, "verbs": ["get", "patch"]}],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _metadata(job, name, labels),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": job.namespace}],
+        },
+    ]
+
+
+def config_json(config: StageConfig) -> str:
+    return json.dumps(config.to_wire(), separators=(",", ":"), sort_keys=True)
+
+
+def report_uri(namespace: str, configmap: str) -> str:
+    return f"configmap://{namespace}/{configmap}"
+
+
+def stage_command(config: StageConfig, python: str = "python", no_ray: bool = False) -> list[str]:
+    """argv of the trainer entrypoint for one stage attempt."""
+    namespace = config.namespace or "default"
+    argv = [python, "-m", STAGE_MODULE, "--config-json", config_json(config),
+            "--report", report_uri(namespace, report_configmap_name(config.job_name, config.stage.name))]
+    return argv + ["--no-ray"] if no_ray else argv
+
+
+def referenced_secrets(spec: FineTuneJobSpec, stage_index: int | None = None) -> list[tuple[str, str]]:
+    """(field path, Secret name) for every Secret the job (or one stage of it) needs, in spec order."""
+    found: list[tuple[str, str]] = []
+    if spec.model.credentials_secret:
+        found.append(("spec.model.credentialsSecret", spec.model.credentials_secret))
+    if spec.storage.credentials_secret:
+        found.append(("spec.storage.credentialsSecret", spec.storage.credentials_secret))
+    for index, stage in enumerate(spec.stages):
+        if stage.dataset.credentials_secret and stage_index in (None, index):
+            found.append((f"spec.stages[{index}].dataset.credentialsSecret", stage.dataset.credentials_secret))
+    found.extend((f"spec.envFromSecrets[{i}]", name) for i, name in enumerate(spec.env_from_secrets))
+    return found
+
+
+def _pvc_claims(config: StageConfig) -> list[str]:
+    """Claims named by `pvc://` URIs the stage reads or writes, in first-seen order."""
+    uris = [config.input_model, config.reward_model, config.output_uri, config.checkpoint_dir, config.model.tokenizer,
+            config.stage.dataset.uri, config.stage.dataset.validation_uri]
+    claims: list[str] = []
+    for uri in uris:
+        if uri and uri_scheme(uri) == "pvc":
+            claim = uri.removeprefix("pvc://").split("/", 1)[0]
+            if claim not in claims:
+                claims.append(claim)
+    return claims
+
+
+def _pod_template(config: StageConfig, settings: Settings, container: str, resources: dict[str, Any],
+                  secrets: list[str], claims: list[str]) -> dict[str, Any]:
+    compute = config.resources
+    env = [{"name": "FINETUNE_PVC_ROOT", "value": PVC_MOUNT_ROOT}]
+    if compute.gpus_per_worker == 0:
+        # DeepSpeed picks its accelerator at import; without a GPU it must be told.
+        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+    pod: dict[str, Any] = {
+        "serviceAccountName": trainer_service_account_name(config.job_name),
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [{
+            "name": container,
+            "image": compute.image or settings.trainer_image,
+            "resources": resources,
+            "env": env,
+            "envFrom": [{"secretRef": {"name": name}} for name in secrets],
+            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+            "volumeMounts": [{"name": f"pvc-{i}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}"} for i, claim in enumerate(claims)],
+        }],
+        "volumes": [{"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim}} for i, claim in enumerate(claims)],
+    }
+    if compute.node_selector:
+        pod["nodeSelector"] = dict(compute.node_selector)
+    if compute.tolerations:
+        pod["tolerations"] = [t.to_wire() for t in compute.tolerations]
+    return {"spec": pod}
+
+
+def rayjob(job: JobRef, spec: FineTuneJobSpec, config: StageConfig, settings: Settings) -> dict[str, Any]:
+    """The RayJob (ray.io/v1) running one stage attempt: a head node for the driver plus one worker group."""
+    compute = config.resources
+    secrets = list(dict.fromkeys(name for _, name in referenced_secrets(spec, config.stage_index)))
+    claims = _pvc_claims(config)
+    worker_resources: dict[str, Any] = {"cpu": str(compute.cpus_per_worker)}
+    if compute.memory_per_worker:
+        worker_resources["memory"] = compute.memory_per_worker
+    worker_limits = dict(worker_resources)
+    if compute.gpus_per_worker:
+        worker_limits[compute.gpu_resource_name] = str(compute.gpus_per_worker)
+    head_resources = {"cpu": settings.head_cpu, "memory": settings.head_memory}
+    labels = child_labels(job, config.stage.name, config.attempt)
+    labels.update({key: job.labels[key] for key in KUEUE_LABELS if key in job.labels})
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": _metadata(job, rayjob_name(job.name, config.stage.name, config.attempt), labels),
+        "spec": {
+            "entrypoint": shlex.join(stage_command(config)),
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": settings.rayjob_ttl_seconds,
+            "suspend": False,
+            "rayClusterSpec": {
+                "headGroupSpec": {
+                    # The head hosts the driver only: training workers land on the worker group.
+                    "rayStartParams": {"num-cpus": "0"},
+                    "template": _pod_template(config, settings, "ray-head", {"requests": head_resources, "limits": head_resources},
+                                              secrets, claims),
+                },
+                "workerGroupSpecs": [{
+                    "groupName": "workers",
+                    "replicas": compute.workers,
+                    "minReplicas": compute.workers,
+                    "maxReplicas": compute.workers,
+                    "rayStartParams": {},
+                    "template": _pod_template(config, settings, "ray-worker", {"requests": worker_resources, "limits": worker_limits},
+                                              secrets, claims),
+                }],
+            },
+        },
+    }
+
+
+def event(job: JobRef, type_: str, reason: str, message: str, now: datetime) -> dict[str, Any]:
+    """A core/v1 Event about the FineTuneJob (messages never carry Secret values: only names)."""
+    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{job.name}.", "namespace": job.namespace},
+        "involvedObject": {"apiVersion": API_VERSION, "kind": KIND, "name": job.name, "namespace": job.namespace, "uid": job.uid},
+        "type": type_,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": MANAGED_BY},
+        "reportingComponent": MANAGED_BY,
+        "reportingInstance": socket.gethostname(),
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+    }

@@ -1,0 +1,275 @@
+"""Executors run one stage attempt: `kuberay` as a RayJob, `local` as a detached trainer process on this machine.
+
+Both report through the same per-stage ConfigMap with the job's trainer ServiceAccount, and both translate what
+they see of an attempt into an `AttemptObservation` for the state machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from finetune_api.render import StageConfig, rayjob_name, stage_root
+from finetune_api.report import EXIT_PERMANENT_FAILURE
+from finetune_api.spec import FineTuneJobSpec, uri_scheme
+
+from finetune_operator import builders, reasons
+from finetune_operator.builders import JobRef
+from finetune_operator.kube import CONFIGMAP, RAYJOB, Kube
+from finetune_operator.reconcile import AttemptObservation, ChildState, parse_time
+from finetune_operator.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Executor(Protocol):
+    # How often a live attempt must be polled because its changes produce no watch events (None: watch is enough).
+    poll_seconds: float | None
+
+    def start(self, job: JobRef, spec: FineTuneJobSpec, config: StageConfig) -> None: ...
+
+    def observe(self, job: JobRef, stage: str, attempt: int) -> AttemptObservation: ...
+
+    def stop(self, job: JobRef, stage: str, attempt: int, suspend: bool) -> None: ...
+
+    def cleanup(self, job: JobRef) -> None: ...
+
+
+def rayjob_observation(rayjob: dict[str, Any] | None) -> AttemptObservation:
+    """Meaning of a RayJob's status as KubeRay writes it (it has no conditions: jobDeploymentStatus + Ray's jobStatus)."""
+    if rayjob is None:
+        return AttemptObservation(ChildState.absent)
+    status = rayjob.get("status") or {}
+    deployment = status.get("jobDeploymentStatus") or ""
+    ray_status = status.get("jobStatus") or ""
+    detail = " ".join(part for part in (status.get("reason", ""), status.get("message", "")) if part).strip()
+    ended = parse_time(status["endTime"]) if status.get("endTime") else None
+    if ray_status == "SUCCEEDED":
+        return AttemptObservation(ChildState.succeeded, finished_at=ended)
+    if (rayjob.get("spec") or {}).get("suspend") or deployment in ("Suspending", "Suspended"):
+        return AttemptObservation(ChildState.suspended)
+    if deployment == "ValidationFailed":
+        return AttemptObservation(ChildState.failed, f"KubeRay rejected the RayJob: {detail}", reasons.RAYJOB_VALIDATION_FAILED,
+                                  permanent=True, finished_at=ended)
+    if deployment in ("Complete", "Failed"):
+        # Complete with a non-successful Ray job (FAILED/STOPPED) is a failure too.
+        message = f"RayJob {deployment.lower()}, Ray job {ray_status or 'status unknown'}" + (f": {detail}" if detail else "")
+        return AttemptObservation(ChildState.failed, message, reasons.STAGE_FAILED, finished_at=ended)
+    if deployment in ("Initializing", "Waiting", "Retrying"):
+        return AttemptObservation(ChildState.initializing, detail or f"RayJob {deployment}")
+    if deployment == "Running":
+        return AttemptObservation(ChildState.running, detail)
+    return AttemptObservation(ChildState.starting, "waiting for KubeRay to pick up the RayJob")
+
+
+class _Base:
+    poll_seconds: float | None = None
+
+    def __init__(self, kube: Kube, settings: Settings):
+        self.kube, self.settings = kube, settings
+
+    def prepare(self, job: JobRef, spec: FineTuneJobSpec, config: StageConfig) -> None:
+        """The trainer's ServiceAccount/Role/RoleBinding and the stage's report ConfigMap (idempotent)."""
+        for manifest in builders.trainer_rbac(job, spec):
+            self.kube.create_if_absent(manifest)
+        self.kube.create_if_absent(builders.report_configmap(job, config.stage.name))
+
+    def delete_children(self, job: JobRef) -> None:
+        selector = builders.job_selector(job.name)
+        for kind in (RAYJOB, CONFIGMAP):
+            for item in self.kube.list(kind, job.namespace, selector):
+                self.kube.delete(kind, job.namespace, item["metadata"]["name"])
+        name = builders.trainer_service_account_name(job.name)
+        for kind in (("rbac.authorization.k8s.io/v1", "RoleBinding"), ("rbac.authorization.k8s.io/v1", "Role"), ("v1", "ServiceAccount")):
+            self.kube.delete(kind, job.namespace, name)
+
+
+class KubeRayExecutor(_Base):
+    """Each attempt is a RayJob; KubeRay's status changes arrive as watch events."""
+
+    def start(self, job: JobRef, spec: FineTuneJobSpec, config: StageConfig) -> None:
+        self.prepare(job, spec, config)
+        if self.kube.create_if_absent(builders.rayjob(job, spec, config, self.settings)):
+            return
+        name = rayjob_name(job.name, config.stage.name, config.attempt)
+        existing = self.kube.get(RAYJOB, job.namespace, name) or {}
+        if (existing.get("spec") or {}).get("suspend"):
+            self.kube.patch(RAYJOB, job.namespace, name, {"spec": {"suspend": False}})
+
+    def observe(self, job: JobRef, stage: str, attempt: int) -> AttemptObservation:
+        return rayjob_observation(self.kube.get(RAYJOB, job.namespace, rayjob_name(job.name, stage, attempt)))
+
+    def stop(self, job: JobRef, stage: str, attempt: int, suspend: bool) -> None:
+        name = rayjob_name(job.name, stage, attempt)
+        if suspend:
+            # KubeRay deletes the Ray cluster of a suspended RayJob and recreates it when unsuspended.
+            self.kube.patch(RAYJOB, job.namespace, name, {"spec": {"suspend": True}})
+        else:
+            self.kube.delete(RAYJOB, job.namespace, name)
+
+    def cleanup(self, job: JobRef) -> None:
+        self.delete_children(job)
+
+
+class LocalExecutor(_Base):
+    """Each attempt is `python -m finetune_trainer.stage ... --no-ray`, detached in its own session.
+
+    Per attempt a directory under the state dir holds `stage.log`, `pid`, `exit_code` (written by a shell wrapper when
+    the trainer exits) and the trainer's kubeconfig (a TokenRequest token of the job's trainer ServiceAccount, so the
+    trainer has exactly its RBAC). The files outlive the operator, so a restarted operator adopts a running process.
+    """
+
+    def __init__(self, kube: Kube, settings: Settings):
+        super().__init__(kube, settings)
+        self.poll_seconds = settings.local_poll_seconds
+        # Processes this operator started, kept to reap them when they exit (adopted ones are reaped by init).
+        self.children: dict[int, subprocess.Popen] = {}
+
+    def attempt_dir(self, job: JobRef, stage: str, attempt: int) -> Path:
+        # Absolute: the path is also the marker that identifies the attempt's process in /proc.
+        return self.settings.state_dir.resolve() / job.namespace / job.name / f"{stage}-{attempt}"
+
+    def _reap(self) -> None:
+        for pid, process in list(self.children.items()):
+            if process.poll() is not None:
+                del self.children[pid]
+
+    def _alive_pid(self, directory: Path) -> int | None:
+        """The attempt's process id if it still runs (checked against its command line, so a reused pid is not adopted)."""
+        self._reap()
+        try:
+            pid = int((directory / "pid").read_text())
+            with open(f"/proc/{pid}/stat") as stat:
+                state = stat.read().rsplit(")", 1)[1].split()[0]
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if state != "Z" and str(directory) in cmdline else None
+
+    def start(self, job: JobRef, spec: FineTuneJobSpec, config: StageConfig) -> None:
+        self.prepare(job, spec, config)
+        directory = self.attempt_dir(job, config.stage.name, config.attempt)
+        if self._alive_pid(directory) is not None:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in ("pid", "exit_code", "suspended"):
+            (directory / stale).unlink(missing_ok=True)
+        token = self.kube.service_account_token(job.namespace, builders.trainer_service_account_name(job.name),
+                                                self.settings.local_token_seconds)
+        kubeconfig = self.kube.kubeconfig_for_token(token, directory / "kubeconfig", job.namespace)
+        command = builders.stage_command(config, python=self.settings.trainer_python, no_ray=True)
+        # `$0` is the attempt directory: it makes the process recognisable in /proc for adoption.
+        wrapper = ['/bin/sh', '-c', '"$@"; code=$?; echo $code > "$0/exit_code.tmp" && mv "$0/exit_code.tmp" "$0/exit_code"; exit $code',
+                   str(directory), *command]
+        env = dict(os.environ, KUBECONFIG=str(kubeconfig))
+        with open(directory / "stage.log", "ab") as output:
+            # The operator's working directory, so relative paths in a spec mean what they mean to whoever started it.
+            process = subprocess.Popen(wrapper, cwd=os.getcwd(), env=env, stdin=subprocess.DEVNULL, stdout=output,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        self.children[process.pid] = process
+        (directory / "pid").write_text(str(process.pid))
+        log.info("started stage %s attempt %d of %s/%s as pid %d (log: %s)", config.stage.name, config.attempt,
+                 job.namespace, job.name, process.pid, directory / "stage.log")
+
+    def observe(self, job: JobRef, stage: str, attempt: int) -> AttemptObservation:
+        directory = self.attempt_dir(job, stage, attempt)
+        exit_file = directory / "exit_code"
+        if exit_file.exists():
+            code = int(exit_file.read_text().strip() or "1")
+            finished = datetime.fromtimestamp(exit_file.stat().st_mtime, timezone.utc)
+            if code == 0:
+                return AttemptObservation(ChildState.succeeded, finished_at=finished)
+            return AttemptObservation(ChildState.failed, f"trainer exited with code {code}: {_last_line(directory / 'stage.log')}",
+                                      reasons.STAGE_FAILED, permanent=code == EXIT_PERMANENT_FAILURE, finished_at=finished)
+        if self._alive_pid(directory) is not None:
+            return AttemptObservation(ChildState.running)
+        if (directory / "suspended").exists():
+            return AttemptObservation(ChildState.suspended)
+        return AttemptObservation(ChildState.absent)
+
+    def _kill(self, directory: Path) -> None:
+        """Stop the attempt's whole process group and wait until none of it runs (so a resume never overlaps it)."""
+        pid = self._alive_pid(directory)
+        if pid is None:
+            return
+        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                self._reap()
+                if not _group_running(pid):
+                    return
+                time.sleep(0.1)
+
+    def stop(self, job: JobRef, stage: str, attempt: int, suspend: bool) -> None:
+        directory = self.attempt_dir(job, stage, attempt)
+        if suspend:
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "suspended").touch()
+        self._kill(directory)
+        (directory / "pid").unlink(missing_ok=True)
+
+    def cleanup(self, job: JobRef) -> None:
+        job_dir = self.settings.state_dir.resolve() / job.namespace / job.name
+        if job_dir.is_dir():
+            for directory in job_dir.iterdir():
+                self._kill(directory)
+            shutil.rmtree(job_dir, ignore_errors=True)
+        self.delete_children(job)
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether any process of the group still runs (zombies left for a reaper do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _last_line(path: Path, limit: int = 300) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(path.stat().st_size - 4096, 0))
+            lines = [line.strip() for line in handle.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no log"
+    return (lines[-1] if lines else "empty log")[:limit]
+
+
+def delete_artifacts(spec: FineTuneJobSpec, pvc_root: Path) -> list[str]:
+    """With `storage.retainOnDelete: false`, remove each stage's directory where this process can reach it.
+
+    Returns one line per stage for the Event: what was deleted and what is left to the user (s3://, unreachable PVCs).
+    """
+    results = []
+    for stage in spec.stages:
+        uri = stage_root(spec.storage, stage.name)
+        scheme = uri_scheme(uri)
+        if scheme == "s3":
+            results.append(f"{uri}: kept (objects in S3 are the user's to delete)")
+            continue
+        path = Path(uri.removeprefix("file://")) if scheme == "file" else pvc_root / uri.removeprefix("pvc://")
+        if path.is_dir():
+            shutil.rmtree(path)
+            results.append(f"{uri}: deleted")
+        else:
+            results.append(f"{uri}: not reachable from the operator, kept")
+    return results
+
+
+def make_executor(kube: Kube, settings: Settings) -> KubeRayExecutor | LocalExecutor:
+    return LocalExecutor(kube, settings) if settings.executor == "local" else KubeRayExecutor(kube, settings)

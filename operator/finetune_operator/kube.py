@@ -1,0 +1,160 @@
+"""A small synchronous Kubernetes API layer over the official client: plain dicts in and out.
+
+Run from the async handlers through `asyncio.to_thread`. Create-if-absent tolerates 409 so that every child create
+is idempotent; status is written through the status subresource with a JSON merge patch.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from finetune_api.spec import GROUP, PLURAL, VERSION
+
+# (apiVersion, kind) -> (API prefix, plural) for every kind the operator reads or writes.
+_RESOURCES = {
+    ("v1", "ConfigMap"): ("/api/v1", "configmaps"),
+    ("v1", "ServiceAccount"): ("/api/v1", "serviceaccounts"),
+    ("v1", "Secret"): ("/api/v1", "secrets"),
+    ("v1", "Event"): ("/api/v1", "events"),
+    ("rbac.authorization.k8s.io/v1", "Role"): ("/apis/rbac.authorization.k8s.io/v1", "roles"),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
+    ("ray.io/v1", "RayJob"): ("/apis/ray.io/v1", "rayjobs"),
+    (f"{GROUP}/{VERSION}", "FineTuneJob"): (f"/apis/{GROUP}/{VERSION}", PLURAL),
+}
+RAYJOB = ("ray.io/v1", "RayJob")
+CONFIGMAP = ("v1", "ConfigMap")
+FINETUNEJOB = (f"{GROUP}/{VERSION}", "FineTuneJob")
+MERGE_PATCH = "application/merge-patch+json"
+
+
+def load_configuration(kubeconfig: str | None) -> kubernetes.client.Configuration:
+    """In-cluster ServiceAccount credentials when no kubeconfig is given and they exist, else the kubeconfig."""
+    configuration = kubernetes.client.Configuration()
+    if kubeconfig is None:
+        try:
+            kubernetes.config.load_incluster_config(client_configuration=configuration)
+            return configuration
+        except kubernetes.config.ConfigException:
+            pass
+    kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    return configuration
+
+
+def is_status(exc: ApiException, *codes: int) -> bool:
+    return isinstance(exc, ApiException) and exc.status in codes
+
+
+class Kube:
+    def __init__(self, configuration: kubernetes.client.Configuration):
+        self.configuration = configuration
+        self.client = kubernetes.client.ApiClient(configuration)
+
+    @classmethod
+    def connect(cls, kubeconfig: str | None, connections: int | None = None) -> Kube:
+        configuration = load_configuration(kubeconfig)
+        if connections:
+            configuration.connection_pool_maxsize = connections
+        return cls(configuration)
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- raw requests -----------------------------------------------------------------------------
+
+    def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
+                query: list[tuple[str, Any]] | None = None) -> dict[str, Any]:
+        response = self.client.call_api(
+            path, method, query_params=query or [], body=body,
+            header_params={"Accept": "application/json", "Content-Type": content_type},
+            auth_settings=["BearerToken"], _return_http_data_only=True, _preload_content=False, _request_timeout=30,
+        )
+        return json.loads(response.data or b"{}")
+
+    @staticmethod
+    def path(kind: tuple[str, str], namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+        prefix, plural = _RESOURCES[kind]
+        path = f"{prefix}/namespaces/{namespace}/{plural}"
+        if name:
+            path += f"/{name}"
+        if subresource:
+            path += f"/{subresource}"
+        return path
+
+    # -- generic verbs ----------------------------------------------------------------------------
+
+    def get(self, kind: tuple[str, str], namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.request("GET", self.path(kind, namespace, name))
+        except ApiException as exc:
+            if is_status(exc, 404):
+                return None
+            raise
+
+    def exists(self, kind: tuple[str, str], namespace: str, name: str) -> bool:
+        return self.get(kind, namespace, name) is not None
+
+    def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        kind = (manifest["apiVersion"], manifest["kind"])
+        return self.request("POST", self.path(kind, manifest["metadata"]["namespace"]), manifest)
+
+    def create_if_absent(self, manifest: dict[str, Any]) -> bool:
+        """Create the object unless one of that name exists; True when this call created it."""
+        try:
+            self.create(manifest)
+            return True
+        except ApiException as exc:
+            if is_status(exc, 409):
+                return False
+            raise
+
+    def patch(self, kind: tuple[str, str], namespace: str, name: str, patch: dict[str, Any], subresource: str | None = None) -> dict[str, Any]:
+        return self.request("PATCH", self.path(kind, namespace, name, subresource), patch, content_type=MERGE_PATCH)
+
+    def delete(self, kind: tuple[str, str], namespace: str, name: str) -> bool:
+        """Delete one object; False when it was already gone."""
+        try:
+            self.request("DELETE", self.path(kind, namespace, name), {"propagationPolicy": "Background"})
+            return True
+        except ApiException as exc:
+            if is_status(exc, 404):
+                return False
+            raise
+
+    def list(self, kind: tuple[str, str], namespace: str, selector: str) -> list[dict[str, Any]]:
+        return self.request("GET", self.path(kind, namespace), query=[("labelSelector", selector)]).get("items", [])
+
+    # -- specific calls ---------------------------------------------------------------------------
+
+    def patch_job_status(self, namespace: str, name: str, status_patch: dict[str, Any]) -> dict[str, Any]:
+        return self.patch(FINETUNEJOB, namespace, name, {"status": status_patch}, subresource="status")
+
+    def service_account_token(self, namespace: str, name: str, seconds: int) -> str:
+        """A TokenRequest token for ServiceAccount namespace/name (what a Pod's projected token would be)."""
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": seconds}}
+        path = self.path(("v1", "ServiceAccount"), namespace, name, "token")
+        return self.request("POST", path, body)["status"]["token"]
+
+    def kubeconfig_for_token(self, token: str, path: Path, namespace: str) -> Path:
+        """A kubeconfig for the same API server authenticating with `token` (written 0600)."""
+        cluster: dict[str, Any] = {"server": self.configuration.host}
+        if self.configuration.ssl_ca_cert:
+            # Inline: the client's CA file may be a temporary file that goes away with the operator process.
+            cluster["certificate-authority-data"] = base64.b64encode(Path(self.configuration.ssl_ca_cert).read_bytes()).decode()
+        if not self.configuration.verify_ssl:
+            cluster["insecure-skip-tls-verify"] = True
+        config = {
+            "apiVersion": "v1", "kind": "Config", "current-context": "trainer",
+            "clusters": [{"name": "cluster", "cluster": cluster}],
+            "users": [{"name": "trainer", "user": {"token": token}}],
+            "contexts": [{"name": "trainer", "context": {"cluster": "cluster", "user": "trainer", "namespace": namespace}}],
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(json.dumps(config))
+        return path

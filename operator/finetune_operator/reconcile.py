@@ -1,0 +1,451 @@
+"""The controller's decisions, as one pure function: (job, status, observations, now) -> new status + actions.
+
+No API calls and no clock reads here: the handler gathers observations of the current stage's child (RayJob or
+local process) and report ConfigMap, calls `reconcile`, then carries out the actions and writes the status.
+Because the state lives in the status and in children with deterministic names, running `reconcile` again after a
+crash or an operator restart reaches the same decisions: nothing is started twice and finished work never re-runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from enum import Enum
+from typing import Any
+
+from pydantic import ValidationError
+
+from finetune_api.manifest import describe_error, field_path
+from finetune_api.render import StageConfig, rayjob_name, render_stage, stage_output_uri
+from finetune_api.report import PERMANENT_REASONS, StageReport
+from finetune_api.spec import FineTuneJobSpec
+from finetune_api.status import FINISHED_PHASES, ConditionType, FineTuneJobStatus, JobPhase, StagePhase, StageProgress, StageStatus
+
+from finetune_operator import reasons
+from finetune_operator.builders import JobRef
+
+RUNNING, SUCCEEDED, FAILED, SUSPENDED = (ConditionType.running, ConditionType.succeeded, ConditionType.failed, ConditionType.suspended)
+
+
+class ChildState(str, Enum):
+    """What the executor sees of one stage attempt (a RayJob, or a local process)."""
+
+    absent = "Absent"
+    starting = "Starting"
+    initializing = "Initializing"
+    running = "Running"
+    suspended = "Suspended"
+    succeeded = "Succeeded"
+    failed = "Failed"
+
+
+LIVE_STATES = {ChildState.starting, ChildState.initializing, ChildState.running}
+
+
+@dataclass(frozen=True)
+class AttemptObservation:
+    state: ChildState = ChildState.absent
+    message: str = ""
+    reason: str = ""
+    # A failure no retry can fix (exit code 3, a RayJob KubeRay refuses).
+    permanent: bool = False
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Observations:
+    attempt: AttemptObservation = AttemptObservation()
+    report: StageReport | None = None
+    missing_secrets: tuple[tuple[str, str], ...] = ()
+    # Suspended time accumulated after the job first started (persisted by the handler between reconciles).
+    suspended_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Policy:
+    retry_base_seconds: float = 10.0
+    retry_max_seconds: float = 600.0
+    secret_recheck_seconds: float = 15.0
+
+    def retry_delay(self, failed_attempt: int) -> float:
+        return min(self.retry_base_seconds * 2 ** (failed_attempt - 1), self.retry_max_seconds)
+
+
+@dataclass(frozen=True)
+class StartAttempt:
+    """Ensure the attempt's child exists and runs (create it, or resume it when suspended)."""
+
+    config: StageConfig
+
+
+@dataclass(frozen=True)
+class StopAttempt:
+    """Stop a running attempt: `suspend` keeps the child for a later resume, otherwise it is deleted."""
+
+    stage: str
+    attempt: int
+    suspend: bool
+
+
+@dataclass(frozen=True)
+class DeleteJob:
+    """Delete the FineTuneJob itself (ttlSecondsAfterFinished)."""
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str
+    reason: str
+    message: str
+
+
+@dataclass
+class Decision:
+    status: FineTuneJobStatus
+    actions: list[StartAttempt | StopAttempt | DeleteJob] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+    suspended_seconds: float = 0.0
+
+    def wake_in(self, seconds: float) -> None:
+        seconds = max(seconds, 0.0)
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
+
+    def event(self, reason: str, message: str, warning: bool = False) -> None:
+        self.events.append(Event("Warning" if warning else "Normal", reason, message))
+
+
+def timestamp(now: datetime) -> str:
+    return now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """`spec.<field path>: <problem>` for each error, camelCase paths as the user wrote them."""
+    return "; ".join(f"{field_path(['spec', *loc])}: {message}" for loc, message in map(describe_error, exc.errors()))
+
+
+def current_stage_index(status: FineTuneJobStatus) -> int:
+    return next((i for i, s in enumerate(status.stages) if s.phase != StagePhase.succeeded.value), len(status.stages))
+
+
+def attempt_to_observe(spec: FineTuneJobSpec, status: FineTuneJobStatus) -> tuple[str, int] | None:
+    """The (stage, attempt) whose child and report the next reconcile needs; None when the job is finished."""
+    if status.phase in FINISHED_PHASES:
+        return None
+    index = current_stage_index(status) if status.stages else 0
+    if index >= len(spec.stages):
+        return None
+    attempts = status.stages[index].attempts if status.stages and index < len(status.stages) else 0
+    # Attempt 1 is observed even before the status records it: a crash between create and status write leaves it.
+    return spec.stages[index].name, max(attempts, 1)
+
+
+def set_condition(status: FineTuneJobStatus, type_: ConditionType, value: bool, reason: str, message: str, now: datetime,
+                  generation: int | None) -> bool:
+    """Set a condition; lastTransitionTime moves (to `now`) only when its status changes. Returns whether it did."""
+    before = status.condition(type_)
+    old_value = before.status if before else None
+    status.set_condition(type_, value, reason, message, generation)
+    condition = status.condition(type_)
+    if condition.status != old_value:
+        condition.last_transition_time = timestamp(now)
+        return True
+    return False
+
+
+class _Machine:
+    """One reconcile pass; the methods share the job, the new status and the decision being built."""
+
+    def __init__(self, job: JobRef, status: FineTuneJobStatus, obs: Observations, now: datetime, policy: Policy):
+        self.job, self.status, self.obs, self.now, self.policy = job, status, obs, now, policy
+        self.decision = Decision(status=status, suspended_seconds=obs.suspended_seconds)
+
+    def condition(self, type_: ConditionType, value: bool, reason: str, message: str = "") -> bool:
+        return set_condition(self.status, type_, value, reason, message, self.now, self.job.generation)
+
+    def run(self, spec_raw: dict[str, Any]) -> Decision:
+        status = self.status
+        status.observed_generation = self.job.generation
+        self.spec_raw = spec_raw
+        if status.phase in FINISHED_PHASES:
+            self.expire()
+            return self.decision
+        try:
+            spec = FineTuneJobSpec.model_validate(spec_raw)
+        except ValidationError as exc:
+            self.fail(reasons.INVALID_SPEC, describe_validation_error(exc))
+            return self.decision
+        problem = self.sync_stage_list(spec)
+        if problem:
+            self.fail(reasons.INVALID_SPEC, problem)
+            return self.decision
+        self.spec = spec
+        self.resume_if_unsuspended()
+        index = current_stage_index(status)
+        if self.deadline_exceeded(index):
+            return self.decision
+        while index < len(spec.stages) and self.step_stage(index):
+            index += 1
+            # The next stage has no child yet: whatever was observed belonged to the stage that just finished.
+            self.obs = Observations(missing_secrets=self.obs.missing_secrets, suspended_seconds=self.obs.suspended_seconds)
+        if index >= len(spec.stages):
+            self.succeed()
+        status.progress = f"{sum(s.phase == StagePhase.succeeded.value for s in status.stages)}/{len(spec.stages)}"
+        return self.decision
+
+    # -- job level ------------------------------------------------------------------------------
+
+    def sync_stage_list(self, spec: FineTuneJobSpec) -> str | None:
+        wanted = [s.name for s in spec.stages]
+        have = [s.name for s in self.status.stages]
+        if have == wanted:
+            return None
+        if any(s.attempts for s in self.status.stages):
+            return (f"spec.stages: the stage list cannot change once the job has started "
+                    f"(started with {', '.join(have)}; now {', '.join(wanted)}); create a new FineTuneJob instead")
+        self.status.stages = [StageStatus(name=s.name, type=s.type) for s in spec.stages]
+        return None
+
+    def resume_if_unsuspended(self) -> None:
+        suspended = self.status.condition(SUSPENDED)
+        if self.spec.suspend or suspended is None or suspended.status != "True":
+            return
+        if self.status.start_time:
+            since = max(parse_time(suspended.last_transition_time), parse_time(self.status.start_time))
+            self.decision.suspended_seconds += max((self.now - since).total_seconds(), 0.0)
+        self.condition(SUSPENDED, False, reasons.RESUMED, "spec.suspend is false: continuing from the latest checkpoint")
+        self.decision.event(reasons.RESUMED, "resumed: continuing from the latest checkpoint")
+
+    def active_seconds(self) -> float:
+        started = parse_time(self.status.start_time)
+        active = (self.now - started).total_seconds() - self.decision.suspended_seconds
+        suspended = self.status.condition(SUSPENDED)
+        if suspended is not None and suspended.status == "True":
+            active -= max((self.now - max(parse_time(suspended.last_transition_time), started)).total_seconds(), 0.0)
+        return active
+
+    def deadline_exceeded(self, index: int) -> bool:
+        limit = self.spec.active_deadline_seconds
+        if not limit or not self.status.start_time:
+            return False
+        active = self.active_seconds()
+        if active < limit:
+            if not self.spec.suspend:
+                self.decision.wake_in(limit - active)
+            return False
+        if index < len(self.status.stages):
+            stage = self.status.stages[index]
+            if stage.attempts and self.obs.attempt.state in LIVE_STATES:
+                self.decision.actions.append(StopAttempt(stage.name, stage.attempts, suspend=False))
+        self.fail(reasons.DEADLINE_EXCEEDED,
+                  f"the job was active for {active:.0f}s, more than activeDeadlineSeconds={limit} (suspended time excluded)",
+                  index if index < len(self.status.stages) else None)
+        return True
+
+    def fail(self, reason: str, message: str, index: int | None = None) -> None:
+        status = self.status
+        status.phase = JobPhase.failed.value
+        status.completion_time = timestamp(self.now)
+        if index is not None:
+            stage = status.stages[index]
+            stage.phase, stage.completion_time, stage.message = StagePhase.failed.value, timestamp(self.now), message
+            status.current_stage = stage.name
+            message = f"stage {stage.name}: {message}"
+        self.condition(FAILED, True, reason, message)
+        self.condition(RUNNING, False, reason, message)
+        self.decision.event(reason, message, warning=True)
+        self.expire()
+
+    def succeed(self) -> None:
+        status = self.status
+        final = status.stages[-1].checkpoint if status.stages else None
+        message = f"all {len(status.stages)} stages succeeded; final model: {final}"
+        status.phase, status.completion_time, status.current_stage = JobPhase.succeeded.value, timestamp(self.now), None
+        self.condition(SUCCEEDED, True, reasons.ALL_STAGES_SUCCEEDED, message)
+        self.condition(RUNNING, False, reasons.ALL_STAGES_SUCCEEDED, message)
+        self.decision.event(reasons.ALL_STAGES_SUCCEEDED, message)
+        self.expire()
+
+    def expire(self) -> None:
+        """ttlSecondsAfterFinished, counted from the finishing condition's lastTransitionTime (restart-proof).
+
+        Read from the raw spec so that it also applies to a job that failed with an invalid spec."""
+        ttl = self.spec_raw.get("ttlSecondsAfterFinished")
+        if not isinstance(ttl, int) or isinstance(ttl, bool):
+            return
+        finished = next((c for c in self.status.conditions
+                         if c.type in (SUCCEEDED.value, FAILED.value) and c.status == "True" and c.last_transition_time), None)
+        if finished is None:
+            return
+        remaining = (parse_time(finished.last_transition_time) + timedelta(seconds=ttl) - self.now).total_seconds()
+        if remaining <= 0:
+            self.decision.actions.append(DeleteJob())
+        else:
+            self.decision.wake_in(remaining)
+
+    # -- stage level ----------------------------------------------------------------------------
+
+    def step_stage(self, index: int) -> bool:
+        """Advance stage `index`; True when it has succeeded and the next stage may start."""
+        stage = self.status.stages[index]
+        self.status.current_stage = stage.name
+        attempt = stage.attempts
+        if attempt:
+            self.mirror_report(stage, attempt)
+            outcome = self.outcome(attempt)
+            if outcome == "succeeded":
+                self.stage_succeeded(index)
+                return True
+            if outcome is not None:
+                return self.attempt_failed(index, *outcome)
+        if self.spec.suspend:
+            self.suspend(stage)
+            return False
+        if not attempt or self.obs.attempt.state in (ChildState.absent, ChildState.suspended):
+            self.start(index, max(attempt, 1))
+            return False
+        self.mark_running(index)
+        return False
+
+    def mirror_report(self, stage: StageStatus, attempt: int) -> None:
+        report = self.obs.report
+        if report is None:
+            return
+        if report.last_checkpoint and report.last_checkpoint != stage.last_checkpoint:
+            stage.last_checkpoint = report.last_checkpoint
+            self.decision.event(reasons.CHECKPOINT_SAVED, f"stage {stage.name}: checkpoint {report.last_checkpoint}")
+        if report.attempt != attempt:
+            return
+        stage.progress = StageProgress(step=report.step, total_steps=report.total_steps, epoch=report.epoch, eta_seconds=report.eta_seconds)
+        stage.metrics.update(report.metrics)
+        if report.loss is not None:
+            stage.metrics["loss"] = report.loss
+
+    def outcome(self, attempt: int) -> str | tuple[str, str, bool] | None:
+        """The attempt's end: "succeeded", (reason, message, permanent) for a failure, or None while it runs."""
+        report = self.obs.report if self.obs.report and self.obs.report.attempt == attempt else None
+        child = self.obs.attempt
+        if (report and report.phase == "Succeeded") or child.state == ChildState.succeeded:
+            return "succeeded"
+        reported_failure = report is not None and report.phase == "Failed" and bool(report.reason)
+        if reported_failure and report.reason in PERMANENT_REASONS:
+            return report.reason, report.message or report.reason, True
+        if child.state != ChildState.failed:
+            return None
+        reason = report.reason if reported_failure else (child.reason or reasons.STAGE_FAILED)
+        message = (report.message if reported_failure and report.message else child.message) or "the attempt failed"
+        return reason, message, child.permanent or reason in PERMANENT_REASONS
+
+    def stage_succeeded(self, index: int) -> None:
+        stage = self.status.stages[index]
+        report = self.obs.report if self.obs.report and self.obs.report.attempt == stage.attempts else None
+        stage.phase, stage.completion_time = StagePhase.succeeded.value, timestamp(self.now)
+        stage.checkpoint = (report.checkpoint if report else None) or stage_output_uri(self.spec.storage, stage.name)
+        if stage.progress and stage.progress.total_steps:
+            stage.progress.step, stage.progress.eta_seconds = stage.progress.total_steps, 0.0
+        stage.message = f"succeeded after {stage.attempts} attempt(s); model: {stage.checkpoint}"
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(stage.metrics.items()) if k != "loss")
+        self.decision.event(reasons.STAGE_SUCCEEDED, f"stage {stage.name} succeeded: {stage.checkpoint}" + (f" ({shown})" if shown else ""))
+
+    def attempt_failed(self, index: int, reason: str, message: str, permanent: bool) -> bool:
+        stage = self.status.stages[index]
+        attempt = stage.attempts
+        if permanent:
+            self.fail(reason, message, index)
+            return False
+        if attempt > self.spec.backoff_limit:
+            self.fail(reasons.BACKOFF_LIMIT_EXCEEDED,
+                      f"attempt {attempt} failed and backoffLimit={self.spec.backoff_limit} retries are used up; last error: {message}", index)
+            return False
+        if self.spec.suspend:
+            self.suspend(stage)
+            return False
+        finished = self.obs.attempt.finished_at or self.now
+        retry_at = finished + timedelta(seconds=self.policy.retry_delay(attempt))
+        if self.now < retry_at:
+            wait = (retry_at - self.now).total_seconds()
+            resume = stage.last_checkpoint or "the stage's start (no checkpoint yet)"
+            text = f"attempt {attempt} failed ({reason}: {message}); attempt {attempt + 1} resumes from {resume} in {wait:.0f}s"
+            stage.message = text
+            if self.status.condition(RUNNING) is None or self.status.condition(RUNNING).reason != reasons.RETRYING_FROM_CHECKPOINT:
+                self.decision.event(reasons.RETRYING_FROM_CHECKPOINT, f"stage {stage.name}: {text}", warning=True)
+            self.condition(RUNNING, True, reasons.RETRYING_FROM_CHECKPOINT, f"stage {stage.name}: {text}")
+            self.decision.wake_in(wait)
+            return False
+        self.start(index, attempt + 1)
+        return False
+
+    def suspend(self, stage: StageStatus) -> None:
+        if stage.attempts and self.obs.attempt.state in LIVE_STATES:
+            self.decision.actions.append(StopAttempt(stage.name, stage.attempts, suspend=True))
+        if stage.attempts:
+            stage.phase = StagePhase.suspended.value
+            where = stage.last_checkpoint or "its start (no checkpoint yet)"
+            message = f"spec.suspend is true: stage {stage.name} is stopped and will resume from {where}"
+        else:
+            message = "spec.suspend is true: nothing runs until it is false"
+        stage.message = message
+        self.status.phase = JobPhase.suspended.value
+        if self.condition(SUSPENDED, True, reasons.SUSPENDED, message):
+            self.decision.event(reasons.SUSPENDED, message)
+        self.condition(RUNNING, False, reasons.SUSPENDED, message)
+
+    def start(self, index: int, attempt: int) -> None:
+        stage, spec = self.status.stages[index], self.spec
+        if self.obs.missing_secrets:
+            self.wait_for_secrets(stage)
+            return
+        config = render_stage(self.job.name, spec, stage.name, namespace=self.job.namespace, attempt=attempt)
+        self.decision.actions.append(StartAttempt(config))
+        new_attempt = attempt != stage.attempts
+        stage.attempts, stage.ray_job, stage.phase = attempt, rayjob_name(self.job.name, stage.name, attempt), StagePhase.running.value
+        stage.start_time = stage.start_time or timestamp(self.now)
+        self.status.start_time = self.status.start_time or timestamp(self.now)
+        self.status.phase = JobPhase.running.value
+        origin = f"resuming from {stage.last_checkpoint}" if stage.last_checkpoint else f"from {config.input_model}"
+        message = f"stage {stage.name} ({index + 1}/{len(spec.stages)}) attempt {attempt} starting, {origin}"
+        stage.message = message
+        self.condition(RUNNING, True, reasons.STAGE_STARTING, message)
+        if new_attempt:
+            self.decision.event(reasons.STAGE_STARTING, message)
+
+    def wait_for_secrets(self, stage: StageStatus) -> None:
+        missing = "; ".join(f"{path}: Secret {name!r} not found in namespace {self.job.namespace}" for path, name in self.obs.missing_secrets)
+        message = f"waiting for Secrets before starting stage {stage.name}: {missing}"
+        stage.message = message
+        if self.status.phase != JobPhase.suspended.value and not stage.attempts:
+            self.status.phase = JobPhase.pending.value
+        running = self.status.condition(RUNNING)
+        if running is None or running.reason != reasons.SECRET_NOT_FOUND:
+            self.decision.event(reasons.SECRET_NOT_FOUND, message, warning=True)
+        self.condition(RUNNING, False, reasons.SECRET_NOT_FOUND, message)
+        self.decision.wake_in(self.policy.secret_recheck_seconds)
+
+    def mark_running(self, index: int) -> None:
+        stage, child = self.status.stages[index], self.obs.attempt
+        where = f"stage {stage.name} ({index + 1}/{len(self.spec.stages)}) attempt {stage.attempts}"
+        if child.state == ChildState.initializing:
+            reason, message = reasons.CLUSTER_INITIALIZING, f"{where}: Ray cluster initializing: {child.message or 'waiting for pods'}"
+        elif child.state == ChildState.starting:
+            reason, message = reasons.STAGE_STARTING, f"{where}: {child.message or 'waiting for the executor to pick it up'}"
+        else:
+            progress = stage.progress
+            steps = f" step {progress.step}/{progress.total_steps}" if progress and progress.total_steps else ""
+            reason, message = reasons.STAGE_RUNNING, f"{where} running{steps}"
+        stage.phase, stage.message = StagePhase.running.value, message
+        self.status.phase = JobPhase.running.value
+        self.condition(RUNNING, True, reason, message)
+
+
+def reconcile(job: JobRef, spec: dict[str, Any], status: FineTuneJobStatus | dict[str, Any] | None, observations: Observations,
+              now: datetime, policy: Policy = Policy()) -> Decision:
+    """Decide what to do next for one FineTuneJob. Pure: the inputs are not modified."""
+    if isinstance(status, FineTuneJobStatus):
+        current = status.model_copy(deep=True)
+    else:
+        current = FineTuneJobStatus.model_validate(status or {})
+    return _Machine(job, current, observations, now, policy).run(spec)

@@ -1,0 +1,217 @@
+"""Executors: KubeRay status meaning, and the local executor's process lifecycle (start, adopt, suspend, exit, cleanup)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+
+import kubernetes
+import pytest
+
+from finetune_api.render import render_stage
+from finetune_api.spec import FineTuneJobSpec
+from finetune_operator import reasons
+from finetune_operator.executors import LocalExecutor, delete_artifacts, rayjob_observation
+from finetune_operator.kube import Kube
+from finetune_operator.reconcile import ChildState
+from finetune_operator.settings import Settings
+
+pytestmark = pytest.mark.unit
+
+
+def _rayjob(status: dict | None = None, suspend: bool = False) -> dict:
+    return {"spec": {"suspend": suspend}, "status": status or {}}
+
+
+@pytest.mark.parametrize(("status", "state"), [
+    ({}, ChildState.starting),
+    ({"jobDeploymentStatus": "Initializing"}, ChildState.initializing),
+    ({"jobDeploymentStatus": "Waiting"}, ChildState.initializing),
+    ({"jobDeploymentStatus": "Running", "jobStatus": "PENDING"}, ChildState.running),
+    ({"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, ChildState.running),
+    # KubeRay may report the Ray job's success before the deployment status catches up.
+    ({"jobDeploymentStatus": "Running", "jobStatus": "SUCCEEDED"}, ChildState.succeeded),
+    ({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}, ChildState.succeeded),
+    ({"jobDeploymentStatus": "Complete", "jobStatus": "FAILED"}, ChildState.failed),
+    ({"jobDeploymentStatus": "Failed", "jobStatus": "FAILED"}, ChildState.failed),
+    ({"jobDeploymentStatus": "Complete", "jobStatus": "STOPPED"}, ChildState.failed),
+    ({"jobDeploymentStatus": "Suspended"}, ChildState.suspended),
+    ({"jobDeploymentStatus": "Suspending"}, ChildState.suspended),
+])
+def test_rayjob_status_meaning(status, state):
+    assert rayjob_observation(_rayjob(status)).state == state
+
+
+def test_absent_suspended_and_failure_details():
+    assert rayjob_observation(None).state == ChildState.absent
+    assert rayjob_observation(_rayjob({"jobDeploymentStatus": "Running"}, suspend=True)).state == ChildState.suspended
+    initializing = rayjob_observation(_rayjob({"jobDeploymentStatus": "Initializing", "reason": "ImagePullBackOff",
+                                               "message": "image trainer:9 not found"}))
+    assert initializing.message == "ImagePullBackOff image trainer:9 not found"
+    failed = rayjob_observation(_rayjob({"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed",
+                                         "endTime": "2026-03-01T12:00:00Z"}))
+    assert not failed.permanent and "AppFailed" in failed.message and failed.finished_at.minute == 0
+    invalid = rayjob_observation(_rayjob({"jobDeploymentStatus": "ValidationFailed", "message": "bad spec"}))
+    assert (invalid.state, invalid.permanent, invalid.reason) == (ChildState.failed, True, reasons.RAYJOB_VALIDATION_FAILED)
+
+
+class FakeKube:
+    """What the local executor needs of the API: idempotent creates and a ServiceAccount token."""
+
+    def __init__(self):
+        self.created: list[str] = []
+        self.tokens = 0
+
+    def create_if_absent(self, manifest):
+        self.created.append(f"{manifest['kind']}/{manifest['metadata']['name']}")
+        return True
+
+    def service_account_token(self, namespace, name, seconds):
+        self.tokens += 1
+        return f"token-for-{namespace}-{name}"
+
+    def kubeconfig_for_token(self, token, path, namespace):
+        path.write_text(json.dumps({"token": token}))
+        return path
+
+    def list(self, kind, namespace, selector):
+        return []
+
+    def delete(self, kind, namespace, name):
+        return False
+
+
+# Stands in for `python -m finetune_trainer.stage ...`: records its environment, then sleeps or exits as told.
+FAKE_TRAINER = """#!/bin/sh
+echo "KUBECONFIG=$KUBECONFIG"
+echo "args: $*"
+if [ -n "$FAKE_EXIT" ]; then exit "$FAKE_EXIT"; fi
+exec sleep 60
+"""
+
+
+@pytest.fixture
+def local(tmp_path, monkeypatch, job, sample_spec):
+    trainer = tmp_path / "fake-python"
+    trainer.write_text(FAKE_TRAINER)
+    trainer.chmod(0o755)
+    settings = Settings(executor="local", state_dir=tmp_path / "state", trainer_python=str(trainer))
+    executors = []
+
+    def make():
+        executor = LocalExecutor(FakeKube(), settings)
+        executors.append(executor)
+        return executor
+
+    spec = FineTuneJobSpec.model_validate(sample_spec())
+    config = render_stage(job.name, spec, "sft", namespace=job.namespace, attempt=1)
+    yield make, spec, config
+    for executor in executors:
+        executor.cleanup(job)
+
+
+def _live_group_members(pgid: int) -> list[int]:
+    """Processes of a process group that still run (zombies waiting for a reaper do not count)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_local_attempt_runs_with_the_trainer_token_and_is_adopted_after_a_restart(local, job):
+    make, spec, config = local
+    executor = make()
+    executor.start(job, spec, config)
+    assert executor.observe(job, "sft", 1).state == ChildState.running
+    assert executor.kube.created == ["ServiceAccount/demo-trainer", "Role/demo-trainer", "RoleBinding/demo-trainer",
+                                     "ConfigMap/demo-sft-report"]
+    directory = executor.attempt_dir(job, "sft", 1)
+    _wait_for(lambda: "args:" in (directory / "stage.log").read_text())
+    log = (directory / "stage.log").read_text()
+    assert f"KUBECONFIG={directory / 'kubeconfig'}" in log
+    assert "--report configmap://ml/demo-sft-report --no-ray" in log
+    pid = int((directory / "pid").read_text())
+
+    restarted = make()
+    assert restarted.observe(job, "sft", 1).state == ChildState.running
+    restarted.start(job, spec, config)
+    assert int((directory / "pid").read_text()) == pid and restarted.kube.tokens == 0
+
+
+def test_local_suspend_kills_the_process_group_and_resume_starts_it_again(local, job):
+    make, spec, config = local
+    executor = make()
+    executor.start(job, spec, config)
+    pid = int((executor.attempt_dir(job, "sft", 1) / "pid").read_text())
+    executor.stop(job, "sft", 1, suspend=True)
+    assert executor.observe(job, "sft", 1).state == ChildState.suspended
+    assert _live_group_members(pid) == []
+    executor.start(job, spec, config)
+    assert executor.observe(job, "sft", 1).state == ChildState.running
+
+
+@pytest.mark.parametrize(("code", "state", "permanent"), [("0", ChildState.succeeded, False), ("3", ChildState.failed, True),
+                                                          ("1", ChildState.failed, False)])
+def test_local_exit_codes(local, job, monkeypatch, code, state, permanent):
+    make, spec, config = local
+    monkeypatch.setenv("FAKE_EXIT", code)
+    executor = make()
+    executor.start(job, spec, config)
+    _wait_for(lambda: executor.observe(job, "sft", 1).state not in (ChildState.running, ChildState.absent))
+    observed = executor.observe(job, "sft", 1)
+    assert (observed.state, observed.permanent) == (state, permanent)
+    assert observed.finished_at is not None
+    if code != "0":
+        assert f"exited with code {code}" in observed.message
+
+
+def test_local_cleanup_kills_running_stages_and_removes_their_state(local, job):
+    make, spec, config = local
+    executor = make()
+    executor.start(job, spec, config)
+    pid = int((executor.attempt_dir(job, "sft", 1) / "pid").read_text())
+    assert _live_group_members(pid) != []
+    executor.cleanup(job)
+    assert _live_group_members(pid) == []
+    assert not executor.attempt_dir(job, "sft", 1).exists()
+
+
+def test_trainer_kubeconfig_is_private_and_carries_the_ca_inline(tmp_path):
+    configuration = kubernetes.client.Configuration()
+    configuration.host = "https://127.0.0.1:6443"
+    configuration.ssl_ca_cert = str(tmp_path / "ca.crt")
+    (tmp_path / "ca.crt").write_bytes(b"CA PEM")
+    path = Kube(configuration).kubeconfig_for_token("secret-token", tmp_path / "attempt" / "kubeconfig", "ml")
+    assert path.stat().st_mode & 0o777 == 0o600
+    config = json.loads(path.read_text())
+    assert config["clusters"][0]["cluster"] == {"server": "https://127.0.0.1:6443",
+                                                "certificate-authority-data": base64.b64encode(b"CA PEM").decode()}
+    assert config["users"][0]["user"] == {"token": "secret-token"}
+    assert config["contexts"][0]["context"]["namespace"] == "ml"
+
+
+def test_delete_artifacts_removes_reachable_stage_directories_only(tmp_path, sample_spec):
+    storage = tmp_path / "runs"
+    (storage / "sft" / "model").mkdir(parents=True)
+    (storage / "unrelated").mkdir()
+    spec = FineTuneJobSpec.model_validate(sample_spec(storage={"uri": str(storage), "retainOnDelete": False}))
+    lines = delete_artifacts(spec, pvc_root=tmp_path / "pvc")
+    assert not (storage / "sft").exists() and (storage / "unrelated").exists()
+    assert lines[0] == f"{storage}/sft: deleted"
+    assert lines[1].endswith("not reachable from the operator, kept")
+    s3 = FineTuneJobSpec.model_validate(sample_spec(storage={"uri": "s3://runs/x", "retainOnDelete": False}))
+    assert all("user's to delete" in line for line in delete_artifacts(s3, pvc_root=Path("/nonexistent")))
