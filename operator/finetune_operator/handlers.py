@@ -11,7 +11,10 @@ import asyncio
 import copy
 import dataclasses
 import logging
+import os
+import socket
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
@@ -288,6 +291,11 @@ def make_registry(controller: Controller) -> kopf.OperatorRegistry:
     return registry
 
 
+def replica_priority(identity: str) -> int:
+    """A stable per-replica peering priority in 1..1_000_000 from the pod's name."""
+    return zlib.crc32(identity.encode()) % 1_000_000 + 1
+
+
 def kopf_settings(clusterwide: bool) -> kopf.OperatorSettings:
     settings = kopf.OperatorSettings()
     # Watched namespaces are exact names: without scanning, kopf neither lists namespaces (a cluster-scope permission
@@ -297,6 +305,9 @@ def kopf_settings(clusterwide: bool) -> kopf.OperatorSettings:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled-configuration")
     settings.persistence.finalizer = f"{GROUP}/cleanup"
+    # kopf pauses every peer that shares the top priority, so each replica takes a distinct one: the highest is active,
+    # the others stand by until its peering record goes stale.
+    settings.peering.priority = replica_priority(os.environ.get("POD_NAME") or socket.gethostname())
     # Our own Events say what happened; kopf adds only its warnings and errors.
     settings.posting.level = logging.WARNING
     return settings

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from finetune_operator.__main__ import build_parser
-from finetune_operator.handlers import merge_patch
+from finetune_operator.handlers import merge_patch, replica_priority
 from finetune_operator.settings import from_env
 
 pytestmark = pytest.mark.unit
@@ -48,3 +48,11 @@ def test_merge_patch_replaces_changed_keys_and_removes_dropped_ones():
     new = {"phase": "Succeeded", "stages": [{"name": "sft", "phase": "Succeeded"}], "progress": "0/1"}
     assert merge_patch(old, new) == {"phase": "Succeeded", "stages": [{"name": "sft", "phase": "Succeeded"}], "currentStage": None}
     assert merge_patch(new, new) == {}
+
+
+def test_replicas_get_distinct_stable_peering_priorities():
+    names = [f"finetune-operator-7d9c8b-{suffix}" for suffix in ("abcde", "fghij", "klmno")]
+    priorities = [replica_priority(name) for name in names]
+    assert len(set(priorities)) == len(names)
+    assert priorities == [replica_priority(name) for name in names]
+    assert all(1 <= p <= 1_000_000 for p in priorities)
