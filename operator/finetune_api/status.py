@@ -81,6 +81,7 @@ class FineTuneJobStatus(ApiModel):
     current_stage: str | None = Field(default=None, description="The stage running now, or the one that failed.")
     progress: str | None = Field(default=None, description="Stages done out of the total, e.g. `2/4`.")
     start_time: str | None = Field(default=None, description="When the first stage started.")
+    suspended_seconds: int = Field(default=0, description="Seconds spent suspended after the first start; excluded from activeDeadlineSeconds.")
     completion_time: str | None = Field(default=None, description="When the job succeeded or failed.")
     stages: list[StageStatus] = Field(default_factory=list, description="One entry per stage, in order.")
 

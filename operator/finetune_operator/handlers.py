@@ -49,8 +49,6 @@ from finetune_operator.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Accumulated suspended seconds (for activeDeadlineSeconds); kept on the object so it survives restarts.
-SUSPENDED_SECONDS_ANNOTATION = f"{GROUP}/suspended-seconds"
 ERROR_RETRY_SECONDS = 5.0
 
 
@@ -93,14 +91,13 @@ class Controller:
     # -- one reconcile pass ----------------------------------------------------------------------
 
     def observe(self, job: JobRef, spec_raw: dict[str, Any], status: FineTuneJobStatus) -> Observations:
-        suspended_seconds = float(job.annotations.get(SUSPENDED_SECONDS_ANNOTATION, "0") or 0)
         try:
             spec = FineTuneJobSpec.model_validate(spec_raw)
         except ValidationError:
-            return Observations(suspended_seconds=suspended_seconds)
+            return Observations()
         target = attempt_to_observe(spec, status)
         if target is None:
-            return Observations(suspended_seconds=suspended_seconds)
+            return Observations()
         stage, attempt = target
         index = next(i for i, s in enumerate(spec.stages) if s.name == stage)
         if index >= len(status.stages) or not status.stages[index].attempts:
@@ -122,7 +119,7 @@ class Controller:
                     present[name] = self.kube.exists(("v1", "Secret"), job.namespace, name)
                 if not present[name]:
                     missing.append((path, name))
-        return Observations(attempt=child, report=report, missing_secrets=tuple(missing), suspended_seconds=suspended_seconds)
+        return Observations(attempt=child, report=report, missing_secrets=tuple(missing))
 
     def read_report(self, job: JobRef, stage: str) -> StageReport | None:
         configmap = self.kube.get(CONFIGMAP, job.namespace, report_configmap_name(job.name, stage))
@@ -166,9 +163,6 @@ class Controller:
         patch = merge_patch(stored, decision.status.to_wire())
         if patch:
             self.kube.patch_job_status(job.namespace, job.name, patch)
-        if decision.suspended_seconds != observations.suspended_seconds:
-            self.kube.patch(FINETUNEJOB, job.namespace, job.name,
-                            {"metadata": {"annotations": {SUSPENDED_SECONDS_ANNOTATION: f"{decision.suspended_seconds:.0f}"}}})
         for event in decision.events:
             self.post_event(job, event.type, event.reason, event.message)
         self.metrics.observe_phase(job.uid, decision.status.phase)

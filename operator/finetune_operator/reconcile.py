@@ -57,8 +57,6 @@ class Observations:
     attempt: AttemptObservation = AttemptObservation()
     report: StageReport | None = None
     missing_secrets: tuple[tuple[str, str], ...] = ()
-    # Suspended time accumulated after the job first started (persisted by the handler between reconciles).
-    suspended_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -105,7 +103,6 @@ class Decision:
     actions: list[StartAttempt | StopAttempt | DeleteJob] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
-    suspended_seconds: float = 0.0
 
     def wake_in(self, seconds: float) -> None:
         seconds = max(seconds, 0.0)
@@ -162,7 +159,7 @@ class _Machine:
 
     def __init__(self, job: JobRef, status: FineTuneJobStatus, obs: Observations, now: datetime, policy: Policy):
         self.job, self.status, self.obs, self.now, self.policy = job, status, obs, now, policy
-        self.decision = Decision(status=status, suspended_seconds=obs.suspended_seconds)
+        self.decision = Decision(status=status)
 
     def condition(self, type_: ConditionType, value: bool, reason: str, message: str = "") -> bool:
         return set_condition(self.status, type_, value, reason, message, self.now, self.job.generation)
@@ -191,7 +188,7 @@ class _Machine:
         while index < len(spec.stages) and self.step_stage(index):
             index += 1
             # The next stage has no child yet: whatever was observed belonged to the stage that just finished.
-            self.obs = Observations(missing_secrets=self.obs.missing_secrets, suspended_seconds=self.obs.suspended_seconds)
+            self.obs = Observations(missing_secrets=self.obs.missing_secrets)
         if index >= len(spec.stages):
             self.succeed()
         status.progress = f"{sum(s.phase == StagePhase.succeeded.value for s in status.stages)}/{len(spec.stages)}"
@@ -216,13 +213,13 @@ class _Machine:
             return
         if self.status.start_time:
             since = max(parse_time(suspended.last_transition_time), parse_time(self.status.start_time))
-            self.decision.suspended_seconds += max((self.now - since).total_seconds(), 0.0)
+            self.status.suspended_seconds += round(max((self.now - since).total_seconds(), 0.0))
         self.condition(SUSPENDED, False, reasons.RESUMED, "spec.suspend is false: continuing from the latest checkpoint")
         self.decision.event(reasons.RESUMED, "resumed: continuing from the latest checkpoint")
 
     def active_seconds(self) -> float:
         started = parse_time(self.status.start_time)
-        active = (self.now - started).total_seconds() - self.decision.suspended_seconds
+        active = (self.now - started).total_seconds() - self.status.suspended_seconds
         suspended = self.status.condition(SUSPENDED)
         if suspended is not None and suspended.status == "True":
             active -= max((self.now - max(parse_time(suspended.last_transition_time), started)).total_seconds(), 0.0)

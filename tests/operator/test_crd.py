@@ -114,7 +114,8 @@ def test_status_is_strict_and_mirrors_the_status_model(root: dict[str, Any]):
     status = root["properties"]["status"]
     assert "x-kubernetes-preserve-unknown-fields" not in status
     assert set(status["properties"]) == {
-        "phase", "conditions", "observedGeneration", "currentStage", "progress", "startTime", "completionTime", "stages"
+        "phase", "conditions", "observedGeneration", "currentStage", "progress", "startTime", "suspendedSeconds", "completionTime",
+        "stages",
     }
     stage = status["properties"]["stages"]["items"]
     assert {"name", "type", "phase", "attempts", "rayJob", "checkpoint", "lastCheckpoint", "progress", "metrics"} <= set(stage["properties"])

@@ -33,12 +33,11 @@ class Sim:
         self.job, self.spec = job, spec
         self.status = None
         self.now = T0
-        self.suspended_seconds = 0.0
 
     def step(self, attempt=AttemptObservation(), report=None, missing=()):
-        decision = reconcile(self.job, self.spec, self.status, Observations(attempt, report, tuple(missing), self.suspended_seconds),
+        decision = reconcile(self.job, self.spec, self.status, Observations(attempt, report, tuple(missing)),
                              self.now, POLICY)
-        self.status, self.suspended_seconds = decision.status, decision.suspended_seconds
+        self.status = decision.status
         return decision
 
     def advance(self, seconds: float) -> None:
@@ -239,7 +238,7 @@ def test_suspend_stops_the_attempt_and_resume_continues_the_same_attempt(sim):
     assert config.attempt == 1
     assert sim.condition("Suspended").status == "False" and sim.condition("Suspended").reason == reasons.RESUMED
     assert sim.status.phase == "Running"
-    assert sim.suspended_seconds == 100
+    assert sim.status.suspended_seconds == 100
     assert reasons.RESUMED in reasons_of(decision)
 
 
@@ -252,7 +251,7 @@ def test_a_job_created_suspended_starts_nothing_until_resumed(job, sample_spec):
     sim.advance(500)
     assert [c.attempt for c in starts(sim.step())] == [1]
     # Time suspended before the first start does not count against a deadline.
-    assert sim.suspended_seconds == 0
+    assert sim.status.suspended_seconds == 0
 
 
 def test_deadline_excludes_suspended_time(job, sample_spec):
