@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 DEPS_STAMP := $(VENV)/.deps-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
 
-.PHONY: install run test test-unit test-fast crds check-crds dev-cluster operator bench clean
+.PHONY: install run test test-unit crds check-crds k8s-binaries dev-cluster operator bench-operator clean
 
 install: $(DEPS_STAMP)
 
@@ -31,7 +31,7 @@ run: install
 	$(PY) -m finetune_trainer tiny-model models/tiny --data-dir examples/data
 	$(PY) -m finetune_trainer run examples/quickstart.yaml --status-file out/quickstart/status.json
 
-test: install
+test: install k8s-binaries
 	$(PY) -m pytest tests
 
 test-unit: install
@@ -43,11 +43,18 @@ crds: install
 check-crds: install
 	$(PY) -m finetune_operator.crdgen --check
 
+# Kubernetes' own binaries (kube-apiserver, etcd, kubectl, helm) built from their Go modules, cached under ~/.cache.
+k8s-binaries: install
+	$(PY) -m finetune_operator.devcluster --build-only
+
 dev-cluster: install
 	$(PY) -m finetune_operator.devcluster
 
 operator: install
-	$(PY) -m finetune_operator run --executor local
+	$(PY) -m finetune_operator run --executor local --standalone
+
+bench-operator: install
+	$(PY) bench/operator_scale.py 200 1000
 
 clean:
 	rm -rf out models .pytest_cache

@@ -1,4 +1,4 @@
-// Pins the KubeRay release whose CRDs (RayJob, RayCluster, RayService) the dev cluster installs.
+// Pins the KubeRay release whose CRDs (RayJob, RayCluster) the dev cluster installs.
 // Nothing is built from it: the CRD YAMLs are copied out of the downloaded module.
 module finetune.dev/tools/kuberay
 
