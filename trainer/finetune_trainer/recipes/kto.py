@@ -1,0 +1,114 @@
+"""Kahneman-Tversky Optimization (TRL KTOTrainer) on unpaired good/bad completions.
+
+Data: unpaired `prompt`/`completion`/`label` rows (label true = desirable), or preference pairs (`prompt`/`chosen`/
+`rejected`, or conversational `chosen`/`rejected`), which become one desirable and one undesirable row per pair.
+Rows are shuffled once here: TRL reads KTO data in order (its KL estimate pairs each row with its batch neighbours),
+and unpaired pairs would otherwise arrive as all-desirable batches followed by all-undesirable ones.
+Reference model: as in DPO, a frozen zero-update copy of the adapter with LoRA, a frozen model copy with full training.
+Held-out metrics come from our own pass over the held-out rows, because TRL logs only per-batch reward means:
+with the implicit reward r = beta * log(pi / pi_ref) of each held-out completion,
+  eval_reward_accuracy  fraction of completions whose r has the sign of their label (> 0 desirable, < 0 undesirable)
+  eval_reward_margin    mean r over desirable completions minus mean r over undesirable ones (when both are held out)
+  eval_loss             TRL's KTO loss on the held-out rows
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import set_seed
+from trl import KTOConfig, KTOTrainer, extract_prompt, unpair_preference_dataset
+
+from finetune_api.spec import KTOOptions
+
+from finetune_trainer.errors import ConfigError, DataValidationError
+from finetune_trainer.recipes.context import StageContext
+
+ACCEPTED_COLUMNS = [("prompt", "completion", "label"), ("prompt", "chosen", "rejected"), ("chosen", "rejected")]
+_TRUE, _FALSE = ("true", "1", "yes", "desirable"), ("false", "0", "no", "undesirable")
+
+
+def run(ctx: StageContext) -> dict[str, float]:
+    options = ctx.config.stage.kto or KTOOptions()
+    batch_size = ctx.config.training.batch_size
+    if batch_size < 2:
+        # TRL estimates KTO's KL baseline from the other completions in the same micro-batch.
+        raise ConfigError(f"stage {ctx.config.stage.name!r}: kto needs training.batchSize >= 2, got {batch_size}")
+    data = ctx.data(ACCEPTED_COLUMNS)
+    set_seed(ctx.config.training.seed)  # LoRA adapters are initialised when the model loads
+    train = unpaired(ctx, data.train).shuffle(seed=ctx.config.training.seed)
+    held_out = unpaired(ctx, data.eval)
+    tokenizer = ctx.tokenizer()
+    policy = ctx.causal_lm()
+    reference = ctx.causal_lm(trainable=False) if ctx.config.peft.method == "full" else None
+    args = ctx.training_args(
+        KTOConfig,
+        beta=options.beta,
+        desirable_weight=options.desirable_weight,
+        undesirable_weight=options.undesirable_weight,
+        eval_on_start=False,  # the policy starts as the reference: every implicit reward would be zero
+    )
+    trainer = KTOTrainer(
+        model=policy,
+        ref_model=reference,
+        args=args,
+        train_dataset=train,
+        eval_dataset=held_out,
+        processing_class=tokenizer,
+        callbacks=ctx.callbacks(),
+    )
+    trainer.train(resume_from_checkpoint=ctx.resume_checkpoint())
+
+    rewards, labels = held_out_rewards(trainer)
+    metrics = {
+        "eval_reward_accuracy": ((rewards > 0) == labels).float().mean().item(),
+        "eval_loss": trainer.evaluate()["eval_loss"],
+    }
+    if labels.any() and not labels.all():  # a margin needs both kinds of completion among the held-out rows
+        metrics["eval_reward_margin"] = (rewards[labels].mean() - rewards[~labels].mean()).item()
+    ctx.log(f"held-out rewards: {', '.join(f'{key} {value:.3f}' for key, value in metrics.items())}")
+    ctx.save_final(trainer.model, tokenizer)
+    return metrics
+
+
+def unpaired(ctx: StageContext, dataset):
+    """prompt/completion/label rows with boolean labels, whichever accepted form the data came in."""
+    if "label" in dataset.column_names:
+        return dataset.map(lambda row: {"label": _as_bool(ctx, row)})
+    if "prompt" not in dataset.column_names:
+        dataset = dataset.map(extract_prompt)
+    return unpair_preference_dataset(dataset)
+
+
+def _as_bool(ctx: StageContext, row: dict) -> bool:
+    value = row["label"]
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise DataValidationError(
+        f"stage {ctx.config.stage.name!r}: {ctx.config.stage.dataset.uri}: `label` is {value!r} in the row with prompt "
+        f"{str(row['prompt'])[:80]!r}; expected true/false (or desirable/undesirable, 1/0)"
+    )
+
+
+@torch.no_grad()
+def held_out_rewards(trainer: KTOTrainer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Implicit reward and boolean label of every held-out completion, gathered from all workers."""
+    policy = trainer.model
+    policy.eval()
+    rewards, labels = [], []
+    for batch in trainer.get_eval_dataloader():
+        # TRL's own reference pass: the frozen reference model, or the policy with its reference adapter.
+        reference_logps, _ = trainer.compute_ref_log_probs(trainer.ref_model or policy, batch)
+        reward = trainer.beta * (completion_logps(policy, batch) - reference_logps)
+        rewards.append(trainer.accelerator.gather_for_metrics(reward))
+        labels.append(trainer.accelerator.gather_for_metrics(batch["label"].long()))
+    return torch.cat(rewards), torch.cat(labels).bool()
+
+
+def completion_logps(model, batch) -> torch.Tensor:
+    """Summed log-probability of each row's completion tokens, through the same fused LM head TRL scores with."""
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels, fused_lm_head=True)
+    return output.log_probs[:, -(batch["input_ids"].size(1) - 1) :].sum(-1)
