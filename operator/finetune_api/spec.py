@@ -92,7 +92,7 @@ class ModelSpec(ApiModel):
     tokenizer: str | None = Field(default=None, description="Tokenizer source when it differs from `source` (same URI forms).")
     chat_template: str | None = Field(
         default=None,
-        description="Chat template to use for `messages` data when the tokenizer has none: `chatml`, `llama3`, or a Jinja template string.",
+        description="Chat template for `messages` data, used instead of the tokenizer's own: `chatml`, `llama3`, or a Jinja template string.",
     )
     trust_remote_code: bool = Field(default=False, description="Allow custom modelling code shipped with the model.")
 

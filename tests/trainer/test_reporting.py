@@ -1,0 +1,102 @@
+"""The progress channel: file and ConfigMap reporters, throttling, report URLs, and the lazy recipe registry."""
+
+import json
+
+import pytest
+
+from finetune_api.report import REPORT_KEY, StageReport
+from finetune_trainer.errors import ConfigError
+from finetune_trainer.recipes import RECIPES
+from finetune_trainer.reporting import ConfigMapReporter, FileReporter, ReportChannel, reporter_from_url
+
+pytestmark = pytest.mark.unit
+
+
+class FakeCoreV1:
+    def __init__(self, status=None):
+        self.patches, self.status = [], status
+
+    def patch_namespaced_config_map(self, name, namespace, body):
+        from kubernetes.client.exceptions import ApiException
+
+        if self.status:
+            raise ApiException(status=self.status, reason="Not Found")
+        self.patches.append((namespace, name, body))
+
+    def create_namespaced_config_map(self, *args, **kwargs):  # the trainer must never create the ConfigMap
+        raise AssertionError("create is not allowed")
+
+
+def test_file_reporter_writes_the_wire_shape(tmp_path):
+    path = tmp_path / "r" / "report.json"
+    channel = ReportChannel(FileReporter(path, min_interval=0), attempt=2)
+    channel.progress(3, 10, loss=1.5, eta=7.0)
+    wire = json.loads(path.read_text())
+    assert wire["phase"] == "Running" and wire["step"] == 3 and wire["totalSteps"] == 10 and wire["attempt"] == 2
+    channel.checkpoint("s3://b/ckpt/checkpoint-3", 3)
+    channel.succeeded({"eval_loss_after": 0.5}, "s3://b/model")
+    final = StageReport.model_validate(json.loads(path.read_text()))
+    assert final.phase == "Succeeded" and final.checkpoint == "s3://b/model" and final.last_checkpoint == "s3://b/ckpt/checkpoint-3"
+    assert final.metrics == {"eval_loss_after": 0.5} and final.updated_at
+
+
+def test_configmap_reporter_patches_only_and_throttles():
+    reporter = ConfigMapReporter("team-a", "job-sft-report", min_interval=60)
+    reporter._client = FakeCoreV1()
+    channel = ReportChannel(reporter, attempt=1)
+    channel.progress(1, 10, loss=2.0)
+    channel.progress(2, 10, loss=1.9)  # within the interval: dropped
+    channel.checkpoint("/ckpt/checkpoint-2", 2)  # urgent: always written
+    channel.failed("InvalidDataset", "bad line")
+    patches = reporter._client.patches
+    assert [p[:2] for p in patches] == [("team-a", "job-sft-report")] * 3
+    reports = [json.loads(p[2]["data"][REPORT_KEY]) for p in patches]
+    assert [r["step"] for r in reports] == [1, 2, 2] and reports[-1]["phase"] == "Failed" and reports[-1]["reason"] == "InvalidDataset"
+
+
+def test_configmap_reporter_survives_a_missing_configmap(capsys):
+    reporter = ConfigMapReporter("ns", "gone")
+    reporter._client = FakeCoreV1(status=404)
+    reporter.publish(StageReport(phase="Running"), urgent=True)
+    assert "cannot patch ConfigMap ns/gone: 404" in capsys.readouterr().err
+
+
+def test_reporters_pickle_without_clients():
+    import pickle
+
+    reporter = ConfigMapReporter("ns", "name")
+    reporter._client = object()
+    assert not hasattr(pickle.loads(pickle.dumps(reporter)), "_client")
+
+
+def test_report_urls(tmp_path):
+    assert isinstance(reporter_from_url(f"file://{tmp_path}/r.json"), FileReporter)
+    configmap = reporter_from_url("configmap://ns/name")
+    assert (configmap.namespace, configmap.name) == ("ns", "name")
+    with pytest.raises(ValueError, match="configmap://NAMESPACE/NAME"):
+        reporter_from_url("configmap://only-namespace")
+
+
+def test_non_main_ranks_do_not_report(tmp_path):
+    path = tmp_path / "report.json"
+    ReportChannel(FileReporter(path, min_interval=0), attempt=1, enabled=False).progress(1, 2)
+    assert not path.exists()
+
+
+def test_recipe_registry_is_lazy_and_fails_per_type(monkeypatch):
+    assert RECIPES["cpt"].run and RECIPES["sft"].run
+    import importlib
+
+    real_import = importlib.import_module
+
+    def missing_grpo(name, *args):
+        if name.endswith(".grpo"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", missing_grpo)
+    with pytest.raises(ConfigError, match="stage type 'grpo' has no recipe"):
+        RECIPES["grpo"]
+    assert RECIPES["sft"].run
+    with pytest.raises(KeyError):
+        RECIPES["nonsense"]

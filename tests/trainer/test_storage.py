@@ -1,0 +1,47 @@
+"""Storage URIs: local, pvc:// (mapped under FINETUNE_PVC_ROOT) and s3:// against moto's S3 server."""
+
+import pytest
+
+from finetune_trainer import storage
+
+pytestmark = pytest.mark.unit
+
+
+def make_tree(root):
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("a")
+    (root / "sub" / "b.bin").write_bytes(b"\x00\x01")
+    return root
+
+
+def test_pvc_uris_map_under_the_mount_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_PVC_ROOT", str(tmp_path / "mnt"))
+    assert storage.local_path("pvc://models/llama/v1") == tmp_path / "mnt" / "models" / "llama" / "v1"
+    assert storage.local_path("file:///data/x") == storage.local_path("/data/x")
+    storage.upload_dir(make_tree(tmp_path / "src"), "pvc://models/copy")
+    assert (tmp_path / "mnt" / "models" / "copy" / "sub" / "b.bin").read_bytes() == b"\x00\x01"
+
+
+def test_s3_round_trip(tmp_path, s3_bucket):
+    uri = f"s3://{s3_bucket}/runs/model"
+    assert not storage.exists(uri)
+    storage.upload_dir(make_tree(tmp_path / "src"), uri)
+    assert storage.exists(uri) and storage.is_dir(uri)
+    fetched = storage.fetch_dir(uri, tmp_path / "cache")
+    assert (fetched / "a.txt").read_text() == "a" and (fetched / "sub" / "b.bin").read_bytes() == b"\x00\x01"
+    single = storage.fetch(f"{uri}/a.txt", tmp_path / "cache2")
+    assert single.read_text() == "a"
+    storage.delete(uri)
+    assert not storage.exists(uri)
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_only_complete_checkpoints_are_listed(tmp_path, remote, request):
+    root = f"s3://{request.getfixturevalue('s3_bucket')}/job/checkpoints" if remote else str(tmp_path / "checkpoints")
+    for step in (5, 10, 15):
+        checkpoint = make_tree(tmp_path / f"local-{step}")
+        storage.upload_dir(checkpoint, f"{root}/checkpoint-{step}")
+        if step != 15:  # 15 was cut off before its completion marker
+            (checkpoint / "trainer_state.json").write_text("{}")
+            storage.upload_file(checkpoint / "trainer_state.json", f"{root}/checkpoint-{step}/trainer_state.json")
+    assert storage.list_checkpoints(root) == [(5, f"{root}/checkpoint-5"), (10, f"{root}/checkpoint-10")]

@@ -1,0 +1,172 @@
+"""Tokenizers and models from a Hub id, a local directory, `pvc://` or `s3://`; LoRA/QLoRA; merge-and-save.
+
+Hub ids (`org/name` or `hf://org/name`) load with from_pretrained and the token from HF_TOKEN; everything else is
+fetched to a local directory first.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from finetune_api.spec import ModelSpec, PeftSpec, uri_scheme
+
+from finetune_trainer import storage
+from finetune_trainer.chat_templates import resolve_chat_template
+from finetune_trainer.errors import ConfigError, ModelLoadError
+
+
+def resolve(uri: str, cache: Path, endpoint_url: str | None = None) -> str:
+    """A path or Hub id that from_pretrained accepts."""
+    scheme = uri_scheme(uri)
+    if scheme == "hf":
+        return uri.removeprefix("hf://")
+    if scheme == "s3":
+        try:
+            return str(storage.fetch_dir(uri, cache, endpoint_url))
+        except Exception as exc:  # noqa: BLE001 - any fetch failure means the model is unreachable
+            raise ModelLoadError(f"cannot fetch model {uri}: {exc}") from None
+    path = storage.local_path(uri)
+    if path.exists():
+        return str(path)
+    if scheme == "file" and not uri.startswith(("/", ".", "~", "file://")) and uri.count("/") == 1:
+        return uri  # `org/name`: a Hub id
+    raise ModelLoadError(f"model {uri} not found (no such directory {path})")
+
+
+def _hub_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    return {"revision": spec.revision, "token": os.environ.get("HF_TOKEN"), "trust_remote_code": spec.trust_remote_code}
+
+
+def load_tokenizer(uri: str, spec: ModelSpec, cache: Path, endpoint_url: str | None = None):
+    """Tokenizer with a pad token, right padding, and `spec.chatTemplate` applied when set."""
+    from transformers import AutoTokenizer
+
+    source = resolve(uri, cache, endpoint_url)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **_hub_kwargs(spec))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load tokenizer from {uri}: {exc}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    if spec.chat_template:
+        template, tokens = resolve_chat_template(spec.chat_template)
+        missing = [t for t in tokens if t not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing})
+        tokenizer.chat_template = template
+    return tokenizer
+
+
+def _dtype(precision: dict[str, bool]):
+    import torch
+
+    return torch.bfloat16 if precision.get("bf16") else torch.float16 if precision.get("fp16") else torch.float32
+
+
+def _load(auto_cls, uri: str, spec: ModelSpec, cache: Path, endpoint_url: str | None, **kwargs):
+    source = resolve(uri, cache, endpoint_url)
+    try:
+        return auto_cls.from_pretrained(source, **_hub_kwargs(spec), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model from {uri}: {exc}") from None
+
+
+def lora_config(peft: PeftSpec, task_type: str = "CAUSAL_LM"):
+    """The peft.LoraConfig for `peft`, or None for full fine-tuning."""
+    if peft.method == "full":
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=peft.r,
+        lora_alpha=peft.alpha,
+        lora_dropout=peft.dropout,
+        target_modules=peft.target_modules or "all-linear",
+        task_type=task_type,
+    )
+
+
+def _quantization(peft: PeftSpec, gpu: bool) -> dict[str, Any]:
+    if peft.method != "qlora":
+        return {}
+    if not gpu:
+        raise ConfigError("peft.method qlora needs a GPU (4-bit bitsandbytes kernels); use lora on CPU")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True
+        )
+    }
+
+
+def _fit_embeddings(model, tokenizer) -> None:
+    """Grow the embeddings when the tokenizer gained tokens (e.g. a chat template's turn markers)."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+
+
+def _apply_peft(model, peft: PeftSpec, task_type: str, gradient_checkpointing: bool):
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if peft.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return get_peft_model(model, lora_config(peft, task_type))
+
+
+def load_causal_lm(
+    uri: str, spec: ModelSpec, tokenizer, *, peft: PeftSpec, trainable: bool, precision: dict[str, bool], gpu: bool,
+    cache: Path, endpoint_url: str | None = None, gradient_checkpointing: bool = False,
+):
+    from transformers import AutoModelForCausalLM
+
+    quantization = _quantization(peft, gpu) if trainable else {}
+    model = _load(AutoModelForCausalLM, uri, spec, cache, endpoint_url, dtype=_dtype(precision), **quantization)
+    _fit_embeddings(model, tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if not trainable:
+        model.eval().requires_grad_(False)
+        return model
+    if peft.method != "full":
+        model = _apply_peft(model, peft, "CAUSAL_LM", gradient_checkpointing)
+    return model
+
+
+def load_sequence_classifier(
+    uri: str, spec: ModelSpec, tokenizer, *, peft: PeftSpec, trainable: bool, precision: dict[str, bool], gpu: bool,
+    cache: Path, endpoint_url: str | None = None, gradient_checkpointing: bool = False,
+):
+    """A one-logit scoring head on the model (reward/value models)."""
+    from transformers import AutoModelForSequenceClassification
+
+    quantization = _quantization(peft, gpu) if trainable else {}
+    model = _load(AutoModelForSequenceClassification, uri, spec, cache, endpoint_url, num_labels=1, dtype=_dtype(precision), **quantization)
+    _fit_embeddings(model, tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if not trainable:
+        model.eval().requires_grad_(False)
+        return model
+    if peft.method != "full":
+        model = _apply_peft(model, peft, "SEQ_CLS", gradient_checkpointing)
+    return model
+
+
+def merged(model):
+    """The model with LoRA adapters folded into the base weights (unchanged for full fine-tuning)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    return model
+
+
+def save_pretrained(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, state_dict=state_dict)
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,100 @@
+"""Run one stage's recipe on Ray Train workers (TorchTrainer), one worker per `resources.workers`.
+
+Ray Train sets up the torch.distributed process group (gloo on CPU, NCCL on GPU) and the RANK/WORLD_SIZE/... variables
+that DeepSpeed and the HF Trainer read. Rank 0 hands its final metrics back through a small actor.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from finetune_api.render import StageConfig
+from finetune_api.report import StageReport
+
+from finetune_trainer import strategy
+from finetune_trainer.reporting import Reporter
+
+
+def _train_loop(loop_config: dict[str, Any]) -> None:
+    import ray
+    import ray.train
+
+    from finetune_trainer.runner import execute_stage
+
+    context = ray.train.get_context()
+    config = StageConfig.model_validate_json(loop_config["config"])
+    metrics, report = execute_stage(
+        config,
+        loop_config["reporter"],
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        local_rank=context.get_local_rank(),
+        work_dir=Path(loop_config["work_dir"]),
+    )
+    if context.get_world_rank() == 0:
+        ray.get(loop_config["results"].put.remote(metrics, report.to_wire()))
+
+
+def _results_actor():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Results:
+        def __init__(self):
+            self.value = None
+
+        def put(self, metrics, report):
+            self.value = (metrics, report)
+
+        def get(self):
+            return self.value
+
+    return Results.remote()
+
+
+def run_on_ray(config: StageConfig, reporter: Reporter | None, work_dir: Path) -> tuple[dict[str, float], StageReport]:
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = config.resources
+    # Ray Train re-routes print() in workers through its logger, which duplicates our progress lines.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    started_here = not ray.is_initialized()
+    if started_here:
+        address = os.environ.get("RAY_ADDRESS")
+        # A local cluster gets exactly the CPUs the workers ask for, even on a smaller machine (logical CPUs only).
+        local = {} if address else {"num_cpus": resources.workers * resources.cpus_per_worker, "include_dashboard": False}
+        ray.init(address=address, log_to_driver=True, configure_logging=False, **local)
+    try:
+        results = _results_actor()
+        gpus = resources.gpus_per_worker if strategy.use_gpu(resources) else 0
+        trainer = TorchTrainer(
+            _train_loop,
+            train_loop_config={
+                "config": config.model_dump_json(),
+                "reporter": reporter,
+                "work_dir": str(work_dir),
+                "results": results,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=resources.workers,
+                use_gpu=gpus > 0,
+                resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": gpus} if gpus else {})},
+            ),
+            torch_config=TorchConfig(backend=strategy.backend(resources)),
+            run_config=RunConfig(
+                name=f"{config.job_name}-{config.stage.name}-{config.attempt}",
+                storage_path=str(work_dir / "ray"),
+                # Retries belong to the operator (a fresh attempt resumes from the stage checkpoint), not to Ray.
+                failure_config=FailureConfig(max_failures=0),
+            ),
+        )
+        trainer.fit()
+        metrics, report = ray.get(results.get.remote())
+        return metrics, StageReport.model_validate(report)
+    finally:
+        if started_here:
+            ray.shutdown()

@@ -1,0 +1,209 @@
+"""StageContext: everything a recipe needs, with storage, distribution and reporting already decided.
+
+A recipe builds its trainer from `ctx.causal_lm()`, `ctx.data(...)`, `ctx.training_args(...)` and `ctx.callbacks()`,
+resumes with `ctx.resume_checkpoint()` and ends with `ctx.save_final(...)`. The same recipe code runs in one plain
+process and in every Ray Train worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from finetune_api.render import StageConfig, join_uri
+
+from finetune_trainer import modeling, storage, strategy
+from finetune_trainer.data import StageData, load_stage_data
+from finetune_trainer.reporting import Reporter, ReportChannel, progress_callback
+
+
+class StageContext:
+    def __init__(self, config: StageConfig, reporter: Reporter | None, rank: int, world_size: int, work_dir: Path, local_rank: int = 0):
+        self.config = config
+        self.reporter = reporter
+        self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
+        self.is_main = rank == 0
+        self.work_dir = Path(work_dir)
+        self.channel = ReportChannel(reporter, config.attempt, enabled=self.is_main)
+        self.gpu = strategy.use_gpu(config.resources)
+        self.precision = strategy.precision_flags(config.training.precision, self.gpu)
+        self._cache = self.work_dir / "cache"
+        self._endpoint = config.storage.endpoint_url
+        self._tokenizers: dict[str, Any] = {}
+        self._progress_clock: tuple[float, int] | None = None
+
+    # ---- models -------------------------------------------------------------------------------------------------
+    def _model_uri(self, uri: str | None) -> str:
+        return uri or self.config.input_model
+
+    def tokenizer(self, uri: str | None = None):
+        """Tokenizer of `uri` (default: the stage's input model, or `spec.model.tokenizer` for the first stage)."""
+        if uri is None:
+            first_stage_override = self.config.stage_index == 0 and self.config.model.tokenizer
+            uri = self.config.model.tokenizer if first_stage_override else self.config.input_model
+        if uri not in self._tokenizers:
+            self._tokenizers[uri] = modeling.load_tokenizer(uri, self.config.model, self._cache, self._endpoint)
+        return self._tokenizers[uri]
+
+    def _model_kwargs(self, trainable: bool) -> dict[str, Any]:
+        return {
+            "peft": self.config.peft,
+            "trainable": trainable,
+            "precision": self.precision,
+            "gpu": self.gpu,
+            "cache": self._cache,
+            "endpoint_url": self._endpoint,
+            "gradient_checkpointing": bool(self.config.training.gradient_checkpointing),
+        }
+
+    def causal_lm(self, uri: str | None = None, trainable: bool = True):
+        """A causal LM; with `trainable` and a LoRA/QLoRA peft method it comes back wrapped as a PeftModel.
+
+        Pass either this PeftModel or `peft_config()` to a TRL trainer, not both.
+        """
+        tokenizer = self.tokenizer(uri)
+        return modeling.load_causal_lm(self._model_uri(uri), self.config.model, tokenizer, **self._model_kwargs(trainable))
+
+    def peft_config(self):
+        """peft.LoraConfig (None for full fine-tuning), for code that wraps a model itself instead of using causal_lm()."""
+        return modeling.lora_config(self.config.peft)
+
+    def sequence_classifier(self, uri: str | None = None, trainable: bool = True):
+        """AutoModelForSequenceClassification with one output (a scalar score) and the pad token id set."""
+        tokenizer = self.tokenizer(uri)
+        return modeling.load_sequence_classifier(self._model_uri(uri), self.config.model, tokenizer, **self._model_kwargs(trainable))
+
+    # ---- data ---------------------------------------------------------------------------------------------------
+    def data(self, accepted: list[tuple[str, ...]]) -> StageData:
+        return load_stage_data(self.config, accepted, cache=self._cache)
+
+    # ---- training -----------------------------------------------------------------------------------------------
+    def training_args(self, args_cls, **overrides):
+        """An `args_cls` (TrainingArguments or a TRL config) filled from the resolved TrainingSpec, plus `overrides`."""
+        training = self.config.training
+        values: dict[str, Any] = {
+            "output_dir": str(self.work_dir / "checkpoints"),
+            "seed": training.seed,
+            "data_seed": training.seed,
+            "learning_rate": training.learning_rate,
+            "lr_scheduler_type": training.lr_scheduler,
+            "warmup_steps": training.warmup_ratio,  # a float below 1 is a ratio of the total steps
+            "weight_decay": training.weight_decay,
+            "per_device_train_batch_size": training.batch_size,
+            "per_device_eval_batch_size": training.batch_size,
+            "gradient_accumulation_steps": training.gradient_accumulation_steps,
+            "num_train_epochs": training.epochs,
+            "max_steps": training.max_steps or -1,
+            "logging_steps": training.logging_steps,
+            "save_strategy": "steps",
+            "save_steps": training.save_steps,
+            "save_total_limit": training.save_total_limit,
+            "eval_strategy": "no",
+            # One held-out evaluation before the first step gives the recipes their `eval_loss_before`.
+            "eval_on_start": True,
+            "report_to": "none",
+            "disable_tqdm": True,
+            "use_cpu": not self.gpu,
+            "activation_checkpointing": bool(training.gradient_checkpointing),
+            "deepspeed": strategy.deepspeed_config(self.config.deepspeed),
+            "dataloader_num_workers": 0,
+            # LoRA freezes most weights; DDP must not wait for their (absent) gradients.
+            "ddp_find_unused_parameters": False,
+            **self.precision,
+        }
+        if self.world_size > 1:
+            values["ddp_backend"] = strategy.backend(self.config.resources)
+        field_names = {f.name for f in dataclasses.fields(args_cls)}
+        if "max_length" in field_names:
+            values["max_length"] = training.max_length
+        values.update(overrides)
+        unknown = sorted(set(values) - field_names)
+        if unknown:
+            raise TypeError(f"{args_cls.__name__} has no field(s) {', '.join(unknown)}")
+        return args_cls(**values)
+
+    def callbacks(self) -> list:
+        return [progress_callback(self.channel, self._sync_checkpoint)]
+
+    def _sync_checkpoint(self, local: Path, step: int) -> str:
+        """Copy a freshly saved checkpoint to `config.checkpoint_dir`; the completion marker goes last, from rank 0."""
+        destination = join_uri(self.config.checkpoint_dir, local.name)
+        strategy.barrier()
+        if self.local_rank == 0 and local.is_dir():
+            storage.upload_dir(local, destination, self._endpoint, exclude=(storage.CHECKPOINT_COMPLETE_FILE,))
+        strategy.barrier()
+        if self.is_main:
+            storage.upload_file(local / storage.CHECKPOINT_COMPLETE_FILE, join_uri(destination, storage.CHECKPOINT_COMPLETE_FILE), self._endpoint)
+            kept = storage.list_checkpoints(self.config.checkpoint_dir, self._endpoint)
+            for _, old in kept[: max(0, len(kept) - (self.config.training.save_total_limit or len(kept)))]:
+                storage.delete(old, self._endpoint)
+        strategy.barrier()
+        return destination
+
+    def resume_checkpoint(self) -> str | None:
+        """Local path of this stage's latest complete checkpoint (fetched when remote), or None on a fresh start."""
+        checkpoints = storage.list_checkpoints(self.config.checkpoint_dir, self._endpoint)
+        if not checkpoints:
+            return None
+        step, uri = checkpoints[-1]
+        if not storage.is_remote(uri):
+            path = storage.local_path(uri)
+        else:
+            path = self._cache / "resume" / f"checkpoint-{step}"
+            if self.local_rank == 0:
+                shutil.rmtree(path, ignore_errors=True)
+                fetched = storage.fetch_dir(uri, self._cache / "resume-download", self._endpoint)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fetched.rename(path)
+            strategy.barrier()
+        self.log(f"resuming from {uri} (step {step})")
+        return str(path)
+
+    def save_final(self, model, tokenizer) -> str:
+        """Merge adapters and write the final model to `config.output_uri`. Call on every rank; rank 0 writes."""
+        output = self.config.output_uri
+        model = getattr(model, "module", model)  # DDP / DeepSpeed engine wrappers
+        if strategy.is_zero3(self.config.deepspeed):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+                if self.is_main:
+                    self._write_final(model, tokenizer, output)
+        elif self.is_main:
+            self._write_final(model, tokenizer, output)
+        strategy.barrier()
+        return output
+
+    def _write_final(self, model, tokenizer, output: str) -> None:
+        staging = self.work_dir / "final-model"
+        shutil.rmtree(staging, ignore_errors=True)
+        modeling.save_pretrained(modeling.merged(model), tokenizer, staging)
+        if storage.is_remote(output):
+            storage.delete(output, self._endpoint)
+            # config.json last: a model directory without it is incomplete.
+            storage.upload_dir(staging, output, self._endpoint, last=("config.json",))
+        else:
+            target = storage.local_path(output)
+            shutil.rmtree(target, ignore_errors=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(staging), target)
+        self.log(f"saved final model to {output}")
+
+    # ---- reporting ----------------------------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        if self.is_main:
+            print(f"[{self.config.stage.name}] {message}", flush=True)
+
+    def report_progress(self, step: int, total: int, loss: float | None = None, **extra: float) -> None:
+        """Progress from a custom training loop (rank 0 only); the ETA is extrapolated from the pace so far."""
+        if not self.is_main:
+            return
+        now = time.monotonic()
+        if self._progress_clock is None:
+            self._progress_clock = (now, step)
+        started, first_step = self._progress_clock
+        eta = (now - started) / (step - first_step) * (total - step) if step > first_step else None
+        self.channel.progress(step, total, loss=loss, eta=eta, **extra)

@@ -1,0 +1,219 @@
+"""The progress channel: StageReport snapshots to a file, a ConfigMap or the console, and the HF callback feeding it.
+
+Reporters are plain picklable objects (they travel to Ray workers); clients are created lazily in the process that
+writes. Only rank 0 reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Protocol
+
+from finetune_api.report import REPORT_KEY, StageReport
+from finetune_api.status import now_rfc3339
+
+
+class Reporter(Protocol):
+    def publish(self, report: StageReport, *, urgent: bool = False) -> None:
+        """Deliver a full snapshot; `urgent` bypasses throttling (checkpoints, final states)."""
+
+
+class _Throttled:
+    """Drops non-urgent snapshots that arrive within `min_interval` seconds of the last one written."""
+
+    min_interval = 0.0
+
+    def __init__(self) -> None:
+        self._last_write = 0.0
+
+    def publish(self, report: StageReport, *, urgent: bool = False) -> None:
+        now = time.monotonic()
+        if not urgent and now - self._last_write < self.min_interval:
+            return
+        self._last_write = now
+        self._write(report)
+
+    def _write(self, report: StageReport) -> None:
+        raise NotImplementedError
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_client")}
+
+
+class FileReporter(_Throttled):
+    """Writes the report JSON to a file, atomically (write then rename)."""
+
+    def __init__(self, path: str | Path, min_interval: float = 1.0):
+        super().__init__()
+        self.path = Path(path)
+        self.min_interval = min_interval
+
+    def _write(self, report: StageReport) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps(report.to_wire(), indent=2))
+        partial.replace(self.path)
+
+
+class ConfigMapReporter(_Throttled):
+    """Patches `data["report.json"]` of the per-stage ConfigMap the operator created.
+
+    The trainer's service account may only get/patch that ConfigMap, never create one, so a missing ConfigMap is
+    logged and skipped rather than created.
+    """
+
+    def __init__(self, namespace: str, name: str, min_interval: float = 5.0):
+        super().__init__()
+        self.namespace, self.name = namespace, name
+        self.min_interval = min_interval
+
+    def _api(self):
+        if getattr(self, "_client", None) is None:
+            from kubernetes import client, config
+
+            if os.environ.get("KUBERNETES_SERVICE_HOST"):
+                config.load_incluster_config()
+            else:
+                config.load_kube_config()
+            self._client = client.CoreV1Api()
+        return self._client
+
+    def _write(self, report: StageReport) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        body = {"data": {REPORT_KEY: json.dumps(report.to_wire())}}
+        try:
+            self._api().patch_namespaced_config_map(self.name, self.namespace, body)
+        except ApiException as exc:
+            # Progress reporting must never kill training; the final report is retried by the caller's exit path.
+            print(f"warning: cannot patch ConfigMap {self.namespace}/{self.name}: {exc.status} {exc.reason}", file=sys.stderr)
+
+
+class ConsoleReporter:
+    """Human-readable progress lines: stage, step/total, loss, ETA."""
+
+    def __init__(self, stage: str, min_interval: float = 2.0):
+        self.stage = stage
+        self.min_interval = min_interval
+        self._last = 0.0
+
+    def publish(self, report: StageReport, *, urgent: bool = False) -> None:
+        now = time.monotonic()
+        if report.phase == "Running" and not urgent and now - self._last < self.min_interval:
+            return
+        self._last = now
+        print(format_report(self.stage, report), flush=True)
+
+
+class TeeReporter:
+    """Sends every snapshot to several reporters."""
+
+    def __init__(self, *reporters: Reporter):
+        self.reporters = reporters
+
+    def publish(self, report: StageReport, *, urgent: bool = False) -> None:
+        for reporter in self.reporters:
+            reporter.publish(report, urgent=urgent)
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def format_report(stage: str, report: StageReport) -> str:
+    if report.phase == "Failed":
+        return f"[{stage}] failed: {report.reason}: {report.message}"
+    if report.phase == "Succeeded":
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(report.metrics.items()))
+        return f"[{stage}] succeeded {metrics}"
+    if report.message and not report.total_steps:
+        return f"[{stage}] {report.message}"
+    loss = f" loss {report.loss:.4f}" if report.loss is not None else ""
+    saved = f" saved {report.last_checkpoint}" if report.message == "checkpoint" else ""
+    return f"[{stage}] step {report.step}/{report.total_steps}{loss} eta {format_duration(report.eta_seconds)}{saved}"
+
+
+def reporter_from_url(url: str) -> Reporter:
+    """`configmap://NAMESPACE/NAME` or `file:///PATH` (a bare path also works)."""
+    if url.startswith("configmap://"):
+        namespace, _, name = url.removeprefix("configmap://").partition("/")
+        if not namespace or not name or "/" in name:
+            raise ValueError(f"report URL {url!r} must look like configmap://NAMESPACE/NAME")
+        return ConfigMapReporter(namespace, name)
+    return FileReporter(url.removeprefix("file://"))
+
+
+class ReportChannel:
+    """Holds the running StageReport and publishes snapshots of it. Disabled (a no-op) on ranks other than 0."""
+
+    def __init__(self, reporter: Reporter | None, attempt: int, enabled: bool = True):
+        self.reporter = reporter
+        self.enabled = enabled and reporter is not None
+        self.report = StageReport(phase="Running", attempt=attempt)
+
+    def _publish(self, urgent: bool) -> None:
+        if self.enabled:
+            self.report.updated_at = now_rfc3339()
+            self.reporter.publish(self.report.model_copy(), urgent=urgent)
+
+    def started(self, message: str = "started") -> None:
+        self.report.message = message
+        self._publish(urgent=True)
+
+    def progress(self, step: int, total: int, loss: float | None = None, epoch: float | None = None, eta: float | None = None,
+                 **metrics: float) -> None:
+        self.report.step, self.report.total_steps, self.report.epoch, self.report.eta_seconds = step, total, epoch, eta
+        if loss is not None:
+            self.report.loss = loss
+        self.report.metrics.update({k: float(v) for k, v in metrics.items()})
+        self.report.message = ""
+        self._publish(urgent=False)
+
+    def checkpoint(self, uri: str, step: int) -> None:
+        self.report.last_checkpoint, self.report.step = uri, step
+        self.report.message = "checkpoint"
+        self._publish(urgent=True)
+
+    def succeeded(self, metrics: dict[str, float], output_uri: str) -> None:
+        self.report.phase, self.report.checkpoint = "Succeeded", output_uri
+        self.report.metrics.update(metrics)
+        self.report.eta_seconds, self.report.message = 0.0, "stage finished"
+        self._publish(urgent=True)
+
+    def failed(self, reason: str, message: str) -> None:
+        self.report.phase, self.report.reason, self.report.message = "Failed", reason, message
+        self._publish(urgent=True)
+
+
+def progress_callback(channel: ReportChannel, sync_checkpoint):
+    """An HF TrainerCallback: progress (step/total, loss, ETA) on every log, and each checkpoint once synced.
+
+    `sync_checkpoint(local_dir, step) -> uri` runs on every rank (ranks may hold their own shards); rank 0 reports.
+    """
+    from transformers import TrainerCallback
+
+    class ProgressCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started_at, self.first_step = time.monotonic(), state.global_step
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            done = state.global_step - self.first_step
+            eta = (time.monotonic() - self.started_at) / done * (state.max_steps - state.global_step) if done > 0 else None
+            channel.progress(state.global_step, state.max_steps, loss=float(logs["loss"]), epoch=state.epoch, eta=eta)
+
+        def on_save(self, args, state, control, **kwargs):
+            local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            uri = sync_checkpoint(local, state.global_step)
+            if state.is_world_process_zero:
+                channel.checkpoint(uri, state.global_step)
+
+    return ProgressCallback()

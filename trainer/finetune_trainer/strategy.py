@@ -1,0 +1,100 @@
+"""Distributed-training details in one place: device, precision, DeepSpeed config, process-group environment.
+
+Recipes never look at ranks, backends or DeepSpeed directly; they get TrainingArguments built from these helpers.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from finetune_api.spec import DeepSpeedSpec, ResourcesSpec
+
+
+def use_gpu(resources: ResourcesSpec) -> bool:
+    import torch
+
+    return resources.gpus_per_worker > 0 and torch.cuda.is_available()
+
+
+def backend(resources: ResourcesSpec) -> str:
+    """torch.distributed backend: NCCL between GPUs, gloo on CPU."""
+    return "nccl" if use_gpu(resources) else "gloo"
+
+
+def precision_flags(precision: str, gpu: bool) -> dict[str, bool]:
+    """TrainingArguments bf16/fp16 flags. `auto` is bf16 on a GPU that supports it and fp32 on CPU."""
+    if precision == "auto":
+        import torch
+
+        precision = "bf16" if gpu and torch.cuda.is_bf16_supported() else ("fp16" if gpu else "fp32")
+    if precision in ("bf16", "fp16") and not gpu:
+        # Mixed precision on CPU is slow and poorly supported by DeepSpeed; fp32 is the honest choice.
+        precision = "fp32"
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def deepspeed_config(spec: DeepSpeedSpec) -> dict[str, Any] | None:
+    """An HF-style DeepSpeed config for `spec`, or None when ZeRO is off.
+
+    Batch, precision and clipping fields are "auto" so that TrainingArguments is the single source of truth.
+    """
+    if spec.zero_stage == 0:
+        return None
+    zero: dict[str, Any] = {"stage": spec.zero_stage, "overlap_comm": False, "contiguous_gradients": True}
+    if spec.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if spec.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if spec.zero_stage == 3:
+        # Saving a usable (unsharded) model at the end needs the 16-bit weights gathered on save.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "zero_optimization": zero,
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def single_process_env() -> None:
+    """Distributed environment for a one-process DeepSpeed run, so DeepSpeed does not fall back to MPI discovery.
+
+    Only for DeepSpeed: with these variables set, accelerate would also wrap plain runs in a one-process DDP.
+    """
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def world() -> tuple[int, int, int]:
+    """(rank, local rank, world size) of this process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def is_zero3(spec: DeepSpeedSpec) -> bool:
+    return spec.zero_stage == 3
