@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from transformers import set_seed
+
 from finetune_api.render import StageConfig, join_uri
 
 from finetune_trainer import modeling, storage, strategy
@@ -34,6 +36,8 @@ class StageContext:
         self._endpoint = config.storage.endpoint_url
         self._tokenizers: dict[str, Any] = {}
         self._progress_clock: tuple[float, int] | None = None
+        # New heads and adapters initialise from the global generator when models load: seed it once, here.
+        set_seed(config.training.seed)
 
     # ---- models -------------------------------------------------------------------------------------------------
     def _model_uri(self, uri: str | None) -> str:

@@ -12,12 +12,12 @@ Held-out metrics come from TRL's evaluation (implicit reward r = beta * log(pi /
 
 from __future__ import annotations
 
-from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
 from finetune_api.spec import DPOOptions
 
 from finetune_trainer.recipes.context import StageContext
+from finetune_trainer.recipes.evaluation import preference_metrics
 
 ACCEPTED_COLUMNS = [("prompt", "chosen", "rejected"), ("chosen", "rejected")]
 
@@ -25,7 +25,6 @@ ACCEPTED_COLUMNS = [("prompt", "chosen", "rejected"), ("chosen", "rejected")]
 def run(ctx: StageContext) -> dict[str, float]:
     options = ctx.config.stage.dpo or DPOOptions()
     data = ctx.data(ACCEPTED_COLUMNS)
-    set_seed(ctx.config.training.seed)  # LoRA adapters are initialised when the model loads
     tokenizer = ctx.tokenizer()
     policy = ctx.causal_lm()
     reference = ctx.causal_lm(trainable=False) if ctx.config.peft.method == "full" else None
@@ -47,12 +46,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     )
     trainer.train(resume_from_checkpoint=ctx.resume_checkpoint())
 
-    evaluation = trainer.evaluate()
-    metrics = {
-        "eval_reward_accuracy": evaluation["eval_rewards/accuracies"],
-        "eval_reward_margin": evaluation["eval_rewards/margins"],
-        "eval_loss": evaluation["eval_loss"],
-    }
+    metrics = preference_metrics(trainer)
     ctx.log(f"held-out reward accuracy {metrics['eval_reward_accuracy']:.3f}, margin {metrics['eval_reward_margin']:.3f}")
     ctx.save_final(trainer.model, tokenizer)
     return metrics

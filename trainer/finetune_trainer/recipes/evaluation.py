@@ -23,6 +23,16 @@ def eval_loss_before(trainer) -> float:
     return float(min(evaluations, key=lambda entry: entry.get("step", 0))["eval_loss"])
 
 
+def preference_metrics(trainer) -> dict[str, float]:
+    """Held-out implicit-reward metrics from TRL's preference trainers (DPO, ORPO)."""
+    evaluation = trainer.evaluate()
+    return {
+        "eval_reward_accuracy": evaluation["eval_rewards/accuracies"],
+        "eval_reward_margin": evaluation["eval_rewards/margins"],
+        "eval_loss": evaluation["eval_loss"],
+    }
+
+
 def loss_metrics(before: float, after: float, train_output) -> dict[str, float]:
     metrics = {
         "eval_loss_before": before,

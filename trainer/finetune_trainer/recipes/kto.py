@@ -15,7 +15,6 @@ with the implicit reward r = beta * log(pi / pi_ref) of each held-out completion
 from __future__ import annotations
 
 import torch
-from transformers import set_seed
 from trl import KTOConfig, KTOTrainer, extract_prompt, unpair_preference_dataset
 
 from finetune_api.spec import KTOOptions
@@ -34,7 +33,6 @@ def run(ctx: StageContext) -> dict[str, float]:
         # TRL estimates KTO's KL baseline from the other completions in the same micro-batch.
         raise ConfigError(f"stage {ctx.config.stage.name!r}: kto needs training.batchSize >= 2, got {batch_size}")
     data = ctx.data(ACCEPTED_COLUMNS)
-    set_seed(ctx.config.training.seed)  # LoRA adapters are initialised when the model loads
     train = unpaired(ctx, data.train).shuffle(seed=ctx.config.training.seed)
     held_out = unpaired(ctx, data.eval)
     tokenizer = ctx.tokenizer()

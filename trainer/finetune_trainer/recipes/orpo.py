@@ -12,13 +12,12 @@ a completion under the policy (there is no reference):
 
 from __future__ import annotations
 
-from transformers import set_seed
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 from finetune_api.spec import ORPOOptions
 
 from finetune_trainer.recipes.context import StageContext
-from finetune_trainer.recipes.evaluation import eval_loss_before
+from finetune_trainer.recipes.evaluation import eval_loss_before, preference_metrics
 
 ACCEPTED_COLUMNS = [("prompt", "chosen", "rejected"), ("chosen", "rejected")]
 
@@ -26,7 +25,6 @@ ACCEPTED_COLUMNS = [("prompt", "chosen", "rejected"), ("chosen", "rejected")]
 def run(ctx: StageContext) -> dict[str, float]:
     options = ctx.config.stage.orpo or ORPOOptions()
     data = ctx.data(ACCEPTED_COLUMNS)
-    set_seed(ctx.config.training.seed)  # LoRA adapters are initialised when the model loads
     tokenizer = ctx.tokenizer()
     args = ctx.training_args(ORPOConfig, beta=options.beta)
     trainer = ORPOTrainer(
@@ -39,13 +37,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     )
     trainer.train(resume_from_checkpoint=ctx.resume_checkpoint())
 
-    evaluation = trainer.evaluate()
-    metrics = {
-        "eval_reward_accuracy": evaluation["eval_rewards/accuracies"],
-        "eval_reward_margin": evaluation["eval_rewards/margins"],
-        "eval_loss": evaluation["eval_loss"],
-        "eval_loss_before": eval_loss_before(trainer),
-    }
+    metrics = {**preference_metrics(trainer), "eval_loss_before": eval_loss_before(trainer)}
     ctx.log(f"held-out reward accuracy {metrics['eval_reward_accuracy']:.3f}, margin {metrics['eval_reward_margin']:.3f}")
     ctx.save_final(trainer.model, tokenizer)
     return metrics

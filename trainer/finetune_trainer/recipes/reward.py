@@ -13,7 +13,6 @@ saved model is merged, so AutoModelForSequenceClassification loads it directly.
 from __future__ import annotations
 
 import torch
-from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
 from finetune_api.spec import RewardOptions
@@ -28,7 +27,6 @@ ACCEPTED_COLUMNS = [("prompt", "chosen", "rejected"), ("chosen", "rejected")]
 def run(ctx: StageContext) -> dict[str, float]:
     options = ctx.config.stage.reward or RewardOptions()
     data = ctx.data(ACCEPTED_COLUMNS)
-    set_seed(ctx.config.training.seed)  # the new score head (and adapters) initialise at load
     tokenizer = ctx.tokenizer()
     model = ctx.sequence_classifier()
     args = ctx.training_args(
