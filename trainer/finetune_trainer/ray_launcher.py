@@ -23,6 +23,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
 
     from finetune_trainer.runner import execute_stage
 
+    # Ray starts workers in its own session directory; relative data and model paths mean the launcher's directory.
+    os.chdir(loop_config["cwd"])
     context = ray.train.get_context()
     config = StageConfig.model_validate_json(loop_config["config"])
     metrics, report = execute_stage(
@@ -78,6 +80,7 @@ def run_on_ray(config: StageConfig, reporter: Reporter | None, work_dir: Path) -
                 "reporter": reporter,
                 "work_dir": str(work_dir),
                 "results": results,
+                "cwd": os.getcwd(),
             },
             scaling_config=ScalingConfig(
                 num_workers=resources.workers,
