@@ -64,7 +64,8 @@ def test_quickstart_is_accepted_and_defaulted(control_plane: ControlPlane, names
     spec = get_job(control_plane, namespace)["spec"]
     assert [s["name"] for s in spec["stages"]] == ["cpt", "sft", "reward", "dpo"]
     # Defaults of the pydantic models, filled in by the API server, nested ones included.
-    assert spec["deepspeed"] == {"zeroStage": 0, "offloadOptimizer": False, "offloadParams": False}
+    assert spec["deepspeed"] == {"zeroStage": 2, "offloadOptimizer": False, "offloadParams": False}
+    assert spec["resources"]["gpusPerWorker"] == 0 and spec["resources"]["gpuResourceName"] == "nvidia.com/gpu"
     assert spec["peft"]["method"] == "full" and spec["peft"]["r"] == 8
     assert spec["stages"][3]["dpo"] == {"beta": 0.1, "lossType": "sigmoid", "labelSmoothing": 0}
     assert spec["stages"][0]["dataset"]["validationSplit"] == 0.1

@@ -6,7 +6,6 @@ Recipes never look at ranks, backends or DeepSpeed directly; they get TrainingAr
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
 from finetune_api.spec import DeepSpeedSpec, ResourcesSpec
@@ -62,12 +61,6 @@ def deepspeed_config(spec: DeepSpeedSpec) -> dict[str, Any] | None:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def single_process_env() -> None:
     """Distributed environment for a one-process DeepSpeed run, so DeepSpeed does not fall back to MPI discovery.
 
@@ -77,7 +70,9 @@ def single_process_env() -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # The lone rank hosts the rendezvous store itself: port 0 lets the OS pick a free port at bind time, with no window
+    # for another process to take a port chosen in advance.
+    os.environ.setdefault("MASTER_PORT", "0")
 
 
 def world() -> tuple[int, int, int]:
