@@ -182,7 +182,7 @@ class TrainingSpec(ApiModel):
 
     epochs: float | None = Field(default=None, gt=0, description="Passes over the training split (default 1). Ignored when `maxSteps` is set.")
     max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
-    learning_rate: float | None = Field(default=None, gt=0, description="Peak learning rate (default 2e-4 with LoRA, 2e-5 full; 1e-6 PPO).")
+    learning_rate: float | None = Field(default=None, gt=0, description="Peak learning rate; the default depends on the stage type and PEFT method (e.g. 2e-4 LoRA / 2e-5 full for SFT, 1e-5 LoRA / 3e-6 full for PPO).")
     batch_size: int | None = Field(default=None, ge=1, description="Per-worker micro-batch size (default 8).")
     gradient_accumulation_steps: int | None = Field(default=None, ge=1, description="Micro-batches per optimizer step (default 1).")
     max_length: int | None = Field(default=None, ge=8, description="Maximum tokens per sequence (default 512); CPT block size.")

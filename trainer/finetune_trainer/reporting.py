@@ -192,10 +192,10 @@ class ReportChannel:
         self._publish(urgent=True)
 
 
-def progress_callback(channel: ReportChannel, sync_checkpoint):
-    """An HF TrainerCallback: progress (step/total, loss, ETA) on every log, and each checkpoint once synced.
+def progress_callback(channel: ReportChannel, checkpoint_saved):
+    """An HF TrainerCallback: progress (step/total, loss, ETA) on every log, and each saved checkpoint.
 
-    `sync_checkpoint(local_dir, step) -> uri` runs on every rank (ranks may hold their own shards); rank 0 reports.
+    `checkpoint_saved(local_dir, step)` runs on every rank (ranks may hold their own shards); it syncs and reports.
     """
     from transformers import TrainerCallback
 
@@ -212,8 +212,6 @@ def progress_callback(channel: ReportChannel, sync_checkpoint):
 
         def on_save(self, args, state, control, **kwargs):
             local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            uri = sync_checkpoint(local, state.global_step)
-            if state.is_world_process_zero:
-                channel.checkpoint(uri, state.global_step)
+            checkpoint_saved(local, state.global_step)
 
     return ProgressCallback()

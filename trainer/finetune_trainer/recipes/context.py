@@ -130,10 +130,13 @@ class StageContext:
         return args_cls(**values)
 
     def callbacks(self) -> list:
-        return [progress_callback(self.channel, self._sync_checkpoint)]
+        return [progress_callback(self.channel, self.checkpoint_saved)]
 
-    def _sync_checkpoint(self, local: Path, step: int) -> str:
-        """Copy a freshly saved checkpoint to `config.checkpoint_dir`; the completion marker goes last, from rank 0."""
+    def checkpoint_saved(self, local: Path, step: int) -> str:
+        """Copy a freshly saved checkpoint to `config.checkpoint_dir` and report it; call on every rank.
+
+        The completion marker goes last, from rank 0, so a half-copied checkpoint is never resumed from.
+        """
         destination = join_uri(self.config.checkpoint_dir, local.name)
         strategy.barrier()
         if self.local_rank == 0 and local.is_dir():
@@ -144,6 +147,7 @@ class StageContext:
             kept = storage.list_checkpoints(self.config.checkpoint_dir, self._endpoint)
             for _, old in kept[: max(0, len(kept) - (self.config.training.save_total_limit or len(kept)))]:
                 storage.delete(old, self._endpoint)
+            self.channel.checkpoint(destination, step)
         strategy.barrier()
         return destination
 

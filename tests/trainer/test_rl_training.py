@@ -1,0 +1,283 @@
+"""PPO and GRPO stages on a toy task whose reward model prefers digit tokens in the response.
+
+The reward model is a real AutoModelForSequenceClassification, trained here for a few seconds on pairs where the
+chosen response holds more digit tokens, saved to disk and loaded by the stage like any `rewardFrom` output.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune_api.render import StageConfig, render_stage
+from finetune_api.spec import FineTuneJobSpec, ResourcesSpec
+from finetune_trainer.errors import ConfigError, KLLimitError
+from finetune_trainer.reporting import FileReporter
+from finetune_trainer.rl import loop as ppo_loop
+from finetune_trainer.runner import run_stage
+from finetune_trainer.tiny_model import write_tiny_model
+
+pytestmark = pytest.mark.train
+
+DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
+
+
+@dataclass(frozen=True)
+class Toy:
+    policy: Path
+    reward: Path
+    digit_ids: tuple[int, ...]
+
+
+def _peaked_policy(directory: Path) -> None:
+    """A random-init model predicts near-uniform tokens (tiny logits) that LoRA can barely reshape; scaling the final
+    norm gives the peaked next-token distribution of a trained model, which adapters can move within seconds."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(8.0)
+    model.save_pretrained(directory)
+
+
+def _train_digit_reward_model(policy: Path, out: Path, steps: int = 150) -> tuple[int, ...]:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    vocab = tokenizer.get_vocab().values()
+    digits = sorted(i for i in vocab if tokenizer.decode([i]).strip().isdigit())
+    others = sorted(i for i in vocab if i not in digits and i not in tokenizer.all_special_ids)
+    prompts = [json.loads(line)["prompt"] for line in (DATA / "prompts.jsonl").read_text().splitlines() if line.strip()]
+    rng = random.Random(0)
+    torch.manual_seed(0)
+
+    def response(n_digits: int, length: int) -> list[int]:
+        ids = [rng.choice(others) for _ in range(length)]
+        for position in rng.sample(range(length), n_digits):
+            ids[position] = rng.choice(digits)
+        return ids
+
+    def padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+        return ids, mask
+
+    model = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        chosen, rejected = [], []
+        for _ in range(32):
+            length = rng.randint(2, 8)
+            fewer, more = sorted(rng.sample(range(length + 1), 2))
+            prompt = tokenizer(rng.choice(prompts))["input_ids"]
+            chosen.append(prompt + response(more, length) + [tokenizer.eos_token_id])
+            # Some rejected responses are empty, so that stopping at once is not a way to please the model.
+            rejected.append(prompt + ([] if rng.random() < 0.2 else response(fewer, length)) + [tokenizer.eos_token_id])
+        scores = model(*padded(chosen + rejected)).logits.squeeze(-1)
+        loss = -torch.nn.functional.logsigmoid(scores[:32] - scores[32:]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return tuple(digits)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Toy:
+    root = tmp_path_factory.mktemp("rl-toy")
+    policy = write_tiny_model(root / "policy", DATA)
+    digit_ids = _train_digit_reward_model(policy, root / "reward")
+    _peaked_policy(policy)
+    return Toy(policy=policy, reward=root / "reward", digit_ids=digit_ids)
+
+
+@torch.no_grad()
+def digit_mass(model_dir: Path, toy: Toy) -> float:
+    """Mean next-token probability of digit tokens over sampled responses to the example prompts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert model.config.architectures == ["LlamaForCausalLM"]
+    prompts = [json.loads(line)["prompt"] for line in (DATA / "prompts.jsonl").read_text().splitlines()[:32]]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    torch.manual_seed(0)
+    sequences = model.generate(**batch, do_sample=True, top_k=0, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id)
+    logits = model(sequences, attention_mask=(sequences != tokenizer.pad_token_id).long()).logits
+    probs = logits[:, batch["input_ids"].shape[1] - 1 : -1].softmax(-1)
+    return probs[..., list(toy.digit_ids)].sum(-1).mean().item()
+
+
+def stage_config(toy: Toy, root: Path, stage_type: str = "ppo", options: dict | None = None, training: dict | None = None,
+                 peft: dict | None = None, deepspeed: dict | None = None, reward: Path | None = None, attempt: int = 1) -> StageConfig:
+    """A [reward -> ppo|grpo] job whose reward stage output is the toy reward model, rendered for the RL stage."""
+    storage = root / "storage"
+    if not (storage / "rm" / "model").exists():
+        shutil.copytree(reward or toy.reward, storage / "rm" / "model")
+    spec = FineTuneJobSpec.model_validate({
+        "model": {"source": str(toy.policy)},
+        "storage": {"uri": str(storage)},
+        "peft": peft or {"method": "lora"},
+        "deepspeed": deepspeed or {},
+        "training": {"learningRate": 3e-3, "warmupRatio": 0.0, "lrScheduler": "constant", "maxLength": 64, "loggingSteps": 5,
+                     **(training or {})},
+        "stages": [
+            {"name": "rm", "type": "reward", "dataset": {"uri": str(DATA / "prefs.jsonl")}},
+            {"name": "rl", "type": stage_type, "rewardFrom": "rm", "dataset": {"uri": str(DATA / "prompts.jsonl")},
+             stage_type: options or {}},
+        ],
+    })
+    config = render_stage("toy", spec, "rl", attempt=attempt)
+    assert config.input_model == str(toy.policy)  # the policy chain skips the reward stage
+    return config
+
+
+PPO_TOY = {"rolloutBatchSize": 16, "miniBatches": 2, "ppoEpochs": 2, "maxNewTokens": 8, "temperature": 1.0}
+
+
+def test_ppo_raises_the_reward_model_score_within_the_kl_limit(toy, tmp_path):
+    config = stage_config(toy, tmp_path, options={**PPO_TOY, "maxKl": 40.0}, training={"maxSteps": 20, "learningRate": 5e-3})
+    report = tmp_path / "report.json"
+    metrics = run_stage(config, FileReporter(report, min_interval=0.0), use_ray=False)
+
+    assert metrics["ppo_steps"] == 20
+    assert metrics["reward_mean_last"] > metrics["reward_mean_first"] + 3.0, metrics  # observed: -10.9 -> -4.2
+    assert 0 < metrics["kl_last"] < 40.0
+    final = json.loads(report.read_text())
+    assert final["phase"] == "Succeeded" and final["step"] == 20 and final["totalSteps"] == 20
+    progress = {"score", "kl", "entropy", "clipfrac", "approx_kl", "policy_loss", "value_loss", "response_length"}
+    assert progress <= set(final["metrics"]) and final["metrics"]["reward_mean_last"] == metrics["reward_mean_last"]
+    # The saved policy (adapters merged into a plain causal LM) puts more probability on the rewarded tokens.
+    assert digit_mass(Path(config.output_uri), toy) > digit_mass(toy.policy, toy) + 0.05
+
+
+def test_ppo_kl_gate_aborts_with_measured_and_allowed_kl(toy, tmp_path):
+    config = stage_config(toy, tmp_path, options={**PPO_TOY, "maxKl": 0.01}, training={"maxSteps": 6, "learningRate": 1e-2})
+    with pytest.raises(KLLimitError, match=r"mean KL to the reference \d+\.\d+ exceeds ppo.maxKl 0.01") as failure:
+        run_stage(config, None, use_ray=False)
+    assert failure.value.reason == "KLLimitExceeded" and failure.value.permanent
+    assert not Path(config.output_uri).exists()
+
+
+def test_ppo_resume_replays_the_uninterrupted_run(toy, tmp_path, monkeypatch):
+    options = {"rolloutBatchSize": 8, "miniBatches": 2, "maxNewTokens": 6, "temperature": 1.0, "klTarget": 1.0, "klHorizon": 100}
+    training = {"maxSteps": 4, "saveSteps": 2}
+    straight = run_stage(stage_config(toy, tmp_path / "straight", options=options, training=training), None, use_ray=False)
+
+    interrupted = stage_config(toy, tmp_path / "interrupted", options=options, training=training)
+    real_optimise = ppo_loop.PPOLoop.optimise
+
+    def crash_on_third_step(self, rollout, step):
+        if step == 2:
+            raise RuntimeError("worker lost")
+        return real_optimise(self, rollout, step)
+
+    monkeypatch.setattr(ppo_loop.PPOLoop, "optimise", crash_on_third_step)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run_stage(interrupted, None, use_ray=False)
+    checkpoint = Path(interrupted.checkpoint_dir) / "checkpoint-2"
+    assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "policy" / "engine.pt").is_file()
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["kl_controller"]["value"] != 0.05  # adaptive beta moved
+
+    monkeypatch.setattr(ppo_loop.PPOLoop, "optimise", real_optimise)
+    resumed = run_stage(interrupted.model_copy(update={"attempt": 2}), None, use_ray=False)
+    assert resumed == pytest.approx(straight, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_ppo_under_deepspeed_zero_with_lora_resumes_exactly(toy, tmp_path, zero_stage):
+    options = {"rolloutBatchSize": 8, "miniBatches": 2, "maxNewTokens": 6, "temperature": 1.0, "klEstimator": "k3"}
+    config = stage_config(toy, tmp_path, options=options, training={"maxSteps": 3, "saveSteps": 2}, deepspeed={"zeroStage": zero_stage})
+    first = run_stage(config, None, use_ray=False)
+    assert first["ppo_steps"] == 3 and first["kl_last"] > 0
+    assert list((Path(config.checkpoint_dir) / "checkpoint-2" / "policy" / "engine").glob("*model_states.pt"))
+    assert (Path(config.output_uri) / "config.json").is_file()
+    # A second attempt resumes from the DeepSpeed checkpoint-2 and replays step 3 exactly.
+    assert run_stage(config.model_copy(update={"attempt": 2}), None, use_ray=False) == pytest.approx(first, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_ppo_on_two_ray_workers_with_zero3(toy, tmp_path):
+    # k3 is never negative, so a policy that moved shows a positive KL (k1 can dip below zero on a small sample).
+    options = {"rolloutBatchSize": 8, "miniBatches": 2, "maxNewTokens": 6, "temperature": 1.0, "klEstimator": "k3"}
+    config = stage_config(toy, tmp_path, options=options, training={"maxSteps": 2, "saveSteps": 1},
+                          deepspeed={"zeroStage": 3}).model_copy(update={"resources": ResourcesSpec(workers=2)})
+    metrics = run_stage(config, None, use_ray=True)
+    assert metrics["ppo_steps"] == 2 and metrics["kl_last"] > 0
+    # Each worker rolled out 4 prompts, averaged its statistics with the other and saved its own optimizer shard.
+    shards = Path(config.checkpoint_dir) / "checkpoint-1" / "policy" / "engine"
+    assert sorted(p.name for p in shards.glob("zero_pp_rank_*_optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert (Path(config.output_uri) / "config.json").is_file()
+
+
+def test_ppo_with_a_reward_model_on_another_tokenizer(toy, tmp_path):
+    """An extra special token makes the reward tokenizer differ: responses are decoded and re-tokenized for scoring."""
+    from transformers import AutoTokenizer
+
+    reward = tmp_path / "reward-own-tokenizer"
+    shutil.copytree(toy.reward, reward)
+    tokenizer = AutoTokenizer.from_pretrained(reward)
+    tokenizer.add_tokens(["<|reward|>"], special_tokens=True)
+    tokenizer.save_pretrained(reward)
+
+    options = {"rolloutBatchSize": 8, "maxNewTokens": 6, "temperature": 1.0}
+    with pytest.raises(ConfigError, match="valueInit 'reward' needs the reward model .* to share the policy's tokenizer"):
+        run_stage(stage_config(toy, tmp_path / "a", options=options, reward=reward), None, use_ray=False)
+    config = stage_config(toy, tmp_path / "b", options={**options, "valueInit": "policy"}, training={"maxSteps": 2}, reward=reward)
+    metrics = run_stage(config, None, use_ray=False)
+    assert metrics["ppo_steps"] == 2 and metrics["reward_mean_first"] < 0  # the toy model scores digit-poor text negative
+
+
+def test_grpo_raises_the_reward_model_score(toy, tmp_path):
+    config = stage_config(
+        toy, tmp_path, stage_type="grpo", options={"numGenerations": 4, "maxNewTokens": 8, "beta": 0.04},
+        training={"maxSteps": 20, "batchSize": 16, "learningRate": 1e-2, "loggingSteps": 1},
+    )
+    metrics = run_stage(config, None, use_ray=False)
+    assert set(metrics) == {"reward_mean_first", "reward_mean_last", "kl_mean"} and metrics["kl_mean"] > 0
+    assert metrics["reward_mean_last"] > metrics["reward_mean_first"] + 3.0, metrics  # observed: -10.6 -> 6.7
+    assert digit_mass(Path(config.output_uri), toy) > digit_mass(toy.policy, toy) + 0.05
+
+
+def test_reward_scores_agree_with_and_without_retokenizing(toy):
+    """The same (prompt, response) scored from the policy's token ids and from re-tokenized text gives the same score,
+    so the score is read at the same (last) token in both paths, eos included only when the response finished."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from finetune_trainer.rl.core import contains_stop, truncate_after_stop
+    from finetune_trainer.rl.models import TokenScorer, freeze
+    from finetune_trainer.rl.rollout import RewardScorer, encode_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(toy.reward)
+    other = AutoTokenizer.from_pretrained(toy.reward)
+    other.add_tokens(["<|reward|>"], special_tokens=True)
+    model = freeze(TokenScorer(AutoModelForSequenceClassification.from_pretrained(toy.reward)))
+    direct, retokenized = RewardScorer(model, tokenizer, tokenizer, 64, 2), RewardScorer(model, other, tokenizer, 64, 2)
+    assert not direct.retokenize and retokenized.retokenize
+
+    batch = encode_prompts(tokenizer, ["What is 3 plus 4?", "How much is 12 plus 1?"], max_prompt_tokens=32)
+    finished = tokenizer(" 7", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    unfinished = tokenizer(" 13 13 13", add_special_tokens=False)["input_ids"]  # used the whole token budget
+    assert len(finished) < len(unfinished)
+    # Tokens sampled after eos are junk that truncation must drop.
+    finished += [toy.digit_ids[0]] * (len(unfinished) - len(finished))
+    responses, mask = truncate_after_stop(torch.tensor([finished, unfinished]), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    done = contains_stop(responses, tokenizer.eos_token_id)
+    assert done.tolist() == [True, False] and mask.sum(dim=1).tolist() == [2, len(unfinished)]
+
+    scores = direct(batch, responses, mask, done)
+    torch.testing.assert_close(retokenized(batch, responses, mask, done), scores, atol=1e-4, rtol=0)
+    assert retokenized.reward_texts(batch.prompts, responses, mask, done) == ["What is 3 plus 4? 7</s>", "How much is 12 plus 1? 13 13 13"]
