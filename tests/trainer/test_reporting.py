@@ -13,14 +13,16 @@ pytestmark = pytest.mark.unit
 
 
 class FakeCoreV1:
-    def __init__(self, status=None):
+    def __init__(self, status=None, failures=None):
         self.patches, self.status = [], status
+        self.failures = failures  # fail this many calls, then succeed (None: fail every call when status is set)
 
     def patch_namespaced_config_map(self, name, namespace, body):
         from kubernetes.client.exceptions import ApiException
 
-        if self.status:
-            raise ApiException(status=self.status, reason="Not Found")
+        if self.status and (self.failures is None or self.failures > 0):
+            self.failures = None if self.failures is None else self.failures - 1
+            raise ApiException(status=self.status, reason="Unavailable")
         self.patches.append((namespace, name, body))
 
     def create_namespaced_config_map(self, *args, **kwargs):  # the trainer must never create the ConfigMap
@@ -58,7 +60,18 @@ def test_configmap_reporter_survives_a_missing_configmap(capsys):
     reporter = ConfigMapReporter("ns", "gone")
     reporter._client = FakeCoreV1(status=404)
     reporter.publish(StageReport(phase="Running"), urgent=True)
-    assert "cannot patch ConfigMap ns/gone: 404" in capsys.readouterr().err
+    assert "cannot patch ConfigMap ns/gone (try 1/1): 404" in capsys.readouterr().err
+
+
+def test_configmap_reporter_retries_the_final_report_only(monkeypatch):
+    monkeypatch.setattr("finetune_trainer.reporting.time.sleep", lambda seconds: None)
+    reporter = ConfigMapReporter("ns", "job-rm-report")
+    reporter._client = FakeCoreV1(status=503, failures=2)
+    reporter.publish(StageReport(phase="Running", step=1), urgent=True)
+    assert reporter._client.patches == [] and reporter._client.failures == 1  # progress: one try, dropped
+    reporter.publish(StageReport(phase="Succeeded", checkpoint="s3://b/rm/model"), urgent=True)
+    [(_, _, body)] = reporter._client.patches
+    assert json.loads(body["data"][REPORT_KEY])["phase"] == "Succeeded"
 
 
 def test_reporters_pickle_without_clients():

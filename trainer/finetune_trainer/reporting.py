@@ -59,6 +59,9 @@ class FileReporter(_Throttled):
         partial.replace(self.path)
 
 
+FINAL_REPORT_ATTEMPTS = 5
+
+
 class ConfigMapReporter(_Throttled):
     """Patches `data["report.json"]` of the per-stage ConfigMap the operator created.
 
@@ -84,13 +87,20 @@ class ConfigMapReporter(_Throttled):
 
     def _write(self, report: StageReport) -> None:
         from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
 
         body = {"data": {REPORT_KEY: json.dumps(report.to_wire())}}
-        try:
-            self._api().patch_namespaced_config_map(self.name, self.namespace, body)
-        except ApiException as exc:
-            # Progress reporting must never kill training; the final report is retried by the caller's exit path.
-            print(f"warning: cannot patch ConfigMap {self.namespace}/{self.name}: {exc.status} {exc.reason}", file=sys.stderr)
+        # Progress may be dropped, but the final report is what the operator records as the stage's result: retry it.
+        attempts = 1 if report.phase == "Running" else FINAL_REPORT_ATTEMPTS
+        for attempt in range(1, attempts + 1):
+            try:
+                self._api().patch_namespaced_config_map(self.name, self.namespace, body)
+                return
+            except (ApiException, HTTPError) as exc:
+                detail = f"{exc.status} {exc.reason}" if isinstance(exc, ApiException) else type(exc).__name__
+                print(f"warning: cannot patch ConfigMap {self.namespace}/{self.name} (try {attempt}/{attempts}): {detail}", file=sys.stderr)
+                if attempt < attempts:
+                    time.sleep(2 ** (attempt - 1))
 
 
 class ConsoleReporter:
