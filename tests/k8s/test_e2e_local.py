@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from finetune_operator.kube import FINETUNEJOB, Kube
-from finetune_operator.testing import REPO_ROOT, OperatorProcess, install_chart_rbac
+from finetune_operator.testing import REPO_ROOT, OperatorProcess, install_chart_rbac, live_group_members
 
 pytestmark = pytest.mark.slow
 
@@ -113,20 +113,9 @@ def test_deleting_the_job_mid_stage_stops_the_process_and_cleans_up(control_plan
     _wait(lambda: any((tmp_path / "out" / "cpt").glob("checkpoints/checkpoint-*")), "a cpt checkpoint", local_operator, 300)
 
     control_plane.kubectl("delete", "ftj/doomed", "-n", namespace, "--timeout=60s")
-    assert not _group_alive(pid)
+    assert live_group_members(pid) == []
     assert not (state / namespace / "doomed").exists()
     assert not (tmp_path / "out" / "cpt").exists()
     leftovers = control_plane.kubectl("get", "configmaps,serviceaccounts,roles,rolebindings", "-n", namespace,
                                       "-l", "finetune.dev/job=doomed", "-o", "name").stdout
     assert leftovers.strip() == ""
-
-
-def _group_alive(pgid: int) -> bool:
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False

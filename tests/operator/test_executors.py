@@ -17,6 +17,7 @@ from finetune_operator.executors import LocalExecutor, delete_artifacts, rayjob_
 from finetune_operator.kube import Kube
 from finetune_operator.reconcile import ChildState
 from finetune_operator.settings import Settings
+from finetune_operator.testing import live_group_members
 
 pytestmark = pytest.mark.unit
 
@@ -112,19 +113,6 @@ def local(tmp_path, monkeypatch, job, sample_spec):
         executor.cleanup(job)
 
 
-def _live_group_members(pgid: int) -> list[int]:
-    """Processes of a process group that still run (zombies waiting for a reaper do not count)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
-
-
 def _wait_for(predicate, timeout=10.0):
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -159,7 +147,7 @@ def test_local_suspend_kills_the_process_group_and_resume_starts_it_again(local,
     pid = int((executor.attempt_dir(job, "sft", 1) / "pid").read_text())
     executor.stop(job, "sft", 1, suspend=True)
     assert executor.observe(job, "sft", 1).state == ChildState.suspended
-    assert _live_group_members(pid) == []
+    assert live_group_members(pid) == []
     executor.start(job, spec, config)
     assert executor.observe(job, "sft", 1).state == ChildState.running
 
@@ -184,9 +172,9 @@ def test_local_cleanup_kills_running_stages_and_removes_their_state(local, job):
     executor = make()
     executor.start(job, spec, config)
     pid = int((executor.attempt_dir(job, "sft", 1) / "pid").read_text())
-    assert _live_group_members(pid) != []
+    assert live_group_members(pid) != []
     executor.cleanup(job)
-    assert _live_group_members(pid) == []
+    assert live_group_members(pid) == []
     assert not executor.attempt_dir(job, "sft", 1).exists()
 
 

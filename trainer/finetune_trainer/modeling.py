@@ -118,6 +118,20 @@ def _apply_peft(model, peft: PeftSpec, task_type: str, gradient_checkpointing: b
     return get_peft_model(model, lora_config(peft, task_type))
 
 
+def _prepare(model, tokenizer, peft: PeftSpec, trainable: bool, task_type: str, gradient_checkpointing: bool):
+    """Match the tokenizer's vocabulary and pad token; frozen for inference, or with adapters when trained with PEFT."""
+    _fit_embeddings(model, tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if not trainable:
+        model.eval().requires_grad_(False)
+        return model
+    if peft.method != "full":
+        model = _apply_peft(model, peft, task_type, gradient_checkpointing)
+    return model
+
+
 def load_causal_lm(
     uri: str, spec: ModelSpec, tokenizer, *, peft: PeftSpec, trainable: bool, precision: dict[str, bool], gpu: bool,
     cache: Path, endpoint_url: str | None = None, gradient_checkpointing: bool = False,
@@ -126,16 +140,7 @@ def load_causal_lm(
 
     quantization = _quantization(peft, gpu) if trainable else {}
     model = _load(AutoModelForCausalLM, uri, spec, cache, endpoint_url, dtype=_dtype(precision), **quantization)
-    _fit_embeddings(model, tokenizer)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if model.generation_config is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if not trainable:
-        model.eval().requires_grad_(False)
-        return model
-    if peft.method != "full":
-        model = _apply_peft(model, peft, "CAUSAL_LM", gradient_checkpointing)
-    return model
+    return _prepare(model, tokenizer, peft, trainable, "CAUSAL_LM", gradient_checkpointing)
 
 
 def load_sequence_classifier(
@@ -147,14 +152,7 @@ def load_sequence_classifier(
 
     quantization = _quantization(peft, gpu) if trainable else {}
     model = _load(AutoModelForSequenceClassification, uri, spec, cache, endpoint_url, num_labels=1, dtype=_dtype(precision), **quantization)
-    _fit_embeddings(model, tokenizer)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if not trainable:
-        model.eval().requires_grad_(False)
-        return model
-    if peft.method != "full":
-        model = _apply_peft(model, peft, "SEQ_CLS", gradient_checkpointing)
-    return model
+    return _prepare(model, tokenizer, peft, trainable, "SEQ_CLS", gradient_checkpointing)
 
 
 def merged(model):
