@@ -30,7 +30,6 @@ NAMESPACED = {
     ("", "secrets", "get"),
 }
 CRD_READ = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}
-NAMESPACES_WATCH = {("", "namespaces", v) for v in ("list", "watch")}
 TOKEN_CREATE = {("", "serviceaccounts/token", "create")}
 
 
@@ -109,7 +108,7 @@ def test_default_values_are_cluster_wide(helm: Path, tmp_path: Path):
     docs = render(helm, tmp_path)
     assert {d["kind"] for d in docs} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ClusterKopfPeering"}
     (role,) = by_kind(docs, "ClusterRole")
-    assert grants(role) == NAMESPACED | CRD_READ | NAMESPACES_WATCH | peering("clusterkopfpeerings")
+    assert grants(role) == NAMESPACED | CRD_READ | peering("clusterkopfpeerings")
     (binding,) = by_kind(docs, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ft-finetune-operator", "namespace": NAMESPACE}]
@@ -139,7 +138,7 @@ def test_watch_namespaces_grant_roles_per_namespace(helm: Path, tmp_path: Path):
 def test_token_requests_only_with_the_local_executor(helm: Path, tmp_path: Path):
     docs = render(helm, tmp_path, {"executor": "local"})
     (role,) = by_kind(docs, "ClusterRole")
-    assert grants(role) == NAMESPACED | TOKEN_CREATE | CRD_READ | NAMESPACES_WATCH | peering("clusterkopfpeerings")
+    assert grants(role) == NAMESPACED | TOKEN_CREATE | CRD_READ | peering("clusterkopfpeerings")
     assert env_of(docs)["FINETUNE_STATE_DIR"].startswith("/tmp/")
 
 
