@@ -16,7 +16,8 @@ DEPS_STAMP := $(VENV)/.deps-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
 
 install: $(DEPS_STAMP)
 
-$(DEPS_STAMP): pyproject.toml
+# The stamp's name carries the hash of pyproject.toml, so a fresh clone (new mtimes) reuses an up-to-date venv.
+$(DEPS_STAMP):
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@# torch first: DeepSpeed builds against the installed torch without build isolation.
