@@ -46,7 +46,6 @@ def run(ctx: StageContext) -> dict[str, float]:
     )
     trainer.train(resume_from_checkpoint=ctx.resume_checkpoint())
 
-    metrics = preference_metrics(trainer)
-    ctx.log(f"held-out reward accuracy {metrics['eval_reward_accuracy']:.3f}, margin {metrics['eval_reward_margin']:.3f}")
+    metrics = preference_metrics(ctx, trainer)
     ctx.save_final(trainer.model, tokenizer)
     return metrics

@@ -23,14 +23,16 @@ def eval_loss_before(trainer) -> float:
     return float(min(evaluations, key=lambda entry: entry.get("step", 0))["eval_loss"])
 
 
-def preference_metrics(trainer) -> dict[str, float]:
-    """Held-out implicit-reward metrics from TRL's preference trainers (DPO, ORPO)."""
+def preference_metrics(ctx: StageContext, trainer) -> dict[str, float]:
+    """Held-out implicit-reward metrics from TRL's preference trainers (DPO, ORPO), logged once on rank 0."""
     evaluation = trainer.evaluate()
-    return {
+    metrics = {
         "eval_reward_accuracy": evaluation["eval_rewards/accuracies"],
         "eval_reward_margin": evaluation["eval_rewards/margins"],
         "eval_loss": evaluation["eval_loss"],
     }
+    ctx.log(f"held-out reward accuracy {metrics['eval_reward_accuracy']:.3f}, margin {metrics['eval_reward_margin']:.3f}")
+    return metrics
 
 
 def loss_metrics(before: float, after: float, train_output) -> dict[str, float]:
