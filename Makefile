@@ -1,58 +1,70 @@
 # Two entry points for a fresh machine: `make run` (the quickstart pipeline, locally) and `make test`.
-# Everything installs itself into a virtualenv cached under ~/.cache, keyed by the pinned dependencies.
+# Every Python install goes through uv.lock (`uv sync --frozen`); uv itself is pinned by hash in dev/uv-requirements.txt.
 
 SHELL := /bin/bash
 CACHE_DIR ?= $(HOME)/.cache/finetune-operator
-VENV ?= $(CACHE_DIR)/venv
+UV_VERSION := $(shell sed -n 's/^uv==\([0-9.]*\).*/\1/p' dev/uv-requirements.txt)
+UV := $(CACHE_DIR)/uv-$(UV_VERSION)/bin/uv
+# The project's environment. uv makes it match the lock exactly on every target; CI points VENV at a fresh directory.
+VENV ?= $(CURDIR)/.venv
+export UV_PROJECT_ENVIRONMENT := $(VENV)
 PY := $(VENV)/bin/python
-# The project runs from the source tree (no editable install), so one cached venv serves every clone.
-export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer
+# The product packages (api/, operator/, trainer/) are installed editable by uv; dev tooling runs from the tree.
+export PYTHONPATH := $(CURDIR)/dev
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
-DEPS_STAMP := $(VENV)/.deps-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
 
-.PHONY: install run test test-unit crds check-crds k8s-binaries dev-cluster operator bench-operator clean
+.PHONY: install lock lock-check lint format run test test-unit crds check-crds k8s-binaries dev-cluster operator bench-operator clean
 
-install: $(DEPS_STAMP)
+$(UV):
+	python3 -m venv $(CACHE_DIR)/uv-$(UV_VERSION)
+	$(CACHE_DIR)/uv-$(UV_VERSION)/bin/pip install -q --require-hashes -r dev/uv-requirements.txt
 
-# The stamp's name carries the hash of pyproject.toml, so a fresh clone (new mtimes) reuses an up-to-date venv.
-$(DEPS_STAMP):
-	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	@# torch first: DeepSpeed builds against the installed torch without build isolation.
-	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q --no-build-isolation "deepspeed==0.19.8"
-	$(PY) -c "import subprocess, sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-		subprocess.check_call([sys.executable, '-m', 'pip', 'install', '-q', *p['dependencies'], *sum(p['optional-dependencies'].values(), [])])"
-	@rm -f $(VENV)/.deps-*
-	@touch $@
+# `finetune` and `finetune-operator` land in $(VENV)/bin.
+install: $(UV)
+	$(UV) sync --frozen --all-extras
+
+# After editing dependencies in pyproject.toml: re-resolve and commit uv.lock.
+lock: $(UV)
+	$(UV) lock
+
+lock-check: $(UV)
+	$(UV) lock --check
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 run: install
-	$(PY) -m finetune_trainer tiny-model models/tiny --data-dir examples/data
-	$(PY) -m finetune_trainer run examples/quickstart.yaml --status-file out/quickstart/status.json
+	$(VENV)/bin/finetune tiny-model models/tiny --data-dir examples/data
+	$(VENV)/bin/finetune run examples/quickstart.yaml --status-file out/quickstart/status.json
 
-test: install k8s-binaries
-	$(PY) -m pytest tests
+test: lock-check lint check-crds k8s-binaries
+	$(PY) -m pytest
 
 test-unit: install
-	$(PY) -m pytest tests -m unit
+	$(PY) -m pytest -m unit
 
 crds: install
-	$(PY) -m finetune_operator.crdgen
+	$(PY) -m finetune_dev.crdgen
 
 check-crds: install
-	$(PY) -m finetune_operator.crdgen --check
+	$(PY) -m finetune_dev.crdgen --check
 
 # Kubernetes' own binaries (kube-apiserver, etcd, kubectl, helm) built from their Go modules, cached under ~/.cache.
 k8s-binaries: install
-	$(PY) -m finetune_operator.devcluster --build-only
+	$(PY) -m finetune_dev --build-only
 
 dev-cluster: install
-	$(PY) -m finetune_operator.devcluster
+	$(PY) -m finetune_dev
 
 operator: install
-	$(PY) -m finetune_operator run --executor local --standalone
+	$(VENV)/bin/finetune-operator run --executor local --standalone
 
 bench-operator: install
 	$(PY) bench/operator_scale.py 200 1000

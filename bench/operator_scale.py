@@ -20,10 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import kubernetes
-
-from finetune_operator.devcluster import ControlPlane
+from finetune_dev import ControlPlane
+from finetune_dev.testing import OperatorProcess, install_chart_rbac
 from finetune_operator.kube import FINETUNEJOB, Kube
-from finetune_operator.testing import OperatorProcess, install_chart_rbac
 
 NAMESPACE = "bench"
 OPERATOR_NAMESPACE = "finetune-system"
@@ -53,8 +52,9 @@ def percentile(values: list[float], q: float) -> float:
 def watch_rayjobs(kubeconfig: Path, seen: dict[str, float], stop: threading.Event) -> None:
     api = kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config(str(kubeconfig)))
     while not stop.is_set():
-        for event in kubernetes.watch.Watch().stream(api.list_namespaced_custom_object, "ray.io", "v1", NAMESPACE, "rayjobs",
-                                                     timeout_seconds=5):
+        for event in kubernetes.watch.Watch().stream(
+            api.list_namespaced_custom_object, "ray.io", "v1", NAMESPACE, "rayjobs", timeout_seconds=5
+        ):
             if event["type"] == "ADDED":
                 seen.setdefault(event["object"]["metadata"]["labels"]["finetune.dev/job"], time.monotonic())
 
@@ -95,7 +95,9 @@ def run(count: int, workdir: Path) -> dict[str, float]:
             rss, cpu = operator.peak_rss_bytes(), operator.cpu_seconds()
             stop.set()
         if len(latencies) < count:
-            raise RuntimeError(f"only {len(latencies)} of {count} jobs got a RayJob within 10 minutes; see {operator.log_path}")
+            raise RuntimeError(
+                f"only {len(latencies)} of {count} jobs got a RayJob within 10 minutes; see {operator.log_path}"
+            )
         return {
             "jobs": count,
             "create_seconds": create_seconds,
@@ -112,12 +114,17 @@ def main() -> None:
     parser.add_argument("counts", nargs="*", type=int, default=[200, 1000])
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="operator-scale-"))
-    print("| FineTuneJobs | create all (s) | create -> RayJob p50 (s) | p99 (s) | all have status (s) | operator peak RSS (MiB) | operator CPU (s) |")
+    print(
+        "| FineTuneJobs | create all (s) | create -> RayJob p50 (s) | p99 (s) | all have status (s) | operator peak RSS (MiB) | operator CPU (s) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for count in args.counts:
         result = run(count, workdir)
-        print(f"| {count} | {result['create_seconds']:.1f} | {result['rayjob_p50']:.2f} | {result['rayjob_p99']:.2f} "
-              f"| {result['all_status_seconds']:.1f} | {result['peak_rss_mib']:.0f} | {result['operator_cpu_seconds']:.1f} |", flush=True)
+        print(
+            f"| {count} | {result['create_seconds']:.1f} | {result['rayjob_p50']:.2f} | {result['rayjob_p99']:.2f} "
+            f"| {result['all_status_seconds']:.1f} | {result['peak_rss_mib']:.0f} | {result['operator_cpu_seconds']:.1f} |",
+            flush=True,
+        )
     print(f"operator logs: {workdir}", file=sys.stderr)
 
 

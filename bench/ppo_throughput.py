@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from finetune_api.render import render_stage
 from finetune_api.spec import FineTuneJobSpec
 from finetune_trainer import strategy
@@ -55,19 +54,30 @@ def main() -> None:
         reward_dir = root / "storage" / "rm" / "model"
         AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1).save_pretrained(reward_dir)
         AutoTokenizer.from_pretrained(policy).save_pretrained(reward_dir)
-        spec = FineTuneJobSpec.model_validate({
-            "model": {"source": str(policy)},
-            "storage": {"uri": str(root / "storage")},
-            "peft": {"method": args.peft},
-            "deepspeed": {"zeroStage": args.zero_stage},
-            "training": {"maxSteps": args.steps + 1, "maxLength": 128, "loggingSteps": 10**6, "saveSteps": 10**6},
-            "stages": [
-                {"name": "rm", "type": "reward", "dataset": {"uri": str(DATA / "prefs.jsonl")}},
-                {"name": "ppo", "type": "ppo", "rewardFrom": "rm", "dataset": {"uri": str(DATA / "prompts.jsonl")},
-                 "ppo": {"rolloutBatchSize": args.rollout, "maxNewTokens": args.max_new_tokens, "ppoEpochs": args.ppo_epochs,
-                         "temperature": 1.0}},
-            ],
-        })
+        spec = FineTuneJobSpec.model_validate(
+            {
+                "model": {"source": str(policy)},
+                "storage": {"uri": str(root / "storage")},
+                "peft": {"method": args.peft},
+                "deepspeed": {"zeroStage": args.zero_stage},
+                "training": {"maxSteps": args.steps + 1, "maxLength": 128, "loggingSteps": 10**6, "saveSteps": 10**6},
+                "stages": [
+                    {"name": "rm", "type": "reward", "dataset": {"uri": str(DATA / "prefs.jsonl")}},
+                    {
+                        "name": "ppo",
+                        "type": "ppo",
+                        "rewardFrom": "rm",
+                        "dataset": {"uri": str(DATA / "prompts.jsonl")},
+                        "ppo": {
+                            "rolloutBatchSize": args.rollout,
+                            "maxNewTokens": args.max_new_tokens,
+                            "ppoEpochs": args.ppo_epochs,
+                            "temperature": 1.0,
+                        },
+                    },
+                ],
+            }
+        )
         config = render_stage("bench", spec, "ppo")
         loop = ppo.build_loop(StageContext(config, None, rank=0, world_size=1, work_dir=root / "work"))
 
@@ -85,13 +95,19 @@ def main() -> None:
         "seconds_per_step": elapsed / args.steps,
         **{f"{phase}_share": seconds / elapsed for phase, seconds in loop.timings.items()},
         **{f"{phase}_seconds": seconds for phase, seconds in loop.timings.items()},
-        "settings": {**vars(args), "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()},
+        "settings": {
+            **vars(args),
+            "torch_threads": torch.get_num_threads(),
+            "machine": platform.processor() or platform.machine(),
+        },
     }
     if args.json:
         print(json.dumps(result))
         return
-    print(f"PPO throughput: {episodes} episodes in {elapsed:.1f}s = {result['episodes_per_second']:.2f} episodes/s "
-          f"({result['seconds_per_step']:.2f}s per step of {args.rollout} prompts x {args.max_new_tokens} new tokens)")
+    print(
+        f"PPO throughput: {episodes} episodes in {elapsed:.1f}s = {result['episodes_per_second']:.2f} episodes/s "
+        f"({result['seconds_per_step']:.2f}s per step of {args.rollout} prompts x {args.max_new_tokens} new tokens)"
+    )
     for phase, seconds in loop.timings.items():
         print(f"  {phase:<13} {seconds:7.2f}s  {100 * seconds / elapsed:5.1f}%")
 

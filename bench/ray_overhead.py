@@ -24,23 +24,44 @@ def stage_config(model_dir: Path, out: Path, workers: int, steps: int) -> str:
     from finetune_api.render import render_stage
     from finetune_api.spec import FineTuneJobSpec
 
-    spec = FineTuneJobSpec.model_validate({
-        "model": {"source": str(model_dir)},
-        "storage": {"uri": str(out)},
-        "peft": {"method": "full"},
-        "resources": {"workers": workers},
-        "training": {"maxSteps": steps, "batchSize": 16, "maxLength": 64, "loggingSteps": 1, "saveSteps": steps * 10},
-        "stages": [{"name": "sft", "type": "sft", "dataset": {"uri": str(DATA / "instruct.jsonl")}}],
-    })
+    spec = FineTuneJobSpec.model_validate(
+        {
+            "model": {"source": str(model_dir)},
+            "storage": {"uri": str(out)},
+            "peft": {"method": "full"},
+            "resources": {"workers": workers},
+            "training": {
+                "maxSteps": steps,
+                "batchSize": 16,
+                "maxLength": 64,
+                "loggingSteps": 1,
+                "saveSteps": steps * 10,
+            },
+            "stages": [{"name": "sft", "type": "sft", "dataset": {"uri": str(DATA / "instruct.jsonl")}}],
+        }
+    )
     return render_stage("bench", spec, "sft").model_dump_json()
 
 
 def timed_stage(config_json: str, report: Path, use_ray: bool) -> tuple[float, float]:
     """(seconds to the first step line, total seconds)."""
-    command = [sys.executable, "-u", "-m", "finetune_trainer.stage", "--config-json", config_json, "--report", f"file://{report}"]
+    command = [
+        sys.executable,
+        "-u",
+        "-m",
+        "finetune_trainer.stage",
+        "--config-json",
+        config_json,
+        "--report",
+        f"file://{report}",
+    ]
     if not use_ray:
         command.append("--no-ray")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer")]), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer")]),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     started = time.perf_counter()
     first_step = None
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
@@ -64,7 +85,10 @@ def main() -> None:
     for label, workers, use_ray in (("plain process, 1 worker", 1, False), ("Ray Train, 2 workers", 2, True)):
         config = stage_config(model_dir, work / label.split(",")[0].replace(" ", "-"), workers, args.steps)
         results[label] = timed_stage(config, work / f"{workers}.json", use_ray)
-        print(f"{label:26s} first step after {results[label][0]:6.1f}s, finished after {results[label][1]:6.1f}s", flush=True)
+        print(
+            f"{label:26s} first step after {results[label][0]:6.1f}s, finished after {results[label][1]:6.1f}s",
+            flush=True,
+        )
     plain, ray = results["plain process, 1 worker"], results["Ray Train, 2 workers"]
     print(f"Ray overhead to first step: {ray[0] - plain[0]:.1f}s; end to end: {ray[1] - plain[1]:.1f}s per stage")
 

@@ -47,12 +47,28 @@ def bare_trl(model_dir: Path, out: Path, steps: int, batch_size: int, max_length
     rows = [json.loads(line) for line in (DATA / "instruct.jsonl").read_text().splitlines()]
     split = datasets.Dataset.from_list(rows).train_test_split(test_size=0.1, seed=42)
     args = SFTConfig(
-        output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch_size, max_length=max_length, packing=packing,
-        learning_rate=2e-3, logging_steps=10, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
-        activation_checkpointing=False, disable_tqdm=True, seed=42, dataloader_num_workers=0,
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        max_length=max_length,
+        packing=packing,
+        learning_rate=2e-3,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        disable_tqdm=True,
+        seed=42,
+        dataloader_num_workers=0,
     )
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=split["train"],
-                         processing_class=AutoTokenizer.from_pretrained(model_dir))
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        args=args,
+        train_dataset=split["train"],
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )
     trainer.train()
     return TIMINGS[-1]
 
@@ -60,17 +76,25 @@ def bare_trl(model_dir: Path, out: Path, steps: int, batch_size: int, max_length
 def our_stage(model_dir: Path, out: Path, steps: int, batch_size: int, max_length: int, packing: bool) -> dict:
     from finetune_api.render import render_stage
     from finetune_api.spec import FineTuneJobSpec
-
     from finetune_trainer.runner import run_stage
 
-    spec = FineTuneJobSpec.model_validate({
-        "model": {"source": str(model_dir)},
-        "storage": {"uri": str(out)},
-        "peft": {"method": "full"},
-        "training": {"maxSteps": steps, "batchSize": batch_size, "maxLength": max_length, "packing": packing, "learningRate": 2e-3,
-                     "loggingSteps": 10, "saveSteps": steps * 10},
-        "stages": [{"name": "sft", "type": "sft", "dataset": {"uri": str(DATA / "instruct.jsonl")}}],
-    })
+    spec = FineTuneJobSpec.model_validate(
+        {
+            "model": {"source": str(model_dir)},
+            "storage": {"uri": str(out)},
+            "peft": {"method": "full"},
+            "training": {
+                "maxSteps": steps,
+                "batchSize": batch_size,
+                "maxLength": max_length,
+                "packing": packing,
+                "learningRate": 2e-3,
+                "loggingSteps": 10,
+                "saveSteps": steps * 10,
+            },
+            "stages": [{"name": "sft", "type": "sft", "dataset": {"uri": str(DATA / "instruct.jsonl")}}],
+        }
+    )
     run_stage(render_stage("bench", spec, "sft"), None, use_ray=False)
     return TIMINGS[-1]
 
@@ -95,12 +119,21 @@ def main() -> None:
     shape = (args.steps, args.batch_size, args.max_length)
     best: dict[str, float] = {}
     for repeat in range(args.repeats):
-        for label, runner, packing in (("bare TRL", bare_trl, False), ("our stage", our_stage, False), ("our stage, packing", our_stage, True)):
+        for label, runner, packing in (
+            ("bare TRL", bare_trl, False),
+            ("our stage", our_stage, False),
+            ("our stage, packing", our_stage, True),
+        ):
             timing = runner(model_dir, work / f"{label.replace(' ', '-').replace(',', '')}-{repeat}", *shape, packing)
             rate = tokens_per_second(timing)
             best[label] = max(best.get(label, 0.0), rate)
-            print(f"run {repeat + 1}: {label:20s} {timing['tokens']:7.0f} tokens in {timing['seconds']:6.2f}s = {rate:8.0f} tokens/s", file=sys.stderr)
-    print(f"\nSFT throughput, {args.steps} steps x batch {args.batch_size}, max length {args.max_length}, best of {args.repeats}:")
+            print(
+                f"run {repeat + 1}: {label:20s} {timing['tokens']:7.0f} tokens in {timing['seconds']:6.2f}s = {rate:8.0f} tokens/s",
+                file=sys.stderr,
+            )
+    print(
+        f"\nSFT throughput, {args.steps} steps x batch {args.batch_size}, max length {args.max_length}, best of {args.repeats}:"
+    )
     for label, rate in best.items():
         print(f"  {label:20s} {rate:8.0f} tokens/s")
     print(f"  ratio our stage / bare TRL:      {best['our stage'] / best['bare TRL']:.3f} (goal >= 0.95)")

@@ -12,12 +12,24 @@ from finetune_operator.settings import EXECUTORS, from_env
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetune-operator", description="Kubernetes operator for FineTuneJob pipelines.")
+    parser = argparse.ArgumentParser(
+        prog="finetune-operator", description="Kubernetes operator for FineTuneJob pipelines."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the controller (settings also from FINETUNE_* environment variables)")
-    run.add_argument("--executor", choices=EXECUTORS, help="kuberay: a RayJob per stage (default); local: a trainer process per stage")
-    run.add_argument("--namespace", "-n", action="append", dest="namespaces", metavar="NS",
-                     help="watch this namespace (repeatable); default: every namespace")
+    run.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        help="kuberay: a RayJob per stage (default); local: a trainer process per stage",
+    )
+    run.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        dest="namespaces",
+        metavar="NS",
+        help="watch this namespace (repeatable); default: every namespace",
+    )
     run.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default 8080; 0 disables)")
     run.add_argument("--health-port", type=int, help="liveness endpoint port, /healthz (default 8081; 0 disables)")
     run.add_argument("--trainer-image", help="image of the Ray pods when a stage names none")
@@ -25,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--state-dir", type=Path, help="local executor: where stage logs, pids and exit codes are kept")
     peering = run.add_mutually_exclusive_group()
     peering.add_argument("--peering", metavar="NAME", help="kopf peering object shared by the operator's replicas")
-    peering.add_argument("--standalone", action="store_true", default=None, help="no peering: a single operator instance")
+    peering.add_argument(
+        "--standalone", action="store_true", default=None, help="no peering: a single operator instance"
+    )
     run.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return parser
 
@@ -47,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"finetune-operator: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if not args.verbose:
         # kopf logs every handled watch event at INFO; with many jobs that drowns what matters.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)

@@ -110,7 +110,14 @@ def trainer_rbac(job: JobRef, spec: FineTuneJobSpec) -> list[dict[str, Any]]:
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
             "metadata": _metadata(job, name, labels),
-            "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": report_names, "verbs": ["get", "patch"]}],
+            "rules": [
+                {
+                    "apiGroups": [""],
+                    "resources": ["configmaps"],
+                    "resourceNames": report_names,
+                    "verbs": ["get", "patch"],
+                }
+            ],
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -133,8 +140,15 @@ def report_uri(namespace: str, configmap: str) -> str:
 def stage_command(config: StageConfig, python: str = "python", no_ray: bool = False) -> list[str]:
     """argv of the trainer entrypoint for one stage attempt."""
     namespace = config.namespace or "default"
-    argv = [python, "-m", STAGE_MODULE, "--config-json", config_json(config),
-            "--report", report_uri(namespace, report_configmap_name(config.job_name, config.stage.name))]
+    argv = [
+        python,
+        "-m",
+        STAGE_MODULE,
+        "--config-json",
+        config_json(config),
+        "--report",
+        report_uri(namespace, report_configmap_name(config.job_name, config.stage.name)),
+    ]
     return argv + ["--no-ray"] if no_ray else argv
 
 
@@ -154,8 +168,15 @@ def referenced_secrets(spec: FineTuneJobSpec, stage_index: int | None = None) ->
 
 def _pvc_claims(config: StageConfig) -> list[str]:
     """Claims named by `pvc://` URIs the stage reads or writes, in first-seen order."""
-    uris = [config.input_model, config.reward_model, config.output_uri, config.checkpoint_dir, config.model.tokenizer,
-            config.stage.dataset.uri, config.stage.dataset.validation_uri]
+    uris = [
+        config.input_model,
+        config.reward_model,
+        config.output_uri,
+        config.checkpoint_dir,
+        config.model.tokenizer,
+        config.stage.dataset.uri,
+        config.stage.dataset.validation_uri,
+    ]
     claims: list[str] = []
     for uri in uris:
         if uri and uri_scheme(uri) == "pvc":
@@ -165,8 +186,14 @@ def _pvc_claims(config: StageConfig) -> list[str]:
     return claims
 
 
-def _pod_template(config: StageConfig, settings: Settings, container: str, resources: dict[str, Any],
-                  secrets: list[str], claims: list[str]) -> dict[str, Any]:
+def _pod_template(
+    config: StageConfig,
+    settings: Settings,
+    container: str,
+    resources: dict[str, Any],
+    secrets: list[str],
+    claims: list[str],
+) -> dict[str, Any]:
     compute = config.resources
     env = [{"name": "FINETUNE_PVC_ROOT", "value": PVC_MOUNT_ROOT}]
     if compute.gpus_per_worker == 0:
@@ -181,16 +208,22 @@ def _pod_template(config: StageConfig, settings: Settings, container: str, resou
             "fsGroup": TRAINER_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [{
-            "name": container,
-            "image": compute.image or settings.trainer_image,
-            "resources": resources,
-            "env": env,
-            "envFrom": [{"secretRef": {"name": name}} for name in secrets],
-            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
-            "volumeMounts": [{"name": f"pvc-{i}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}"} for i, claim in enumerate(claims)],
-        }],
-        "volumes": [{"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim}} for i, claim in enumerate(claims)],
+        "containers": [
+            {
+                "name": container,
+                "image": compute.image or settings.trainer_image,
+                "resources": resources,
+                "env": env,
+                "envFrom": [{"secretRef": {"name": name}} for name in secrets],
+                "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                "volumeMounts": [
+                    {"name": f"pvc-{i}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}"} for i, claim in enumerate(claims)
+                ],
+            }
+        ],
+        "volumes": [
+            {"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim}} for i, claim in enumerate(claims)
+        ],
     }
     if compute.node_selector:
         pod["nodeSelector"] = dict(compute.node_selector)
@@ -226,18 +259,32 @@ def rayjob(job: JobRef, spec: FineTuneJobSpec, config: StageConfig, settings: Se
                 "headGroupSpec": {
                     # The head hosts the driver only: training workers land on the worker group.
                     "rayStartParams": {"num-cpus": "0"},
-                    "template": _pod_template(config, settings, "ray-head", {"requests": head_resources, "limits": head_resources},
-                                              secrets, claims),
+                    "template": _pod_template(
+                        config,
+                        settings,
+                        "ray-head",
+                        {"requests": head_resources, "limits": head_resources},
+                        secrets,
+                        claims,
+                    ),
                 },
-                "workerGroupSpecs": [{
-                    "groupName": "workers",
-                    "replicas": compute.workers,
-                    "minReplicas": compute.workers,
-                    "maxReplicas": compute.workers,
-                    "rayStartParams": {},
-                    "template": _pod_template(config, settings, "ray-worker", {"requests": worker_resources, "limits": worker_limits},
-                                              secrets, claims),
-                }],
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "workers",
+                        "replicas": compute.workers,
+                        "minReplicas": compute.workers,
+                        "maxReplicas": compute.workers,
+                        "rayStartParams": {},
+                        "template": _pod_template(
+                            config,
+                            settings,
+                            "ray-worker",
+                            {"requests": worker_resources, "limits": worker_limits},
+                            secrets,
+                            claims,
+                        ),
+                    }
+                ],
             },
         },
     }
@@ -250,7 +297,13 @@ def event(job: JobRef, type_: str, reason: str, message: str, now: datetime) -> 
         "apiVersion": "v1",
         "kind": "Event",
         "metadata": {"generateName": f"{job.name}.", "namespace": job.namespace},
-        "involvedObject": {"apiVersion": API_VERSION, "kind": KIND, "name": job.name, "namespace": job.namespace, "uid": job.uid},
+        "involvedObject": {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": job.name,
+            "namespace": job.namespace,
+            "uid": job.uid,
+        },
         "type": type_,
         "reason": reason,
         "message": message[:1024],

@@ -12,7 +12,7 @@ import shutil
 import signal
 import subprocess
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -56,11 +56,18 @@ def rayjob_observation(rayjob: dict[str, Any] | None) -> AttemptObservation:
     if (rayjob.get("spec") or {}).get("suspend") or deployment in ("Suspending", "Suspended"):
         return AttemptObservation(ChildState.suspended)
     if deployment == "ValidationFailed":
-        return AttemptObservation(ChildState.failed, f"KubeRay rejected the RayJob: {detail}", reasons.RAYJOB_VALIDATION_FAILED,
-                                  permanent=True, finished_at=ended)
+        return AttemptObservation(
+            ChildState.failed,
+            f"KubeRay rejected the RayJob: {detail}",
+            reasons.RAYJOB_VALIDATION_FAILED,
+            permanent=True,
+            finished_at=ended,
+        )
     if deployment in ("Complete", "Failed"):
         # Complete with a non-successful Ray job (FAILED/STOPPED) is a failure too.
-        message = f"RayJob {deployment.lower()}, Ray job {ray_status or 'status unknown'}" + (f": {detail}" if detail else "")
+        message = f"RayJob {deployment.lower()}, Ray job {ray_status or 'status unknown'}" + (
+            f": {detail}" if detail else ""
+        )
         return AttemptObservation(ChildState.failed, message, reasons.STAGE_FAILED, finished_at=ended)
     if deployment in ("Initializing", "Waiting", "Retrying"):
         return AttemptObservation(ChildState.initializing, detail or f"RayJob {deployment}")
@@ -87,7 +94,11 @@ class _Base:
             for item in self.kube.list(kind, job.namespace, selector):
                 self.kube.delete(kind, job.namespace, item["metadata"]["name"])
         name = builders.trainer_service_account_name(job.name)
-        for kind in (("rbac.authorization.k8s.io/v1", "RoleBinding"), ("rbac.authorization.k8s.io/v1", "Role"), ("v1", "ServiceAccount")):
+        for kind in (
+            ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+            ("rbac.authorization.k8s.io/v1", "Role"),
+            ("v1", "ServiceAccount"),
+        ):
             self.kube.delete(kind, job.namespace, name)
 
 
@@ -161,33 +172,58 @@ class LocalExecutor(_Base):
         directory.mkdir(parents=True, exist_ok=True)
         for stale in ("pid", "exit_code", "suspended"):
             (directory / stale).unlink(missing_ok=True)
-        token = self.kube.service_account_token(job.namespace, builders.trainer_service_account_name(job.name),
-                                                self.settings.local_token_seconds)
+        token = self.kube.service_account_token(
+            job.namespace, builders.trainer_service_account_name(job.name), self.settings.local_token_seconds
+        )
         kubeconfig = self.kube.kubeconfig_for_token(token, directory / "kubeconfig", job.namespace)
         command = builders.stage_command(config, python=self.settings.trainer_python, no_ray=True)
         # `$0` is the attempt directory: it makes the process recognisable in /proc for adoption.
-        wrapper = ['/bin/sh', '-c', '"$@"; code=$?; echo $code > "$0/exit_code.tmp" && mv "$0/exit_code.tmp" "$0/exit_code"; exit $code',
-                   str(directory), *command]
+        wrapper = [
+            "/bin/sh",
+            "-c",
+            '"$@"; code=$?; echo $code > "$0/exit_code.tmp" && mv "$0/exit_code.tmp" "$0/exit_code"; exit $code',
+            str(directory),
+            *command,
+        ]
         env = dict(os.environ, KUBECONFIG=str(kubeconfig))
         with open(directory / "stage.log", "ab") as output:
             # The operator's working directory, so relative paths in a spec mean what they mean to whoever started it.
-            process = subprocess.Popen(wrapper, cwd=os.getcwd(), env=env, stdin=subprocess.DEVNULL, stdout=output,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(
+                wrapper,
+                cwd=os.getcwd(),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.children[process.pid] = process
         (directory / "pid").write_text(str(process.pid))
-        log.info("started stage %s attempt %d of %s/%s as pid %d (log: %s)", config.stage.name, config.attempt,
-                 job.namespace, job.name, process.pid, directory / "stage.log")
+        log.info(
+            "started stage %s attempt %d of %s/%s as pid %d (log: %s)",
+            config.stage.name,
+            config.attempt,
+            job.namespace,
+            job.name,
+            process.pid,
+            directory / "stage.log",
+        )
 
     def observe(self, job: JobRef, stage: str, attempt: int) -> AttemptObservation:
         directory = self.attempt_dir(job, stage, attempt)
         exit_file = directory / "exit_code"
         if exit_file.exists():
             code = int(exit_file.read_text().strip() or "1")
-            finished = datetime.fromtimestamp(exit_file.stat().st_mtime, timezone.utc)
+            finished = datetime.fromtimestamp(exit_file.stat().st_mtime, UTC)
             if code == 0:
                 return AttemptObservation(ChildState.succeeded, finished_at=finished)
-            return AttemptObservation(ChildState.failed, f"trainer exited with code {code}: {_last_line(directory / 'stage.log')}",
-                                      reasons.STAGE_FAILED, permanent=code == EXIT_PERMANENT_FAILURE, finished_at=finished)
+            return AttemptObservation(
+                ChildState.failed,
+                f"trainer exited with code {code}: {_last_line(directory / 'stage.log')}",
+                reasons.STAGE_FAILED,
+                permanent=code == EXIT_PERMANENT_FAILURE,
+                finished_at=finished,
+            )
         if self._alive_pid(directory) is not None:
             return AttemptObservation(ChildState.running)
         if (directory / "suspended").exists():

@@ -16,17 +16,16 @@ import socket
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
-from kubernetes.client.exceptions import ApiException
-from pydantic import ValidationError
-
 from finetune_api.render import report_configmap_name
 from finetune_api.report import REPORT_KEY, StageReport
 from finetune_api.spec import GROUP, PLURAL, VERSION, FineTuneJobSpec
 from finetune_api.status import FineTuneJobStatus
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 
 from finetune_operator import builders, reasons
 from finetune_operator.builders import JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL, JobRef
@@ -108,7 +107,7 @@ class Controller:
             child, report = self.executor.observe(job, stage, attempt), self.read_report(job, stage)
         if child.state == ChildState.failed and child.finished_at is None:
             # Backoff needs a fixed start: when the child carries no end time, the first sighting of the failure is it.
-            seen = self.failures_seen.setdefault((job.uid, stage, attempt), datetime.now(timezone.utc))
+            seen = self.failures_seen.setdefault((job.uid, stage, attempt), datetime.now(UTC))
             child = dataclasses.replace(child, finished_at=seen)
         missing: list[tuple[str, str]] = []
         if child.state not in LIVE_STATES:
@@ -138,23 +137,27 @@ class Controller:
         elif isinstance(action, StopAttempt):
             self.executor.stop(job, action.stage, action.attempt, action.suspend)
         else:
-            self.post_event(job, "Normal", reasons.TTL_EXPIRED, "ttlSecondsAfterFinished passed: deleting the FineTuneJob")
+            self.post_event(
+                job, "Normal", reasons.TTL_EXPIRED, "ttlSecondsAfterFinished passed: deleting the FineTuneJob"
+            )
             self.kube.delete(FINETUNEJOB, job.namespace, job.name)
 
     def post_event(self, job: JobRef, type_: str, reason: str, message: str) -> None:
         try:
-            self.kube.create(builders.event(job, type_, reason, message, datetime.now(timezone.utc)))
+            self.kube.create(builders.event(job, type_, reason, message, datetime.now(UTC)))
         except ApiException as exc:
             # Events are best effort: a failure to post one must not stop the reconcile.
             log.warning("%s/%s: could not post event %s: %s", job.namespace, job.name, reason, exc.reason)
 
-    def reconcile_once(self, body: dict[str, Any], known: FineTuneJobStatus | None) -> tuple[float | None, FineTuneJobStatus]:
+    def reconcile_once(
+        self, body: dict[str, Any], known: FineTuneJobStatus | None
+    ) -> tuple[float | None, FineTuneJobStatus]:
         """One pass for one job (blocking; runs in a worker thread). Returns (requeue delay, status now stored)."""
         job = JobRef.from_body(body)
         spec_raw = body.get("spec") or {}
         current = known if known is not None else FineTuneJobStatus.model_validate(body.get("status") or {})
         observations = self.observe(job, spec_raw, current)
-        decision = reconcile(job, spec_raw, current, observations, datetime.now(timezone.utc), self.policy)
+        decision = reconcile(job, spec_raw, current, observations, datetime.now(UTC), self.policy)
         for action in decision.actions:
             self.execute(job, spec_raw, action)
         if any(isinstance(action, DeleteJob) for action in decision.actions):
@@ -181,7 +184,9 @@ class Controller:
         try:
             self.executor.cleanup(job)
         except ApiException as exc:
-            self.post_event(job, "Warning", reasons.CLEANUP_FAILED, f"deleting the job's children failed, retrying: {exc.reason}")
+            self.post_event(
+                job, "Warning", reasons.CLEANUP_FAILED, f"deleting the job's children failed, retrying: {exc.reason}"
+            )
             raise
         try:
             spec = FineTuneJobSpec.model_validate(body.get("spec") or {})
@@ -189,7 +194,9 @@ class Controller:
             return
         if not spec.storage.retain_on_delete:
             lines = delete_artifacts(spec, self.settings.pvc_root)
-            self.post_event(job, "Normal", reasons.ARTIFACTS_DELETED, "storage.retainOnDelete is false: " + "; ".join(lines))
+            self.post_event(
+                job, "Normal", reasons.ARTIFACTS_DELETED, "storage.retainOnDelete is false: " + "; ".join(lines)
+            )
 
     # -- the daemon loop -------------------------------------------------------------------------
 
@@ -207,8 +214,12 @@ class Controller:
                     started = time.monotonic()
                     delay, known = await asyncio.to_thread(self.reconcile_once, snapshot, known)
                     self.metrics.reconciles.labels(result="ok").inc()
-                    logger.debug("reconciled in %.3fs: phase %s, next pass in %s s", time.monotonic() - started,
-                                 known.phase, "-" if delay is None else f"{delay:.1f}")
+                    logger.debug(
+                        "reconciled in %.3fs: phase %s, next pass in %s s",
+                        time.monotonic() - started,
+                        known.phase,
+                        "-" if delay is None else f"{delay:.1f}",
+                    )
                 except Exception as exc:  # noqa: BLE001 - any failure is retried; kopf would otherwise end the daemon
                     self.metrics.reconciles.labels(result="error").inc()
                     self.metrics.errors.labels(kind=type(exc).__name__).inc()
@@ -238,7 +249,9 @@ def make_registry(controller: Controller) -> kopf.OperatorRegistry:
 
     @kopf.on.login(id="login", registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
-        header = configuration.get_api_key_with_prefix("BearerToken") or configuration.get_api_key_with_prefix("authorization")
+        header = configuration.get_api_key_with_prefix("BearerToken") or configuration.get_api_key_with_prefix(
+            "authorization"
+        )
         scheme, _, token = (header or "").partition(" ")
         return kopf.ConnectionInfo(
             server=configuration.host,
@@ -250,7 +263,9 @@ def make_registry(controller: Controller) -> kopf.OperatorRegistry:
             private_key_path=configuration.key_file,
         )
 
-    @kopf.daemon(GROUP, VERSION, PLURAL, id="reconcile", registry=registry, cancellation_backoff=10, cancellation_timeout=10)
+    @kopf.daemon(
+        GROUP, VERSION, PLURAL, id="reconcile", registry=registry, cancellation_backoff=10, cancellation_timeout=10
+    )
     async def job_daemon(body: kopf.Body, stopped: kopf.DaemonStopped, logger: logging.Logger, **_: Any) -> None:
         await controller.run_job(body, stopped, logger)
 
@@ -297,7 +312,9 @@ def kopf_settings(clusterwide: bool) -> kopf.OperatorSettings:
     settings.scanning.disabled = not clusterwide
     # kopf keeps its bookkeeping in annotations: the status belongs to the operator's strict schema alone.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled-configuration")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
     settings.persistence.finalizer = f"{GROUP}/cleanup"
     # kopf pauses every peer that shares the top priority, so each replica takes a distinct one: the highest is active,
     # the others stand by until its peering record goes stale.
@@ -307,11 +324,15 @@ def kopf_settings(clusterwide: bool) -> kopf.OperatorSettings:
     return settings
 
 
-async def run_operator(settings: Settings, stop_flag: asyncio.Event | None = None, ready_flag: asyncio.Event | None = None) -> None:
+async def run_operator(
+    settings: Settings, stop_flag: asyncio.Event | None = None, ready_flag: asyncio.Event | None = None
+) -> None:
     kube = Kube.connect(settings.kubeconfig, connections=settings.api_workers)
     controller = Controller(settings, kube)
     # Reconcile passes block on API calls in worker threads; the default pool (CPUs + 4) would serialise them.
-    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(settings.api_workers, thread_name_prefix="reconcile"))
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(settings.api_workers, thread_name_prefix="reconcile")
+    )
     if settings.metrics_port:
         controller.metrics.serve(settings.metrics_port)
     try:

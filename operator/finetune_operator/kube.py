@@ -1,5 +1,7 @@
 """A small synchronous Kubernetes API layer over the official client: plain dicts in and out.
 
+Requests go through `kubernetes.dynamic.DynamicClient.request`, the client's public entry point for raw API paths:
+its signature has stayed the same from client 33 to 37 while the generated `ApiClient.call_api` underneath changed.
 Run from the async handlers through `asyncio.to_thread`. Create-if-absent tolerates 409 so that every child create
 is idempotent; status is written through the status subresource with a JSON merge patch.
 """
@@ -12,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes
-from kubernetes.client.exceptions import ApiException
-
 from finetune_api.spec import GROUP, PLURAL, VERSION
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic import DynamicClient
 
 # (apiVersion, kind) -> (API prefix, plural) for every kind the operator reads or writes.
 _RESOURCES = {
@@ -50,10 +52,19 @@ def is_status(exc: ApiException, *codes: int) -> bool:
     return isinstance(exc, ApiException) and exc.status in codes
 
 
+class _NoDiscovery:
+    """Every path here is built from `_RESOURCES`, so the dynamic client's API discovery (3 GETs and a cache file
+    under /tmp at construction) is never needed."""
+
+    def __init__(self, client: DynamicClient, cache_file: str | None):
+        del client, cache_file
+
+
 class Kube:
     def __init__(self, configuration: kubernetes.client.Configuration):
         self.configuration = configuration
         self.client = kubernetes.client.ApiClient(configuration)
+        self.dynamic = DynamicClient(self.client, discoverer=_NoDiscovery)
 
     @classmethod
     def connect(cls, kubeconfig: str | None, connections: int | None = None) -> Kube:
@@ -67,12 +78,24 @@ class Kube:
 
     # -- raw requests -----------------------------------------------------------------------------
 
-    def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
-                query: list[tuple[str, Any]] | None = None) -> dict[str, Any]:
-        response = self.client.call_api(
-            path, method, query_params=query or [], body=body,
-            header_params={"Accept": "application/json", "Content-Type": content_type},
-            auth_settings=["BearerToken"], _return_http_data_only=True, _preload_content=False, _request_timeout=30,
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content_type: str = "application/json",
+        query: list[tuple[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        # Errors arrive as the dynamic client's ApiException subclasses (NotFoundError, ConflictError, ...).
+        response = self.dynamic.request(
+            method,
+            path,
+            body=body,
+            query_params=list(query or []),
+            content_type=content_type,
+            header_params={"Accept": "application/json"},
+            serialize=False,
+            _request_timeout=30,
         )
         return json.loads(response.data or b"{}")
 
@@ -113,7 +136,9 @@ class Kube:
                 return False
             raise
 
-    def patch(self, kind: tuple[str, str], namespace: str, name: str, patch: dict[str, Any], subresource: str | None = None) -> dict[str, Any]:
+    def patch(
+        self, kind: tuple[str, str], namespace: str, name: str, patch: dict[str, Any], subresource: str | None = None
+    ) -> dict[str, Any]:
         return self.request("PATCH", self.path(kind, namespace, name, subresource), patch, content_type=MERGE_PATCH)
 
     def delete(self, kind: tuple[str, str], namespace: str, name: str) -> bool:
@@ -136,7 +161,11 @@ class Kube:
 
     def service_account_token(self, namespace: str, name: str, seconds: int) -> str:
         """A TokenRequest token for ServiceAccount namespace/name (what a Pod's projected token would be)."""
-        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": seconds}}
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": seconds},
+        }
         path = self.path(("v1", "ServiceAccount"), namespace, name, "token")
         return self.request("POST", path, body)["status"]["token"]
 
@@ -145,14 +174,20 @@ class Kube:
         cluster: dict[str, Any] = {"server": self.configuration.host}
         if self.configuration.ssl_ca_cert:
             # Inline: the client's CA file may be a temporary file that goes away with the operator process.
-            cluster["certificate-authority-data"] = base64.b64encode(Path(self.configuration.ssl_ca_cert).read_bytes()).decode()
+            cluster["certificate-authority-data"] = base64.b64encode(
+                Path(self.configuration.ssl_ca_cert).read_bytes()
+            ).decode()
         if not self.configuration.verify_ssl:
             cluster["insecure-skip-tls-verify"] = True
         config = {
-            "apiVersion": "v1", "kind": "Config", "current-context": "trainer",
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "trainer",
             "clusters": [{"name": "cluster", "cluster": cluster}],
             "users": [{"name": "trainer", "user": {"token": token}}],
-            "contexts": [{"name": "trainer", "context": {"cluster": "cluster", "user": "trainer", "namespace": namespace}}],
+            "contexts": [
+                {"name": "trainer", "context": {"cluster": "cluster", "user": "trainer", "namespace": namespace}}
+            ],
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600)

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
-
 from finetune_api.status import JobPhase
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 
 class OperatorMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.reconciles = Counter("finetune_operator_reconciles", "FineTuneJob reconcile passes.", ["result"], registry=self.registry)
-        self.errors = Counter("finetune_operator_errors", "Errors while reconciling or cleaning up FineTuneJobs.", ["kind"],
-                              registry=self.registry)
-        self.jobs = Gauge("finetune_operator_jobs", "FineTuneJobs seen by this operator, by phase.", ["phase"], registry=self.registry)
+        self.reconciles = Counter(
+            "finetune_operator_reconciles", "FineTuneJob reconcile passes.", ["result"], registry=self.registry
+        )
+        self.errors = Counter(
+            "finetune_operator_errors",
+            "Errors while reconciling or cleaning up FineTuneJobs.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.jobs = Gauge(
+            "finetune_operator_jobs", "FineTuneJobs seen by this operator, by phase.", ["phase"], registry=self.registry
+        )
         self._phases: dict[str, str] = {}
         for phase in JobPhase:
             self.jobs.labels(phase=phase.value).set(0)

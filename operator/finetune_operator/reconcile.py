@@ -9,25 +9,37 @@ crash or an operator restart reaches the same decisions: nothing is started twic
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from enum import Enum
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Any
-
-from pydantic import ValidationError
 
 from finetune_api.manifest import describe_error, field_path
 from finetune_api.render import StageConfig, rayjob_name, render_stage, stage_output_uri
 from finetune_api.report import PERMANENT_REASONS, StageReport
 from finetune_api.spec import FineTuneJobSpec
-from finetune_api.status import FINISHED_PHASES, ConditionType, FineTuneJobStatus, JobPhase, StagePhase, StageProgress, StageStatus
+from finetune_api.status import (
+    FINISHED_PHASES,
+    ConditionType,
+    FineTuneJobStatus,
+    JobPhase,
+    StagePhase,
+    StageProgress,
+    StageStatus,
+)
+from pydantic import ValidationError
 
 from finetune_operator import reasons
 from finetune_operator.builders import JobRef
 
-RUNNING, SUCCEEDED, FAILED, SUSPENDED = (ConditionType.running, ConditionType.succeeded, ConditionType.failed, ConditionType.suspended)
+RUNNING, SUCCEEDED, FAILED, SUSPENDED = (
+    ConditionType.running,
+    ConditionType.succeeded,
+    ConditionType.failed,
+    ConditionType.suspended,
+)
 
 
-class ChildState(str, Enum):
+class ChildState(StrEnum):
     """What the executor sees of one stage attempt (a RayJob, or a local process)."""
 
     absent = "Absent"
@@ -113,7 +125,7 @@ class Decision:
 
 
 def timestamp(now: datetime) -> str:
-    return now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_time(text: str) -> datetime:
@@ -141,8 +153,15 @@ def attempt_to_observe(spec: FineTuneJobSpec, status: FineTuneJobStatus) -> tupl
     return spec.stages[index].name, max(attempts, 1)
 
 
-def set_condition(status: FineTuneJobStatus, type_: ConditionType, value: bool, reason: str, message: str, now: datetime,
-                  generation: int | None) -> bool:
+def set_condition(
+    status: FineTuneJobStatus,
+    type_: ConditionType,
+    value: bool,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int | None,
+) -> bool:
     """Set a condition; lastTransitionTime moves (to `now`) only when its status changes. Returns whether it did."""
     before = status.condition(type_)
     old_value = before.status if before else None
@@ -202,8 +221,10 @@ class _Machine:
         if have == wanted:
             return None
         if any(s.attempts for s in self.status.stages):
-            return (f"spec.stages: the stage list cannot change once the job has started "
-                    f"(started with {', '.join(have)}; now {', '.join(wanted)}); create a new FineTuneJob instead")
+            return (
+                f"spec.stages: the stage list cannot change once the job has started "
+                f"(started with {', '.join(have)}; now {', '.join(wanted)}); create a new FineTuneJob instead"
+            )
         self.status.stages = [StageStatus(name=s.name, type=s.type) for s in spec.stages]
         return None
 
@@ -214,7 +235,9 @@ class _Machine:
         if self.status.start_time:
             since = max(parse_time(suspended.last_transition_time), parse_time(self.status.start_time))
             self.status.suspended_seconds += round(max((self.now - since).total_seconds(), 0.0))
-        self.condition(SUSPENDED, False, reasons.RESUMED, "spec.suspend is false: continuing from the latest checkpoint")
+        self.condition(
+            SUSPENDED, False, reasons.RESUMED, "spec.suspend is false: continuing from the latest checkpoint"
+        )
         self.decision.event(reasons.RESUMED, "resumed: continuing from the latest checkpoint")
 
     def active_seconds(self) -> float:
@@ -238,9 +261,11 @@ class _Machine:
             stage = self.status.stages[index]
             if stage.attempts and self.obs.attempt.state in LIVE_STATES:
                 self.decision.actions.append(StopAttempt(stage.name, stage.attempts, suspend=False))
-        self.fail(reasons.DEADLINE_EXCEEDED,
-                  f"the job was active for {active:.0f}s, more than activeDeadlineSeconds={limit} (suspended time excluded)",
-                  index if index < len(self.status.stages) else None)
+        self.fail(
+            reasons.DEADLINE_EXCEEDED,
+            f"the job was active for {active:.0f}s, more than activeDeadlineSeconds={limit} (suspended time excluded)",
+            index if index < len(self.status.stages) else None,
+        )
         return True
 
     def fail(self, reason: str, message: str, index: int | None = None) -> None:
@@ -274,8 +299,14 @@ class _Machine:
         ttl = self.spec_raw.get("ttlSecondsAfterFinished")
         if not isinstance(ttl, int) or isinstance(ttl, bool):
             return
-        finished = next((c for c in self.status.conditions
-                         if c.type in (SUCCEEDED.value, FAILED.value) and c.status == "True" and c.last_transition_time), None)
+        finished = next(
+            (
+                c
+                for c in self.status.conditions
+                if c.type in (SUCCEEDED.value, FAILED.value) and c.status == "True" and c.last_transition_time
+            ),
+            None,
+        )
         if finished is None:
             return
         remaining = (parse_time(finished.last_transition_time) + timedelta(seconds=ttl) - self.now).total_seconds()
@@ -317,7 +348,9 @@ class _Machine:
             self.decision.event(reasons.CHECKPOINT_SAVED, f"stage {stage.name}: checkpoint {report.last_checkpoint}")
         if report.attempt != attempt:
             return
-        stage.progress = StageProgress(step=report.step, total_steps=report.total_steps, epoch=report.epoch, eta_seconds=report.eta_seconds)
+        stage.progress = StageProgress(
+            step=report.step, total_steps=report.total_steps, epoch=report.epoch, eta_seconds=report.eta_seconds
+        )
         stage.metrics.update(report.metrics)
         if report.loss is not None:
             stage.metrics["loss"] = report.loss
@@ -346,7 +379,10 @@ class _Machine:
             stage.progress.step, stage.progress.eta_seconds = stage.progress.total_steps, 0.0
         stage.message = f"succeeded after {stage.attempts} attempt(s); model: {stage.checkpoint}"
         shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(stage.metrics.items()) if k != "loss")
-        self.decision.event(reasons.STAGE_SUCCEEDED, f"stage {stage.name} succeeded: {stage.checkpoint}" + (f" ({shown})" if shown else ""))
+        self.decision.event(
+            reasons.STAGE_SUCCEEDED,
+            f"stage {stage.name} succeeded: {stage.checkpoint}" + (f" ({shown})" if shown else ""),
+        )
 
     def attempt_failed(self, index: int, reason: str, message: str, permanent: bool) -> bool:
         stage = self.status.stages[index]
@@ -355,8 +391,11 @@ class _Machine:
             self.fail(reason, message, index)
             return False
         if attempt > self.spec.backoff_limit:
-            self.fail(reasons.BACKOFF_LIMIT_EXCEEDED,
-                      f"attempt {attempt} failed and backoffLimit={self.spec.backoff_limit} retries are used up; last error: {message}", index)
+            self.fail(
+                reasons.BACKOFF_LIMIT_EXCEEDED,
+                f"attempt {attempt} failed and backoffLimit={self.spec.backoff_limit} retries are used up; last error: {message}",
+                index,
+            )
             return False
         if self.spec.suspend:
             self.suspend(stage)
@@ -368,7 +407,10 @@ class _Machine:
             resume = stage.last_checkpoint or "the stage's start (no checkpoint yet)"
             text = f"attempt {attempt} failed ({reason}: {message}); attempt {attempt + 1} resumes from {resume} in {wait:.0f}s"
             stage.message = text
-            if self.status.condition(RUNNING) is None or self.status.condition(RUNNING).reason != reasons.RETRYING_FROM_CHECKPOINT:
+            if (
+                self.status.condition(RUNNING) is None
+                or self.status.condition(RUNNING).reason != reasons.RETRYING_FROM_CHECKPOINT
+            ):
                 self.decision.event(reasons.RETRYING_FROM_CHECKPOINT, f"stage {stage.name}: {text}", warning=True)
             self.condition(RUNNING, True, reasons.RETRYING_FROM_CHECKPOINT, f"stage {stage.name}: {text}")
             self.decision.wake_in(wait)
@@ -399,7 +441,11 @@ class _Machine:
         config = render_stage(self.job.name, spec, stage.name, namespace=self.job.namespace, attempt=attempt)
         self.decision.actions.append(StartAttempt(config))
         new_attempt = attempt != stage.attempts
-        stage.attempts, stage.ray_job, stage.phase = attempt, rayjob_name(self.job.name, stage.name, attempt), StagePhase.running.value
+        stage.attempts, stage.ray_job, stage.phase = (
+            attempt,
+            rayjob_name(self.job.name, stage.name, attempt),
+            StagePhase.running.value,
+        )
         stage.start_time = stage.start_time or timestamp(self.now)
         self.status.start_time = self.status.start_time or timestamp(self.now)
         self.status.phase = JobPhase.running.value
@@ -411,7 +457,10 @@ class _Machine:
             self.decision.event(reasons.STAGE_STARTING, message)
 
     def wait_for_secrets(self, stage: StageStatus) -> None:
-        missing = "; ".join(f"{path}: Secret {name!r} not found in namespace {self.job.namespace}" for path, name in self.obs.missing_secrets)
+        missing = "; ".join(
+            f"{path}: Secret {name!r} not found in namespace {self.job.namespace}"
+            for path, name in self.obs.missing_secrets
+        )
         message = f"waiting for Secrets before starting stage {stage.name}: {missing}"
         stage.message = message
         if self.status.phase != JobPhase.suspended.value and not stage.attempts:
@@ -426,9 +475,15 @@ class _Machine:
         stage, child = self.status.stages[index], self.obs.attempt
         where = f"stage {stage.name} ({index + 1}/{len(self.spec.stages)}) attempt {stage.attempts}"
         if child.state == ChildState.initializing:
-            reason, message = reasons.CLUSTER_INITIALIZING, f"{where}: Ray cluster initializing: {child.message or 'waiting for pods'}"
+            reason, message = (
+                reasons.CLUSTER_INITIALIZING,
+                f"{where}: Ray cluster initializing: {child.message or 'waiting for pods'}",
+            )
         elif child.state == ChildState.starting:
-            reason, message = reasons.STAGE_STARTING, f"{where}: {child.message or 'waiting for the executor to pick it up'}"
+            reason, message = (
+                reasons.STAGE_STARTING,
+                f"{where}: {child.message or 'waiting for the executor to pick it up'}",
+            )
         else:
             progress = stage.progress
             steps = f" step {progress.step}/{progress.total_steps}" if progress and progress.total_steps else ""
@@ -438,8 +493,14 @@ class _Machine:
         self.condition(RUNNING, True, reason, message)
 
 
-def reconcile(job: JobRef, spec: dict[str, Any], status: FineTuneJobStatus | dict[str, Any] | None, observations: Observations,
-              now: datetime, policy: Policy = Policy()) -> Decision:
+def reconcile(
+    job: JobRef,
+    spec: dict[str, Any],
+    status: FineTuneJobStatus | dict[str, Any] | None,
+    observations: Observations,
+    now: datetime,
+    policy: Policy = Policy(),
+) -> Decision:
     """Decide what to do next for one FineTuneJob. Pure: the inputs are not modified."""
     if isinstance(status, FineTuneJobStatus):
         current = status.model_copy(deep=True)

@@ -3,7 +3,6 @@
 import textwrap
 
 import pytest
-
 from finetune_api.manifest import ManifestError, parse_manifest
 from finetune_api.render import rayjob_name, render_stage, report_configmap_name, resolve_training
 from finetune_api.status import FineTuneJobStatus
@@ -52,7 +51,9 @@ def test_unknown_field_names_file_line_and_path():
 
 def test_reward_from_must_name_an_earlier_reward_stage():
     text = GOOD.replace("rewardFrom: rm", "rewardFrom: instruct")
-    assert problems_of(text) == ["job.yaml:16: spec.stages[3].rewardFrom: stage 'instruct' has type sft, expected a reward stage"]
+    assert problems_of(text) == [
+        "job.yaml:16: spec.stages[3].rewardFrom: stage 'instruct' has type sft, expected a reward stage"
+    ]
     text = GOOD.replace("rewardFrom: rm", "rewardFrom: later")
     assert "'later' is not an earlier stage (earlier stages: domain, instruct, rm)" in problems_of(text)[0]
 
@@ -66,13 +67,17 @@ def test_duplicate_stage_names_and_bad_scheme_are_reported_together():
 
 
 def test_options_must_match_stage_type_and_enums_name_the_value():
-    assert problems_of(GOOD.replace("type: reward", "type: dpo"))[0].startswith("job.yaml:15: spec.stages[2]: `reward` options")
+    assert problems_of(GOOD.replace("type: reward", "type: dpo"))[0].startswith(
+        "job.yaml:15: spec.stages[2]: `reward` options"
+    )
     found = problems_of(GOOD.replace("type: cpt", "type: pretrain"))
     assert found[0].startswith("job.yaml:10: spec.stages[0].type:") and "'pretrain'" in found[0]
 
 
 def test_yaml_syntax_error_has_a_line():
-    assert problems_of("apiVersion: finetune.dev/v1alpha1\nspec: [unclosed\n")[0].startswith("job.yaml:3: not valid YAML")
+    assert problems_of("apiVersion: finetune.dev/v1alpha1\nspec: [unclosed\n")[0].startswith(
+        "job.yaml:3: not valid YAML"
+    )
 
 
 def test_render_chains_stage_outputs_and_layers_training_overrides():

@@ -5,21 +5,26 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-
 from finetune_api.render import StageConfig
 from finetune_api.report import StageReport
+from finetune_dev.testing import OperatorProcess, install_chart_rbac
 from finetune_operator import reasons
 from finetune_operator.kube import CONFIGMAP, FINETUNEJOB, RAYJOB, Kube
-from finetune_operator.testing import OperatorProcess, install_chart_rbac
 
 RAYJOB_PHASES = {
     "running": {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
     "succeeded": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "endTime": "2026-01-01T00:00:00Z"},
-    "failed": {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed", "message": "worker OOMKilled"},
+    "failed": {
+        "jobDeploymentStatus": "Failed",
+        "jobStatus": "FAILED",
+        "reason": "AppFailed",
+        "message": "worker OOMKilled",
+    },
 }
 FAST = {"FINETUNE_RETRY_BASE_SECONDS": "1", "FINETUNE_SECRET_RECHECK_SECONDS": "1", "FINETUNE_RESYNC_SECONDS": "5"}
 
@@ -75,11 +80,16 @@ class Harness:
 
     def report(self, job: str, stage: str, **fields: Any) -> None:
         report = StageReport(**fields)
-        self.trainer(job).patch(CONFIGMAP, self.namespace, f"{job}-{stage}-report", {"data": {"report.json": json.dumps(report.to_wire())}})
+        self.trainer(job).patch(
+            CONFIGMAP, self.namespace, f"{job}-{stage}-report", {"data": {"report.json": json.dumps(report.to_wire())}}
+        )
 
     def events(self, job: str) -> list[dict[str, Any]]:
-        items = self.admin.request("GET", f"/api/v1/namespaces/{self.namespace}/events",
-                                   query=[("fieldSelector", f"involvedObject.name={job}")]).get("items", [])
+        items = self.admin.request(
+            "GET",
+            f"/api/v1/namespaces/{self.namespace}/events",
+            query=[("fieldSelector", f"involvedObject.name={job}")],
+        ).get("items", [])
         return sorted(items, key=lambda e: e["metadata"]["creationTimestamp"])
 
     def wait(self, check: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
@@ -95,10 +105,15 @@ class Harness:
     def wait_for_rayjob(self, name: str) -> dict[str, Any]:
         return self.wait(lambda: self.rayjob(name), f"RayJob {name}")
 
-    def wait_for_condition(self, job: str, type_: str, status: str = "True", reason: str | None = None) -> dict[str, Any]:
+    def wait_for_condition(
+        self, job: str, type_: str, status: str = "True", reason: str | None = None
+    ) -> dict[str, Any]:
         def check():
             condition = self.condition(job, type_)
-            return condition if condition.get("status") == status and reason in (None, condition.get("reason")) else None
+            return (
+                condition if condition.get("status") == status and reason in (None, condition.get("reason")) else None
+            )
+
         return self.wait(check, f"condition {type_}={status} ({reason}) on {job}; status: {self.status(job)}")
 
 
@@ -124,53 +139,102 @@ def test_stages_chain_and_status_mirrors_the_report(harness: Harness):
     rayjob = harness.wait_for_rayjob("chain-sft-1")
     assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     owner = rayjob["metadata"]["ownerReferences"][0]
-    assert (owner["kind"], owner["name"], owner["uid"]) == ("FineTuneJob", "chain", harness.job("chain")["metadata"]["uid"])
+    assert (owner["kind"], owner["name"], owner["uid"]) == (
+        "FineTuneJob",
+        "chain",
+        harness.job("chain")["metadata"]["uid"],
+    )
     assert rendered_config(rayjob).input_model == "s3://models/base"
 
     harness.kuberay_sets("chain-sft-1", "running")
     harness.wait_for_condition("chain", "Running", reason=reasons.STAGE_RUNNING)
-    harness.report("chain", "sft", phase="Running", attempt=1, step=7, total_steps=20, loss=1.5,
-                   last_checkpoint="s3://runs/chain/sft/checkpoints/checkpoint-5")
-    stage = harness.wait(lambda: (s := harness.status("chain")["stages"][0]).get("progress", {}).get("step") == 7 and s,
-                         "progress mirrored into status")
+    harness.report(
+        "chain",
+        "sft",
+        phase="Running",
+        attempt=1,
+        step=7,
+        total_steps=20,
+        loss=1.5,
+        last_checkpoint="s3://runs/chain/sft/checkpoints/checkpoint-5",
+    )
+    stage = harness.wait(
+        lambda: (s := harness.status("chain")["stages"][0]).get("progress", {}).get("step") == 7 and s,
+        "progress mirrored into status",
+    )
     assert stage["lastCheckpoint"] == "s3://runs/chain/sft/checkpoints/checkpoint-5"
     assert stage["progress"]["totalSteps"] == 20 and stage["metrics"]["loss"] == 1.5
 
     # The trainer's ServiceAccount may write only its job's report ConfigMaps.
     forbidden = harness.control_plane.kubectl(
-        "get", "configmap", "kube-root-ca.crt", "-n", harness.namespace, check=False,
-        kubeconfig=harness.control_plane.service_account_kubeconfig(harness.namespace, "chain-trainer"))
+        "get",
+        "configmap",
+        "kube-root-ca.crt",
+        "-n",
+        harness.namespace,
+        check=False,
+        kubeconfig=harness.control_plane.service_account_kubeconfig(harness.namespace, "chain-trainer"),
+    )
     assert forbidden.returncode != 0 and "forbidden" in forbidden.stderr
 
-    harness.report("chain", "sft", phase="Succeeded", attempt=1, step=20, total_steps=20,
-                   checkpoint="s3://runs/chain/sft/model", metrics={"eval_loss_before": 2.0, "eval_loss_after": 0.7})
+    harness.report(
+        "chain",
+        "sft",
+        phase="Succeeded",
+        attempt=1,
+        step=20,
+        total_steps=20,
+        checkpoint="s3://runs/chain/sft/model",
+        metrics={"eval_loss_before": 2.0, "eval_loss_after": 0.7},
+    )
     harness.kuberay_sets("chain-sft-1", "succeeded")
     second = harness.wait_for_rayjob("chain-dpo-1")
     assert rendered_config(second).input_model == "s3://runs/chain/sft/model"
 
     harness.kuberay_sets("chain-dpo-1", "succeeded")
-    harness.report("chain", "dpo", phase="Succeeded", attempt=1, checkpoint="s3://runs/chain/dpo/model", metrics={"reward_margin": 0.4})
-    waited = harness.control_plane.kubectl("wait", "--for=condition=Succeeded", "ftj/chain", "-n", harness.namespace, "--timeout=30s")
+    harness.report(
+        "chain",
+        "dpo",
+        phase="Succeeded",
+        attempt=1,
+        checkpoint="s3://runs/chain/dpo/model",
+        metrics={"reward_margin": 0.4},
+    )
+    waited = harness.control_plane.kubectl(
+        "wait", "--for=condition=Succeeded", "ftj/chain", "-n", harness.namespace, "--timeout=30s"
+    )
     assert "condition met" in waited.stdout
     status = harness.status("chain")
     assert (status["phase"], status["progress"], status["observedGeneration"]) == ("Succeeded", "2/2", 1)
     assert [(s["name"], s["phase"], s["checkpoint"]) for s in status["stages"]] == [
-        ("sft", "Succeeded", "s3://runs/chain/sft/model"), ("dpo", "Succeeded", "s3://runs/chain/dpo/model")]
+        ("sft", "Succeeded", "s3://runs/chain/sft/model"),
+        ("dpo", "Succeeded", "s3://runs/chain/dpo/model"),
+    ]
     assert status["stages"][0]["metrics"]["eval_loss_after"] == 0.7
     reasons_seen = [e["reason"] for e in harness.events("chain")]
-    for reason in (reasons.STAGE_STARTING, reasons.CHECKPOINT_SAVED, reasons.STAGE_SUCCEEDED, reasons.ALL_STAGES_SUCCEEDED):
+    for reason in (
+        reasons.STAGE_STARTING,
+        reasons.CHECKPOINT_SAVED,
+        reasons.STAGE_SUCCEEDED,
+        reasons.ALL_STAGES_SUCCEEDED,
+    ):
         assert reason in reasons_seen
-    assert "finetune_operator_jobs{phase=\"Succeeded\"} 1.0" in harness.operator.metrics()
+    assert 'finetune_operator_jobs{phase="Succeeded"} 1.0' in harness.operator.metrics()
 
 
 def test_failures_retry_from_the_checkpoint_then_fail_after_backoff_limit(harness: Harness):
     harness.create(job_manifest("retry", backoffLimit=1))
     harness.wait_for_rayjob("retry-sft-1")
-    harness.report("retry", "sft", phase="Running", attempt=1, last_checkpoint="s3://runs/retry/sft/checkpoints/checkpoint-10")
+    harness.report(
+        "retry", "sft", phase="Running", attempt=1, last_checkpoint="s3://runs/retry/sft/checkpoints/checkpoint-10"
+    )
     harness.kuberay_sets("retry-sft-1", "failed")
     second = harness.wait_for_rayjob("retry-sft-2")
     assert rendered_config(second).attempt == 2
-    assert any(e["reason"] == reasons.RETRYING_FROM_CHECKPOINT and "checkpoint-10" in e["message"] for e in harness.events("retry"))
+    assert any(
+        e["reason"] == reasons.RETRYING_FROM_CHECKPOINT and "checkpoint-10" in e["message"]
+        for e in harness.events("retry")
+    )
     harness.kuberay_sets("retry-sft-2", "failed")
     condition = harness.wait_for_condition("retry", "Failed", reason=reasons.BACKOFF_LIMIT_EXCEEDED)
     assert "worker OOMKilled" in condition["message"]
@@ -182,8 +246,14 @@ def test_failures_retry_from_the_checkpoint_then_fail_after_backoff_limit(harnes
 def test_a_permanent_trainer_failure_is_not_retried(harness: Harness):
     harness.create(job_manifest("gate"))
     harness.wait_for_rayjob("gate-sft-1")
-    harness.report("gate", "sft", phase="Failed", attempt=1, reason="InvalidDataset",
-                   message="instruct.jsonl:3: expected columns prompt, completion")
+    harness.report(
+        "gate",
+        "sft",
+        phase="Failed",
+        attempt=1,
+        reason="InvalidDataset",
+        message="instruct.jsonl:3: expected columns prompt, completion",
+    )
     harness.kuberay_sets("gate-sft-1", "failed")
     condition = harness.wait_for_condition("gate", "Failed", reason="InvalidDataset")
     assert "instruct.jsonl:3" in condition["message"]
@@ -200,7 +270,9 @@ def test_suspend_and_resume(harness: Harness):
     harness.wait(lambda: harness.rayjob("pause-sft-1")["spec"].get("suspend") is True, "RayJob suspended")
     harness.wait_for_condition("pause", "Suspended", reason=reasons.SUSPENDED)
     assert harness.status("pause")["phase"] == "Suspended"
-    harness.admin.patch(RAYJOB, harness.namespace, "pause-sft-1", {"status": {"jobDeploymentStatus": "Suspended"}}, subresource="status")
+    harness.admin.patch(
+        RAYJOB, harness.namespace, "pause-sft-1", {"status": {"jobDeploymentStatus": "Suspended"}}, subresource="status"
+    )
 
     harness.admin.patch(FINETUNEJOB, harness.namespace, "pause", {"spec": {"suspend": False}})
     harness.wait(lambda: harness.rayjob("pause-sft-1")["spec"].get("suspend") is False, "RayJob resumed")
@@ -216,7 +288,11 @@ def test_deletion_removes_every_child(harness: Harness):
     selector = "finetune.dev/job=gone"
     assert harness.admin.list(RAYJOB, harness.namespace, selector) == []
     assert harness.admin.list(CONFIGMAP, harness.namespace, selector) == []
-    for kind in (("v1", "ServiceAccount"), ("rbac.authorization.k8s.io/v1", "Role"), ("rbac.authorization.k8s.io/v1", "RoleBinding")):
+    for kind in (
+        ("v1", "ServiceAccount"),
+        ("rbac.authorization.k8s.io/v1", "Role"),
+        ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+    ):
         assert harness.admin.get(kind, harness.namespace, "gone-trainer") is None
 
 
@@ -262,10 +338,18 @@ def test_a_missing_secret_is_named_and_waited_for(harness: Harness):
     condition = harness.wait_for_condition("creds", "Running", status="False", reason=reasons.SECRET_NOT_FOUND)
     assert "spec.model.credentialsSecret" in condition["message"] and "'model-creds'" in condition["message"]
     assert harness.rayjobs("creds") == []
-    harness.admin.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "model-creds", "namespace": harness.namespace},
-                          "stringData": {"AWS_SECRET_ACCESS_KEY": "do-not-leak-this"}})
+    harness.admin.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "model-creds", "namespace": harness.namespace},
+            "stringData": {"AWS_SECRET_ACCESS_KEY": "do-not-leak-this"},
+        }
+    )
     rayjob = harness.wait_for_rayjob("creds-sft-1")
-    assert {"secretRef": {"name": "model-creds"}} in rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["envFrom"]
+    assert {"secretRef": {"name": "model-creds"}} in rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0][
+        "template"
+    ]["spec"]["containers"][0]["envFrom"]
     everything = json.dumps([harness.job("creds"), harness.events("creds")]) + harness.operator.log_tail(10000)
     assert "do-not-leak-this" not in everything
 

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from finetune_operator.devcluster import ControlPlane
-from finetune_operator.devcluster.binaries import REPO_ROOT
+from finetune_dev import ControlPlane
+from finetune_dev.binaries import REPO_ROOT
 
 EXAMPLES = REPO_ROOT / "examples"
 INVALID = sorted((EXAMPLES / "invalid").glob("*.yaml"))
@@ -31,7 +30,9 @@ def apply_quickstart(cp: ControlPlane, namespace: str) -> None:
 
 
 def patch(cp: ControlPlane, namespace: str, body: dict, *extra: str, check: bool = False):
-    return cp.kubectl("patch", "ftj", "quickstart", "-n", namespace, "--type=merge", "-p", json.dumps(body), *extra, check=check)
+    return cp.kubectl(
+        "patch", "ftj", "quickstart", "-n", namespace, "--type=merge", "-p", json.dumps(body), *extra, check=check
+    )
 
 
 def test_crd_is_established_with_its_names(control_plane: ControlPlane):
@@ -55,7 +56,9 @@ def explain(cp: ControlPlane, field: str, timeout: float = 60.0) -> str:
 
 
 def test_kubectl_explain_shows_the_contract_descriptions(control_plane: ControlPlane):
-    assert "Strength of the implicit KL constraint to the reference model." in explain(control_plane, "finetunejob.spec.stages.dpo.beta")
+    assert "Strength of the implicit KL constraint to the reference model." in explain(
+        control_plane, "finetunejob.spec.stages.dpo.beta"
+    )
     assert "Evaluation metrics reported by the stage" in explain(control_plane, "ftj.status.stages.metrics")
 
 
@@ -122,7 +125,10 @@ def test_status_is_validated_and_shown_in_columns(control_plane: ControlPlane, n
     table = control_plane.kubectl("get", "ftj", "-n", namespace).stdout.split("\n")
     assert table[0].split() == ["NAME", "PHASE", "STAGE", "PROGRESS", "AGE"]
     assert table[1].split()[:4] == ["quickstart", "Running", "sft", "1/4"]
-    assert "finetunejob.finetune.dev/quickstart" in control_plane.kubectl("get", "finetune", "-n", namespace, "-o", "name").stdout
+    assert (
+        "finetunejob.finetune.dev/quickstart"
+        in control_plane.kubectl("get", "finetune", "-n", namespace, "-o", "name").stdout
+    )
     wrong = patch(control_plane, namespace, {"status": {"phase": "Exploded"}}, "--subresource=status")
     assert wrong.returncode != 0 and "status.phase" in wrong.stderr and "Unsupported value" in wrong.stderr
 
@@ -134,7 +140,13 @@ def test_stages_are_immutable_once_started(control_plane: ControlPlane, namespac
     stages[0]["training"]["maxSteps"] = 41
     patch(control_plane, namespace, {"spec": {"stages": stages}}, check=True)
 
-    patch(control_plane, namespace, {"status": {"phase": "Running", "startTime": "2026-01-01T00:00:00Z"}}, "--subresource=status", check=True)
+    patch(
+        control_plane,
+        namespace,
+        {"status": {"phase": "Running", "startTime": "2026-01-01T00:00:00Z"}},
+        "--subresource=status",
+        check=True,
+    )
     stages[0]["training"]["maxSteps"] = 42
     refused = patch(control_plane, namespace, {"spec": {"stages": stages}})
     assert refused.returncode != 0
@@ -143,7 +155,12 @@ def test_stages_are_immutable_once_started(control_plane: ControlPlane, namespac
     assert refused.returncode != 0 and "cannot be changed once the job has started" in refused.stderr
 
     # Suspension and the deadlines stay editable: Kueue and users flip them on running jobs.
-    patch(control_plane, namespace, {"spec": {"suspend": True, "ttlSecondsAfterFinished": 600, "activeDeadlineSeconds": 7200}}, check=True)
+    patch(
+        control_plane,
+        namespace,
+        {"spec": {"suspend": True, "ttlSecondsAfterFinished": 600, "activeDeadlineSeconds": 7200}},
+        check=True,
+    )
     spec = get_job(control_plane, namespace)["spec"]
     assert spec["suspend"] is True and spec["ttlSecondsAfterFinished"] == 600
     assert spec["stages"][0]["training"]["maxSteps"] == 41

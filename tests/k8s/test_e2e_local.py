@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
+from finetune_dev.testing import REPO_ROOT, OperatorProcess, install_chart_rbac, live_group_members, source_env
 from finetune_operator.kube import FINETUNEJOB, Kube
-from finetune_operator.testing import REPO_ROOT, OperatorProcess, install_chart_rbac, live_group_members
 
 pytestmark = pytest.mark.slow
 
@@ -26,9 +25,13 @@ FAST = {"FINETUNE_RETRY_BASE_SECONDS": "2", "FINETUNE_RESYNC_SECONDS": "5", "FIN
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     target = tmp_path_factory.mktemp("models") / "tiny"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT / "operator"), str(REPO_ROOT / "trainer")]))
-    subprocess.run([sys.executable, "-m", "finetune_trainer", "tiny-model", str(target), "--data-dir", str(DATA)],
-                   check=True, env=env, capture_output=True)
+    env = source_env()
+    subprocess.run(
+        [sys.executable, "-m", "finetune_trainer", "tiny-model", str(target), "--data-dir", str(DATA)],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     return target
 
 
@@ -45,7 +48,9 @@ def quickstart(model: Path, storage: Path) -> dict:
 @pytest.fixture
 def local_operator(control_plane, namespace, tmp_path):
     kubeconfig = install_chart_rbac(control_plane, f"op-{namespace}", namespace, "local", [namespace])
-    operator = OperatorProcess(kubeconfig, tmp_path / "operator.log", "local", (namespace,), state_dir=tmp_path / "state", env=FAST)
+    operator = OperatorProcess(
+        kubeconfig, tmp_path / "operator.log", "local", (namespace,), state_dir=tmp_path / "state", env=FAST
+    )
     with operator:
         yield operator
 
@@ -69,28 +74,38 @@ def _running_pid(state: Path, namespace: str, job: str, stage: str) -> int | Non
         return None
 
 
-def test_quickstart_pipeline_survives_an_operator_restart(control_plane, namespace, local_operator, tiny_model, tmp_path):
+def test_quickstart_pipeline_survives_an_operator_restart(
+    control_plane, namespace, local_operator, tiny_model, tmp_path
+):
     storage = tmp_path / "out"
     control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(quickstart(tiny_model, storage)))
     admin = Kube.connect(str(control_plane.kubeconfig))
     state = local_operator.state_dir
 
     # Kill the operator while the first stage trains; the restarted one must adopt that process, not start another.
-    pid = _wait(lambda: _running_pid(state, namespace, "quickstart", "cpt"), "the cpt stage process", local_operator, 120)
+    pid = _wait(
+        lambda: _running_pid(state, namespace, "quickstart", "cpt"), "the cpt stage process", local_operator, 120
+    )
     local_operator.kill()
     time.sleep(2)
     local_operator.start()
 
-    waited = control_plane.kubectl("wait", "--for=condition=Succeeded", "ftj/quickstart", "-n", namespace, "--timeout=900s", check=False)
+    waited = control_plane.kubectl(
+        "wait", "--for=condition=Succeeded", "ftj/quickstart", "-n", namespace, "--timeout=900s", check=False
+    )
     status = (admin.get(FINETUNEJOB, namespace, "quickstart") or {}).get("status", {})
-    assert waited.returncode == 0, f"{waited.stderr}\nstatus: {json.dumps(status, indent=1)}\n{local_operator.log_tail()}"
+    assert waited.returncode == 0, (
+        f"{waited.stderr}\nstatus: {json.dumps(status, indent=1)}\n{local_operator.log_tail()}"
+    )
 
     stages = {s["name"]: s for s in status["stages"]}
     assert list(stages) == ["cpt", "sft", "reward", "dpo"]
     for name, stage in stages.items():
         assert (stage["phase"], stage["attempts"]) == ("Succeeded", 1), name
         assert Path(stage["checkpoint"]) == storage / name / "model" and (storage / name / "model").is_dir(), name
-        assert sorted(p.name for p in (state / namespace / "quickstart").iterdir() if p.name.startswith(f"{name}-")) == [f"{name}-1"]
+        assert sorted(
+            p.name for p in (state / namespace / "quickstart").iterdir() if p.name.startswith(f"{name}-")
+        ) == [f"{name}-1"]
     assert int((state / namespace / "quickstart" / "cpt-1" / "pid").read_text()) == pid
     for name in ("cpt", "sft"):
         metrics = stages[name]["metrics"]
@@ -100,7 +115,9 @@ def test_quickstart_pipeline_survives_an_operator_restart(control_plane, namespa
     assert status["progress"] == "4/4"
 
 
-def test_deleting_the_job_mid_stage_stops_the_process_and_cleans_up(control_plane, namespace, local_operator, tiny_model, tmp_path):
+def test_deleting_the_job_mid_stage_stops_the_process_and_cleans_up(
+    control_plane, namespace, local_operator, tiny_model, tmp_path
+):
     manifest = quickstart(tiny_model, tmp_path / "out")
     manifest["metadata"]["name"] = "doomed"
     manifest["spec"]["stages"] = manifest["spec"]["stages"][:1]
@@ -110,12 +127,25 @@ def test_deleting_the_job_mid_stage_stops_the_process_and_cleans_up(control_plan
     state = local_operator.state_dir
     pid = _wait(lambda: _running_pid(state, namespace, "doomed", "cpt"), "the cpt stage process", local_operator, 120)
     # Delete while it trains, once it has written a checkpoint that `retainOnDelete: false` must remove.
-    _wait(lambda: any((tmp_path / "out" / "cpt").glob("checkpoints/checkpoint-*")), "a cpt checkpoint", local_operator, 300)
+    _wait(
+        lambda: any((tmp_path / "out" / "cpt").glob("checkpoints/checkpoint-*")),
+        "a cpt checkpoint",
+        local_operator,
+        300,
+    )
 
     control_plane.kubectl("delete", "ftj/doomed", "-n", namespace, "--timeout=60s")
     assert live_group_members(pid) == []
     assert not (state / namespace / "doomed").exists()
     assert not (tmp_path / "out" / "cpt").exists()
-    leftovers = control_plane.kubectl("get", "configmaps,serviceaccounts,roles,rolebindings", "-n", namespace,
-                                      "-l", "finetune.dev/job=doomed", "-o", "name").stdout
+    leftovers = control_plane.kubectl(
+        "get",
+        "configmaps,serviceaccounts,roles,rolebindings",
+        "-n",
+        namespace,
+        "-l",
+        "finetune.dev/job=doomed",
+        "-o",
+        "name",
+    ).stdout
     assert leftovers.strip() == ""

@@ -7,8 +7,8 @@ import json
 import time
 import uuid
 
-from finetune_operator.devcluster import ControlPlane
-from finetune_operator.devcluster.binaries import REPO_ROOT
+from finetune_dev import ControlPlane
+from finetune_dev.binaries import REPO_ROOT
 
 CHART = REPO_ROOT / "charts" / "finetune-operator"
 
@@ -24,7 +24,9 @@ def can(cp: ControlPlane, user: str, verb: str, resource: str, namespace: str | 
     scope = ["--namespace", namespace] if namespace else ["--all-namespaces"]
     resource, _, subresource = resource.partition(":")
     extra = [f"--subresource={subresource}"] if subresource else []
-    return cp.kubectl("auth", "can-i", verb, resource, *extra, "--as", user, *scope, check=False).stdout.strip() == "yes"
+    return (
+        cp.kubectl("auth", "can-i", verb, resource, *extra, "--as", user, *scope, check=False).stdout.strip() == "yes"
+    )
 
 
 def eventually(check, timeout: float = 15.0) -> bool:
@@ -93,15 +95,32 @@ def test_operator_can_create_a_jobs_trainer_rbac(control_plane: ControlPlane, na
     control_plane.kubectl("create", "serviceaccount", "demo-trainer", "-n", namespace, **as_operator)
     control_plane.kubectl("create", "configmap", "demo-sft-report", "-n", namespace, **as_operator)
     control_plane.kubectl(
-        "create", "role", "demo-trainer", "--verb=get,patch", "--resource=configmaps", "--resource-name=demo-sft-report", "-n", namespace, **as_operator
+        "create",
+        "role",
+        "demo-trainer",
+        "--verb=get,patch",
+        "--resource=configmaps",
+        "--resource-name=demo-sft-report",
+        "-n",
+        namespace,
+        **as_operator,
     )
     control_plane.kubectl(
-        "create", "rolebinding", "demo-trainer", "--role=demo-trainer", f"--serviceaccount={namespace}:demo-trainer", "-n", namespace, **as_operator
+        "create",
+        "rolebinding",
+        "demo-trainer",
+        "--role=demo-trainer",
+        f"--serviceaccount={namespace}:demo-trainer",
+        "-n",
+        namespace,
+        **as_operator,
     )
     token = control_plane.kubectl("create", "token", "demo-trainer", "-n", namespace, **as_operator).stdout.strip()
     assert token.count(".") == 2
     # A Role wider than the operator's own grants is refused.
-    wider = control_plane.kubectl("create", "role", "too-wide", "--verb=list", "--resource=secrets", "-n", namespace, check=False, **as_operator)
+    wider = control_plane.kubectl(
+        "create", "role", "too-wide", "--verb=list", "--resource=secrets", "-n", namespace, check=False, **as_operator
+    )
     assert wider.returncode != 0 and "forbidden" in wider.stderr.lower()
 
 
@@ -117,7 +136,10 @@ def test_namespaced_install_is_confined_to_its_namespaces(control_plane: Control
         control_plane.kubectl("get", "role", name, "-n", ns)
         control_plane.kubectl("get", "rolebinding", name, "-n", ns)
         control_plane.kubectl("get", "kopfpeering", name, "-n", ns)
-    assert control_plane.kubectl("get", "clusterrole", "-l", f"app.kubernetes.io/instance={release}", "-o", "name").stdout == ""
+    assert (
+        control_plane.kubectl("get", "clusterrole", "-l", f"app.kubernetes.io/instance={release}", "-o", "name").stdout
+        == ""
+    )
 
     user = operator_user(namespace, release)
     assert eventually(lambda: all(can(control_plane, user, "create", "rayjobs.ray.io", ns) for ns in watched))

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import shlex
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
-
 from finetune_api.render import StageConfig, render_stage
 from finetune_api.spec import FineTuneJobSpec
 from finetune_operator import builders
@@ -24,6 +23,7 @@ def make_rayjob(job, sample_spec):
         spec = FineTuneJobSpec.model_validate(sample_spec(**spec_changes))
         config = render_stage(job.name, spec, stage, namespace=job.namespace, attempt=attempt)
         return builders.rayjob(job, spec, config, SETTINGS), config
+
     return make
 
 
@@ -37,12 +37,23 @@ def test_rayjob_identity_owner_and_labels(make_rayjob):
     meta = rayjob["metadata"]
     assert (rayjob["apiVersion"], rayjob["kind"]) == ("ray.io/v1", "RayJob")
     assert (meta["name"], meta["namespace"]) == ("demo-reward-2", "ml")
-    assert meta["ownerReferences"] == [{"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "name": "demo",
-                                        "uid": "uid-1234", "controller": True, "blockOwnerDeletion": True}]
+    assert meta["ownerReferences"] == [
+        {
+            "apiVersion": "finetune.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "name": "demo",
+            "uid": "uid-1234",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
     assert meta["labels"] == {
-        "finetune.dev/job": "demo", "finetune.dev/stage": "reward", "finetune.dev/attempt": "2",
+        "finetune.dev/job": "demo",
+        "finetune.dev/stage": "reward",
+        "finetune.dev/attempt": "2",
         "app.kubernetes.io/managed-by": "finetune-operator",
-        "kueue.x-k8s.io/queue-name": "team-a", "kueue.x-k8s.io/priority-class": "high",
+        "kueue.x-k8s.io/queue-name": "team-a",
+        "kueue.x-k8s.io/priority-class": "high",
     }
     assert rayjob["spec"]["shutdownAfterJobFinishes"] is True
     assert rayjob["spec"]["suspend"] is False
@@ -112,7 +123,10 @@ def test_pods_run_as_non_root_without_privileges(make_rayjob):
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["runAsUser"] != 0
         for container in pod["containers"]:
-            assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+            assert container["securityContext"] == {
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"drop": ["ALL"]},
+            }
 
 
 def test_trainer_role_allows_only_get_and_patch_of_the_jobs_report_configmaps(job, sample_spec):
@@ -120,8 +134,14 @@ def test_trainer_role_allows_only_get_and_patch_of_the_jobs_report_configmaps(jo
     account, role, binding = builders.trainer_rbac(job, spec)
     assert (account["kind"], account["metadata"]["name"]) == ("ServiceAccount", "demo-trainer")
     assert role["kind"] == "Role"
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "patch"],
-                              "resourceNames": ["demo-dpo-report", "demo-reward-report", "demo-sft-report"]}]
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "verbs": ["get", "patch"],
+            "resourceNames": ["demo-dpo-report", "demo-reward-report", "demo-sft-report"],
+        }
+    ]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "demo-trainer"}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "demo-trainer", "namespace": "ml"}]
     for manifest in (account, role, binding):
@@ -144,7 +164,9 @@ def test_referenced_secrets_name_their_fields(sample_spec):
         ("spec.stages[1].dataset.credentialsSecret", "data-creds"),
         ("spec.envFromSecrets[0]", "wandb"),
     ]
-    assert ("spec.stages[1].dataset.credentialsSecret", "data-creds") not in builders.referenced_secrets(spec, stage_index=0)
+    assert ("spec.stages[1].dataset.credentialsSecret", "data-creds") not in builders.referenced_secrets(
+        spec, stage_index=0
+    )
 
 
 def test_local_command_adds_no_ray(job, sample_spec):
@@ -156,9 +178,23 @@ def test_local_command_adds_no_ray(job, sample_spec):
 
 
 def test_event_refers_to_the_job(job):
-    event = builders.event(job, "Warning", "SecretNotFound", "spec.model.credentialsSecret: Secret 'x' not found",
-                           datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc))
-    assert event["involvedObject"] == {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "name": "demo",
-                                       "namespace": "ml", "uid": "uid-1234"}
-    assert (event["type"], event["reason"], event["firstTimestamp"]) == ("Warning", "SecretNotFound", "2026-01-02T03:04:05Z")
+    event = builders.event(
+        job,
+        "Warning",
+        "SecretNotFound",
+        "spec.model.credentialsSecret: Secret 'x' not found",
+        datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+    )
+    assert event["involvedObject"] == {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "name": "demo",
+        "namespace": "ml",
+        "uid": "uid-1234",
+    }
+    assert (event["type"], event["reason"], event["firstTimestamp"]) == (
+        "Warning",
+        "SecretNotFound",
+        "2026-01-02T03:04:05Z",
+    )
     assert event["metadata"]["generateName"] == "demo."

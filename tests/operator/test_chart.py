@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-
-from finetune_operator.crdgen import REPO_ROOT
+from finetune_dev.crdgen import REPO_ROOT
 
 pytestmark = pytest.mark.unit
 
@@ -39,7 +38,7 @@ def peering(resource: str) -> set[tuple[str, str, str]]:
 
 @pytest.fixture(scope="module")
 def helm() -> Path:
-    from finetune_operator.devcluster import GoNotFoundError, ensure_binaries
+    from finetune_dev import GoNotFoundError, ensure_binaries
 
     try:
         return ensure_binaries().helm
@@ -50,7 +49,12 @@ def helm() -> Path:
 def run_helm(helm: Path, *args: str, values: dict[str, Any] | None = None, tmp_path: Path, check: bool = True):
     values_file = tmp_path / "values.json"
     values_file.write_text(json.dumps(values or {}))
-    env = {"HELM_CACHE_HOME": str(tmp_path / "cache"), "HELM_CONFIG_HOME": str(tmp_path / "config"), "HELM_DATA_HOME": str(tmp_path / "data"), "PATH": "/usr/bin:/bin"}
+    env = {
+        "HELM_CACHE_HOME": str(tmp_path / "cache"),
+        "HELM_CONFIG_HOME": str(tmp_path / "config"),
+        "HELM_DATA_HOME": str(tmp_path / "data"),
+        "PATH": "/usr/bin:/bin",
+    }
     result = subprocess.run([str(helm), *args, "-f", str(values_file)], capture_output=True, text=True, env=env)
     if check:
         assert result.returncode == 0, result.stderr
@@ -67,7 +71,9 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 
 def grants(role: dict[str, Any]) -> set[tuple[str, str, str]]:
-    return {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    return {
+        (g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
+    }
 
 
 def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -82,7 +88,14 @@ def env_of(docs: list[dict[str, Any]]) -> dict[str, str]:
 
 def test_lint_passes_strict(helm: Path, tmp_path: Path):
     run_helm(helm, "lint", "--strict", str(CHART), tmp_path=tmp_path)
-    run_helm(helm, "lint", "--strict", str(CHART), values={"watchNamespaces": ["a", "b"], "executor": "local"}, tmp_path=tmp_path)
+    run_helm(
+        helm,
+        "lint",
+        "--strict",
+        str(CHART),
+        values={"watchNamespaces": ["a", "b"], "executor": "local"},
+        tmp_path=tmp_path,
+    )
 
 
 def test_values_yaml_matches_the_schema_defaults():
@@ -106,7 +119,14 @@ def test_values_yaml_matches_the_schema_defaults():
 
 def test_default_values_are_cluster_wide(helm: Path, tmp_path: Path):
     docs = render(helm, tmp_path)
-    assert {d["kind"] for d in docs} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ClusterKopfPeering"}
+    assert {d["kind"] for d in docs} == {
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "Service",
+        "ClusterKopfPeering",
+    }
     (role,) = by_kind(docs, "ClusterRole")
     assert grants(role) == NAMESPACED | CRD_READ | peering("clusterkopfpeerings")
     (binding,) = by_kind(docs, "ClusterRoleBinding")
@@ -183,17 +203,33 @@ def test_standalone_mode_refuses_extra_replicas(helm: Path, tmp_path: Path):
     docs = render(helm, tmp_path, {"peering": {"enabled": False}})
     assert env_of(docs)["FINETUNE_STANDALONE"] == "true" and "FINETUNE_PEERING" not in env_of(docs)
     assert not by_kind(docs, "ClusterKopfPeering")
-    result = run_helm(helm, "template", "ft", str(CHART), values={"peering": {"enabled": False}, "replicas": 2}, tmp_path=tmp_path, check=False)
+    result = run_helm(
+        helm,
+        "template",
+        "ft",
+        str(CHART),
+        values={"peering": {"enabled": False}, "replicas": 2},
+        tmp_path=tmp_path,
+        check=False,
+    )
     assert result.returncode != 0 and "replicas > 1 needs peering.enabled" in result.stderr
 
 
 def test_schema_rejects_unknown_and_mistyped_values(helm: Path, tmp_path: Path):
-    for values, complaint in (({"replica": 2}, "replica"), ({"executor": "slurm"}, "executor"), ({"watchNamespaces": "a"}, "watchNamespaces")):
+    for values, complaint in (
+        ({"replica": 2}, "replica"),
+        ({"executor": "slurm"}, "executor"),
+        ({"watchNamespaces": "a"}, "watchNamespaces"),
+    ):
         result = run_helm(helm, "template", "ft", str(CHART), values=values, tmp_path=tmp_path, check=False)
         assert result.returncode != 0 and complaint in result.stderr, (values, result.stderr)
 
 
 def test_crds_ship_with_the_chart(helm: Path, tmp_path: Path):
     result = run_helm(helm, "template", "ft", str(CHART), "--include-crds", tmp_path=tmp_path)
-    crds = {d["metadata"]["name"] for d in yaml.safe_load_all(result.stdout) if d and d["kind"] == "CustomResourceDefinition"}
+    crds = {
+        d["metadata"]["name"]
+        for d in yaml.safe_load_all(result.stdout)
+        if d and d["kind"] == "CustomResourceDefinition"
+    }
     assert crds == {"finetunejobs.finetune.dev", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}

@@ -5,15 +5,15 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
-
 from finetune_api.manifest import ManifestError, load_manifest
 from finetune_api.spec import PeftSpec, ResourcesSpec, StageType
-from finetune_operator import crdgen
+from finetune_dev import crdgen
 
 pytestmark = pytest.mark.unit
 
@@ -43,7 +43,7 @@ def walk(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str
 
 def test_committed_files_match_the_contract():
     result = subprocess.run(
-        [sys.executable, "-m", "finetune_operator.crdgen", "--check"], cwd=REPO_ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "finetune_dev.crdgen", "--check"], cwd=REPO_ROOT, capture_output=True, text=True
     )
     assert result.returncode == 0, f"generated files drifted; run `make crds`:\n{result.stdout}{result.stderr}"
 
@@ -103,9 +103,13 @@ def test_schema_is_structural(root: dict[str, Any]):
 
 def test_every_property_is_described(root: dict[str, Any]):
     undocumented = [
-        path for path, node in walk(root["properties"]["spec"], "spec") if not node.get("description") and not path.endswith(("[]", "{}"))
+        path
+        for path, node in walk(root["properties"]["spec"], "spec")
+        if not node.get("description") and not path.endswith(("[]", "{}"))
     ] + [
-        path for path, node in walk(root["properties"]["status"], "status") if not node.get("description") and not path.endswith(("[]", "{}"))
+        path
+        for path, node in walk(root["properties"]["status"], "status")
+        if not node.get("description") and not path.endswith(("[]", "{}"))
     ]
     assert not undocumented
 
@@ -114,11 +118,28 @@ def test_status_is_strict_and_mirrors_the_status_model(root: dict[str, Any]):
     status = root["properties"]["status"]
     assert "x-kubernetes-preserve-unknown-fields" not in status
     assert set(status["properties"]) == {
-        "phase", "conditions", "observedGeneration", "currentStage", "progress", "startTime", "suspendedSeconds", "completionTime",
+        "phase",
+        "conditions",
+        "observedGeneration",
+        "currentStage",
+        "progress",
+        "startTime",
+        "suspendedSeconds",
+        "completionTime",
         "stages",
     }
     stage = status["properties"]["stages"]["items"]
-    assert {"name", "type", "phase", "attempts", "rayJob", "checkpoint", "lastCheckpoint", "progress", "metrics"} <= set(stage["properties"])
+    assert {
+        "name",
+        "type",
+        "phase",
+        "attempts",
+        "rayJob",
+        "checkpoint",
+        "lastCheckpoint",
+        "progress",
+        "metrics",
+    } <= set(stage["properties"])
     assert stage["properties"]["metrics"]["additionalProperties"] == {"type": "number"}
     assert status["properties"]["conditions"]["x-kubernetes-list-map-keys"] == ["type"]
     assert status["properties"]["phase"]["enum"] == ["Pending", "Running", "Succeeded", "Failed", "Suspended"]

@@ -9,15 +9,14 @@ from pathlib import Path
 
 import kubernetes
 import pytest
-
 from finetune_api.render import render_stage
 from finetune_api.spec import FineTuneJobSpec
+from finetune_dev.testing import live_group_members
 from finetune_operator import reasons
 from finetune_operator.executors import LocalExecutor, delete_artifacts, rayjob_observation
 from finetune_operator.kube import Kube
 from finetune_operator.reconcile import ChildState
 from finetune_operator.settings import Settings
-from finetune_operator.testing import live_group_members
 
 pytestmark = pytest.mark.unit
 
@@ -26,21 +25,24 @@ def _rayjob(status: dict | None = None, suspend: bool = False) -> dict:
     return {"spec": {"suspend": suspend}, "status": status or {}}
 
 
-@pytest.mark.parametrize(("status", "state"), [
-    ({}, ChildState.starting),
-    ({"jobDeploymentStatus": "Initializing"}, ChildState.initializing),
-    ({"jobDeploymentStatus": "Waiting"}, ChildState.initializing),
-    ({"jobDeploymentStatus": "Running", "jobStatus": "PENDING"}, ChildState.running),
-    ({"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, ChildState.running),
-    # KubeRay may report the Ray job's success before the deployment status catches up.
-    ({"jobDeploymentStatus": "Running", "jobStatus": "SUCCEEDED"}, ChildState.succeeded),
-    ({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}, ChildState.succeeded),
-    ({"jobDeploymentStatus": "Complete", "jobStatus": "FAILED"}, ChildState.failed),
-    ({"jobDeploymentStatus": "Failed", "jobStatus": "FAILED"}, ChildState.failed),
-    ({"jobDeploymentStatus": "Complete", "jobStatus": "STOPPED"}, ChildState.failed),
-    ({"jobDeploymentStatus": "Suspended"}, ChildState.suspended),
-    ({"jobDeploymentStatus": "Suspending"}, ChildState.suspended),
-])
+@pytest.mark.parametrize(
+    ("status", "state"),
+    [
+        ({}, ChildState.starting),
+        ({"jobDeploymentStatus": "Initializing"}, ChildState.initializing),
+        ({"jobDeploymentStatus": "Waiting"}, ChildState.initializing),
+        ({"jobDeploymentStatus": "Running", "jobStatus": "PENDING"}, ChildState.running),
+        ({"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, ChildState.running),
+        # KubeRay may report the Ray job's success before the deployment status catches up.
+        ({"jobDeploymentStatus": "Running", "jobStatus": "SUCCEEDED"}, ChildState.succeeded),
+        ({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}, ChildState.succeeded),
+        ({"jobDeploymentStatus": "Complete", "jobStatus": "FAILED"}, ChildState.failed),
+        ({"jobDeploymentStatus": "Failed", "jobStatus": "FAILED"}, ChildState.failed),
+        ({"jobDeploymentStatus": "Complete", "jobStatus": "STOPPED"}, ChildState.failed),
+        ({"jobDeploymentStatus": "Suspended"}, ChildState.suspended),
+        ({"jobDeploymentStatus": "Suspending"}, ChildState.suspended),
+    ],
+)
 def test_rayjob_status_meaning(status, state):
     assert rayjob_observation(_rayjob(status)).state == state
 
@@ -48,14 +50,33 @@ def test_rayjob_status_meaning(status, state):
 def test_absent_suspended_and_failure_details():
     assert rayjob_observation(None).state == ChildState.absent
     assert rayjob_observation(_rayjob({"jobDeploymentStatus": "Running"}, suspend=True)).state == ChildState.suspended
-    initializing = rayjob_observation(_rayjob({"jobDeploymentStatus": "Initializing", "reason": "ImagePullBackOff",
-                                               "message": "image trainer:9 not found"}))
+    initializing = rayjob_observation(
+        _rayjob(
+            {
+                "jobDeploymentStatus": "Initializing",
+                "reason": "ImagePullBackOff",
+                "message": "image trainer:9 not found",
+            }
+        )
+    )
     assert initializing.message == "ImagePullBackOff image trainer:9 not found"
-    failed = rayjob_observation(_rayjob({"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed",
-                                         "endTime": "2026-03-01T12:00:00Z"}))
+    failed = rayjob_observation(
+        _rayjob(
+            {
+                "jobDeploymentStatus": "Failed",
+                "jobStatus": "FAILED",
+                "reason": "AppFailed",
+                "endTime": "2026-03-01T12:00:00Z",
+            }
+        )
+    )
     assert not failed.permanent and "AppFailed" in failed.message and failed.finished_at.minute == 0
     invalid = rayjob_observation(_rayjob({"jobDeploymentStatus": "ValidationFailed", "message": "bad spec"}))
-    assert (invalid.state, invalid.permanent, invalid.reason) == (ChildState.failed, True, reasons.RAYJOB_VALIDATION_FAILED)
+    assert (invalid.state, invalid.permanent, invalid.reason) == (
+        ChildState.failed,
+        True,
+        reasons.RAYJOB_VALIDATION_FAILED,
+    )
 
 
 class FakeKube:
@@ -125,8 +146,12 @@ def test_local_attempt_runs_with_the_trainer_token_and_is_adopted_after_a_restar
     executor = make()
     executor.start(job, spec, config)
     assert executor.observe(job, "sft", 1).state == ChildState.running
-    assert executor.kube.created == ["ServiceAccount/demo-trainer", "Role/demo-trainer", "RoleBinding/demo-trainer",
-                                     "ConfigMap/demo-sft-report"]
+    assert executor.kube.created == [
+        "ServiceAccount/demo-trainer",
+        "Role/demo-trainer",
+        "RoleBinding/demo-trainer",
+        "ConfigMap/demo-sft-report",
+    ]
     directory = executor.attempt_dir(job, "sft", 1)
     _wait_for(lambda: "args:" in (directory / "stage.log").read_text())
     log = (directory / "stage.log").read_text()
@@ -152,8 +177,10 @@ def test_local_suspend_kills_the_process_group_and_resume_starts_it_again(local,
     assert executor.observe(job, "sft", 1).state == ChildState.running
 
 
-@pytest.mark.parametrize(("code", "state", "permanent"), [("0", ChildState.succeeded, False), ("3", ChildState.failed, True),
-                                                          ("1", ChildState.failed, False)])
+@pytest.mark.parametrize(
+    ("code", "state", "permanent"),
+    [("0", ChildState.succeeded, False), ("3", ChildState.failed, True), ("1", ChildState.failed, False)],
+)
 def test_local_exit_codes(local, job, monkeypatch, code, state, permanent):
     make, spec, config = local
     monkeypatch.setenv("FAKE_EXIT", code)
@@ -186,8 +213,10 @@ def test_trainer_kubeconfig_is_private_and_carries_the_ca_inline(tmp_path):
     path = Kube(configuration).kubeconfig_for_token("secret-token", tmp_path / "attempt" / "kubeconfig", "ml")
     assert path.stat().st_mode & 0o777 == 0o600
     config = json.loads(path.read_text())
-    assert config["clusters"][0]["cluster"] == {"server": "https://127.0.0.1:6443",
-                                                "certificate-authority-data": base64.b64encode(b"CA PEM").decode()}
+    assert config["clusters"][0]["cluster"] == {
+        "server": "https://127.0.0.1:6443",
+        "certificate-authority-data": base64.b64encode(b"CA PEM").decode(),
+    }
     assert config["users"][0]["user"] == {"token": "secret-token"}
     assert config["contexts"][0]["context"]["namespace"] == "ml"
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
-
 from finetune_api.report import StageReport
 from finetune_operator import reasons
 from finetune_operator.reconcile import (
@@ -21,7 +20,7 @@ from finetune_operator.reconcile import (
 
 pytestmark = pytest.mark.unit
 
-T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 POLICY = Policy(retry_base_seconds=10, retry_max_seconds=600, secret_recheck_seconds=15)
 RUNNING = AttemptObservation(ChildState.running)
 
@@ -34,9 +33,9 @@ class Sim:
         self.status = None
         self.now = T0
 
-    def step(self, attempt=AttemptObservation(), report=None, missing=()):
-        decision = reconcile(self.job, self.spec, self.status, Observations(attempt, report, tuple(missing)),
-                             self.now, POLICY)
+    def step(self, attempt=None, report=None, missing=()):
+        observations = Observations(attempt or AttemptObservation(), report, tuple(missing))
+        decision = reconcile(self.job, self.spec, self.status, observations, self.now, POLICY)
         self.status = decision.status
         return decision
 
@@ -63,7 +62,9 @@ def failed(at: datetime | None = None, message: str = "worker died", permanent: 
 
 
 def succeeded_report(attempt: int, checkpoint: str, **metrics: float) -> StageReport:
-    return StageReport(phase="Succeeded", attempt=attempt, step=20, total_steps=20, checkpoint=checkpoint, metrics=metrics)
+    return StageReport(
+        phase="Succeeded", attempt=attempt, step=20, total_steps=20, checkpoint=checkpoint, metrics=metrics
+    )
 
 
 @pytest.fixture
@@ -76,8 +77,17 @@ def test_first_pass_starts_the_first_stage(sim):
     [config] = starts(decision)
     assert (config.stage.name, config.attempt, config.input_model) == ("sft", 1, "s3://models/base")
     status = sim.status
-    assert (status.phase, status.current_stage, status.progress, status.observed_generation) == ("Running", "sft", "0/3", 3)
-    assert [(s.name, s.phase, s.attempts) for s in status.stages] == [("sft", "Running", 1), ("reward", "Pending", 0), ("dpo", "Pending", 0)]
+    assert (status.phase, status.current_stage, status.progress, status.observed_generation) == (
+        "Running",
+        "sft",
+        "0/3",
+        3,
+    )
+    assert [(s.name, s.phase, s.attempts) for s in status.stages] == [
+        ("sft", "Running", 1),
+        ("reward", "Pending", 0),
+        ("dpo", "Pending", 0),
+    ]
     assert sim.stage("sft").ray_job == "demo-sft-1"
     assert status.start_time == "2026-03-01T12:00:00Z"
     running = sim.condition("Running")
@@ -104,11 +114,25 @@ def test_cluster_initializing_surfaces_kuberays_message(sim):
 
 def test_report_is_mirrored_and_each_checkpoint_announced_once(sim):
     sim.step()
-    report = StageReport(phase="Running", attempt=1, step=5, total_steps=20, epoch=0.5, eta_seconds=30, loss=1.25,
-                         metrics={"eval_loss_before": 2.5}, last_checkpoint="s3://runs/demo/sft/checkpoints/checkpoint-5")
+    report = StageReport(
+        phase="Running",
+        attempt=1,
+        step=5,
+        total_steps=20,
+        epoch=0.5,
+        eta_seconds=30,
+        loss=1.25,
+        metrics={"eval_loss_before": 2.5},
+        last_checkpoint="s3://runs/demo/sft/checkpoints/checkpoint-5",
+    )
     decision = sim.step(RUNNING, report)
     stage = sim.stage("sft")
-    assert (stage.progress.step, stage.progress.total_steps, stage.progress.epoch, stage.progress.eta_seconds) == (5, 20, 0.5, 30)
+    assert (stage.progress.step, stage.progress.total_steps, stage.progress.epoch, stage.progress.eta_seconds) == (
+        5,
+        20,
+        0.5,
+        30,
+    )
     assert stage.metrics == {"eval_loss_before": 2.5, "loss": 1.25}
     assert stage.last_checkpoint == "s3://runs/demo/sft/checkpoints/checkpoint-5"
     assert reasons_of(decision) == [reasons.CHECKPOINT_SAVED]
@@ -136,7 +160,7 @@ def test_a_rayjob_that_succeeded_without_a_report_uses_the_rendered_output(sim):
 
 def _run_to_success(sim):
     sim.step()
-    for index, name in enumerate(("sft", "reward", "dpo")):
+    for name in ("sft", "reward", "dpo"):
         sim.advance(60)
         sim.step(RUNNING, succeeded_report(1, f"s3://runs/demo/{name}/model"))
     return sim
@@ -159,7 +183,9 @@ def test_all_stages_succeeded_and_a_finished_job_never_reruns(sim):
 
 def test_failures_retry_with_growing_backoff_from_the_checkpoint_then_fail(sim):
     sim.step()
-    sim.step(RUNNING, StageReport(phase="Running", attempt=1, last_checkpoint="s3://runs/demo/sft/checkpoints/checkpoint-10"))
+    sim.step(
+        RUNNING, StageReport(phase="Running", attempt=1, last_checkpoint="s3://runs/demo/sft/checkpoints/checkpoint-10")
+    )
     delays = []
     for attempt in (1, 2):
         decision = sim.step(failed(at=sim.now))
@@ -219,14 +245,20 @@ def test_a_stale_report_of_an_earlier_attempt_decides_nothing(sim):
 
 def test_suspend_stops_the_attempt_and_resume_continues_the_same_attempt(sim):
     sim.step()
-    sim.step(RUNNING, StageReport(phase="Running", attempt=1, last_checkpoint="s3://runs/demo/sft/checkpoints/checkpoint-10"))
+    sim.step(
+        RUNNING, StageReport(phase="Running", attempt=1, last_checkpoint="s3://runs/demo/sft/checkpoints/checkpoint-10")
+    )
     sim.spec["suspend"] = True
     sim.advance(30)
     decision = sim.step(RUNNING)
     assert decision.actions == [StopAttempt("sft", 1, suspend=True)]
     assert (sim.status.phase, sim.stage("sft").phase) == ("Suspended", "Suspended")
     suspended = sim.condition("Suspended")
-    assert (suspended.status, suspended.reason, suspended.last_transition_time) == ("True", reasons.SUSPENDED, "2026-03-01T12:00:30Z")
+    assert (suspended.status, suspended.reason, suspended.last_transition_time) == (
+        "True",
+        reasons.SUSPENDED,
+        "2026-03-01T12:00:30Z",
+    )
     assert "checkpoint-10" in suspended.message
     assert sim.condition("Running").status == "False"
     assert sim.step(AttemptObservation(ChildState.suspended)).actions == []
@@ -326,7 +358,12 @@ def test_an_invalid_spec_fails_with_the_field_path(sim):
 
 
 def test_cross_field_errors_keep_their_path(sim):
-    sim.spec["stages"][2] = {"name": "ppo", "type": "ppo", "rewardFrom": "nope", "dataset": {"uri": "s3://data/p.jsonl"}}
+    sim.spec["stages"][2] = {
+        "name": "ppo",
+        "type": "ppo",
+        "rewardFrom": "nope",
+        "dataset": {"uri": "s3://data/p.jsonl"},
+    }
     sim.step()
     assert sim.condition("Failed").message.startswith("spec.stages[2].rewardFrom: 'nope' is not an earlier stage")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from finetune_operator.__main__ import build_parser
 from finetune_operator.handlers import merge_patch, replica_priority
 from finetune_operator.settings import from_env
@@ -14,39 +13,64 @@ pytestmark = pytest.mark.unit
 
 
 def test_environment_then_flags():
-    env = {"FINETUNE_EXECUTOR": "local", "FINETUNE_NAMESPACES": "ml, research", "FINETUNE_METRICS_PORT": "9090",
-           "FINETUNE_STANDALONE": "true", "FINETUNE_RETRY_BASE_SECONDS": "0.5", "FINETUNE_STATE_DIR": "/var/lib/ft",
-           "FINETUNE_PEERING": ""}
+    env = {
+        "FINETUNE_EXECUTOR": "local",
+        "FINETUNE_NAMESPACES": "ml, research",
+        "FINETUNE_METRICS_PORT": "9090",
+        "FINETUNE_STANDALONE": "true",
+        "FINETUNE_RETRY_BASE_SECONDS": "0.5",
+        "FINETUNE_STATE_DIR": "/var/lib/ft",
+        "FINETUNE_PEERING": "",
+    }
     settings = from_env(env)
     assert (settings.executor, settings.namespaces, settings.metrics_port) == ("local", ("ml", "research"), 9090)
-    assert (settings.standalone, settings.retry_base_seconds, settings.state_dir, settings.peering) == (True, 0.5, Path("/var/lib/ft"), None)
+    assert (settings.standalone, settings.retry_base_seconds, settings.state_dir, settings.peering) == (
+        True,
+        0.5,
+        Path("/var/lib/ft"),
+        None,
+    )
     assert not settings.clusterwide
     assert from_env(env, executor="kuberay", metrics_port=None).executor == "kuberay"
     assert from_env({"FINETUNE_NAMESPACES": ""}).clusterwide
 
 
-@pytest.mark.parametrize(("env", "message"), [
-    ({"FINETUNE_EXECUTOR": "slurm"}, "executor must be one of kuberay, local, got 'slurm'"),
-    ({"FINETUNE_METRICS_PORT": "eighty"}, "FINETUNE_METRICS_PORT='eighty'"),
-    ({"FINETUNE_STANDALONE": "maybe"}, "FINETUNE_STANDALONE='maybe': expected true or false"),
-    ({"FINETUNE_STANDALONE": "1", "FINETUNE_PEERING": "ops"}, "--peering and --standalone exclude each other"),
-])
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"FINETUNE_EXECUTOR": "slurm"}, "executor must be one of kuberay, local, got 'slurm'"),
+        ({"FINETUNE_METRICS_PORT": "eighty"}, "FINETUNE_METRICS_PORT='eighty'"),
+        ({"FINETUNE_STANDALONE": "maybe"}, "FINETUNE_STANDALONE='maybe': expected true or false"),
+        ({"FINETUNE_STANDALONE": "1", "FINETUNE_PEERING": "ops"}, "--peering and --standalone exclude each other"),
+    ],
+)
 def test_bad_settings_are_named(env, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         from_env(env)
 
 
 def test_cli_flags():
-    args = build_parser().parse_args(["run", "--executor", "local", "-n", "a", "-n", "b", "--standalone", "--health-port", "0"])
+    args = build_parser().parse_args(
+        ["run", "--executor", "local", "-n", "a", "-n", "b", "--standalone", "--health-port", "0"]
+    )
     assert (args.executor, args.namespaces, args.standalone, args.health_port) == ("local", ["a", "b"], True, 0)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--peering", "x", "--standalone"])
 
 
 def test_merge_patch_replaces_changed_keys_and_removes_dropped_ones():
-    old = {"phase": "Running", "currentStage": "sft", "stages": [{"name": "sft", "phase": "Running"}], "progress": "0/1"}
+    old = {
+        "phase": "Running",
+        "currentStage": "sft",
+        "stages": [{"name": "sft", "phase": "Running"}],
+        "progress": "0/1",
+    }
     new = {"phase": "Succeeded", "stages": [{"name": "sft", "phase": "Succeeded"}], "progress": "0/1"}
-    assert merge_patch(old, new) == {"phase": "Succeeded", "stages": [{"name": "sft", "phase": "Succeeded"}], "currentStage": None}
+    assert merge_patch(old, new) == {
+        "phase": "Succeeded",
+        "stages": [{"name": "sft", "phase": "Succeeded"}],
+        "currentStage": None,
+    }
     assert merge_patch(new, new) == {}
 
 

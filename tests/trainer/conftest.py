@@ -6,10 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from finetune_api.render import StageConfig, render_stage
 from finetune_api.report import StageReport
-
 from stage_helpers import DATA, job_spec
 
 
@@ -24,9 +22,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def render(tmp_path, tiny_model_dir):
     """render(stage_dict, peft=..., training=..., **spec fields) -> StageConfig of a one-stage job."""
 
-    def _render(stage: dict, peft: str = "full", training: dict | None = None, model_options: dict | None = None, **extra) -> StageConfig:
+    def _render(
+        stage: dict, peft: str = "full", training: dict | None = None, model_options: dict | None = None, **extra
+    ) -> StageConfig:
         stage = {"name": stage["type"], **stage}
-        spec = job_spec(tiny_model_dir, tmp_path / "artifacts", [stage], peft=peft, training=training, model_options=model_options, **extra)
+        spec = job_spec(
+            tiny_model_dir,
+            tmp_path / "artifacts",
+            [stage],
+            peft=peft,
+            training=training,
+            model_options=model_options,
+            **extra,
+        )
         return render_stage("test", spec, stage["name"])
 
     return _render

@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
-
 from finetune_api.spec import FineTuneJobSpec
+from finetune_dev.testing import source_env
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "examples" / "data"
 
 # Small and fast: enough steps for the tiny model to learn the toy data on two CPU cores within seconds.
-FAST_TRAINING = {"maxSteps": 30, "batchSize": 16, "maxLength": 64, "learningRate": 3e-3, "loggingSteps": 5, "saveSteps": 1000}
+FAST_TRAINING = {
+    "maxSteps": 30,
+    "batchSize": 16,
+    "maxLength": 64,
+    "learningRate": 3e-3,
+    "loggingSteps": 5,
+    "saveSteps": 1000,
+}
 
 
-def job_spec(model: Path | str, storage: Path | str, stages: list[dict], peft: str = "full", training: dict | None = None,
-             model_options: dict | None = None, **extra) -> FineTuneJobSpec:
+def job_spec(
+    model: Path | str,
+    storage: Path | str,
+    stages: list[dict],
+    peft: str = "full",
+    training: dict | None = None,
+    model_options: dict | None = None,
+    **extra,
+) -> FineTuneJobSpec:
     return FineTuneJobSpec.model_validate(
         {
             "model": {"source": str(model), **(model_options or {})},
@@ -33,17 +46,21 @@ def job_spec(model: Path | str, storage: Path | str, stages: list[dict], peft: s
 
 
 def write_manifest(path: Path, spec: dict, name: str = "e2e") -> Path:
-    path.write_text(yaml.safe_dump({"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}))
+    path.write_text(
+        yaml.safe_dump(
+            {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}
+        )
+    )
     return path
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer"), env.get("PYTHONPATH", "")])
-    env.update(extra)
-    return env
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m finetune_trainer ARGS` from the repository root, output captured."""
-    return subprocess.run([sys.executable, "-m", "finetune_trainer", *args], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "finetune_trainer", *args],
+        cwd=REPO,
+        env=source_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

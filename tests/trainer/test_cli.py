@@ -6,23 +6,25 @@ import sys
 
 import pytest
 import yaml
-
 from finetune_api.render import render_stage
 from finetune_api.report import EXIT_PERMANENT_FAILURE
 from finetune_api.spec import FineTuneJob
 from finetune_api.status import FineTuneJobStatus
-
-from stage_helpers import DATA, FAST_TRAINING, cli_env, job_spec, run_cli, write_manifest
+from stage_helpers import DATA, FAST_TRAINING, job_spec, run_cli, source_env, write_manifest
 
 
 def pipeline_spec(model, storage, stages, **training):
-    return job_spec(model, storage, stages, training={**FAST_TRAINING, "maxSteps": 20, "saveSteps": 10, **training}).model_dump(by_alias=True, exclude_none=True, mode="json")
+    return job_spec(
+        model, storage, stages, training={**FAST_TRAINING, "maxSteps": 20, "saveSteps": 10, **training}
+    ).model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
 @pytest.mark.unit
 def test_invalid_manifest_prints_file_line_errors_and_exits_2(tmp_path):
     manifest = tmp_path / "bad.yaml"
-    manifest.write_text("apiVersion: finetune.dev/v1alpha1\nkind: FineTuneJob\nmetadata: {name: bad}\nspec:\n  model: {source: x}\n  storage: {uri: /tmp/x}\n  stages:\n    - name: a\n      type: sfx\n      dataset: {uri: d.jsonl}\n")
+    manifest.write_text(
+        "apiVersion: finetune.dev/v1alpha1\nkind: FineTuneJob\nmetadata: {name: bad}\nspec:\n  model: {source: x}\n  storage: {uri: /tmp/x}\n  stages:\n    - name: a\n      type: sfx\n      dataset: {uri: d.jsonl}\n"
+    )
     result = run_cli("run", str(manifest), timeout=120)
     assert result.returncode == 2
     assert f"{manifest}:9: spec.stages[0].type" in result.stderr
@@ -31,7 +33,9 @@ def test_invalid_manifest_prints_file_line_errors_and_exits_2(tmp_path):
 @pytest.mark.train
 def test_bad_dataset_fails_before_training_naming_stage_file_and_line(tmp_path, tiny_model_dir):
     data = tmp_path / "broken.jsonl"
-    data.write_text('{"prompt": "What is 1 plus 1?", "completion": " 2"}\n{"prompt": "What is 1 plus 2?" "completion": " 3"}\n')
+    data.write_text(
+        '{"prompt": "What is 1 plus 1?", "completion": " 2"}\n{"prompt": "What is 1 plus 2?" "completion": " 3"}\n'
+    )
     storage = tmp_path / "out"
     stages = [{"name": "tune", "type": "sft", "dataset": {"uri": str(data)}}]
     manifest = write_manifest(tmp_path / "job.yaml", pipeline_spec(tiny_model_dir, storage, stages))
@@ -40,14 +44,30 @@ def test_bad_dataset_fails_before_training_naming_stage_file_and_line(tmp_path, 
     assert f"stage 'tune': {data}:line 2: malformed JSON" in result.stderr and "InvalidDataset" in result.stderr
     assert not (storage / "tune" / "checkpoints").exists()  # no training step ran
     status = FineTuneJobStatus.model_validate(json.loads((storage / "status.json").read_text()))
-    assert status.phase == "Failed" and status.stages[0].phase == "Failed" and "InvalidDataset" in status.stages[0].message
+    assert (
+        status.phase == "Failed" and status.stages[0].phase == "Failed" and "InvalidDataset" in status.stages[0].message
+    )
     assert status.condition("Failed").status == "True" and status.condition("Failed").reason == "InvalidDataset"
 
     # The operator's entrypoint: a permanent failure exits 3 and reports the reason.
     config = render_stage("e2e", FineTuneJob.model_validate(yaml.safe_load(manifest.read_text())).spec, "tune")
     report = tmp_path / "report.json"
-    stage = subprocess.run([sys.executable, "-m", "finetune_trainer.stage", "--config-json", config.model_dump_json(), "--report", f"file://{report}", "--no-ray"],
-                           env=cli_env(), capture_output=True, text=True, timeout=300)
+    stage = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finetune_trainer.stage",
+            "--config-json",
+            config.model_dump_json(),
+            "--report",
+            f"file://{report}",
+            "--no-ray",
+        ],
+        env=source_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert stage.returncode == EXIT_PERMANENT_FAILURE
     wire = json.loads(report.read_text())
     assert wire["phase"] == "Failed" and wire["reason"] == "InvalidDataset" and "line 2" in wire["message"]
@@ -58,7 +78,12 @@ def test_run_cpt_then_sft_writes_status_and_rerun_skips_finished_stages(tmp_path
     storage = tmp_path / "out"
     stages = [
         {"name": "domain", "type": "cpt", "dataset": {"uri": str(DATA / "domain.txt")}},
-        {"name": "instruct", "type": "sft", "dataset": {"uri": str(DATA / "instruct.jsonl")}, "generationEval": {"samples": 4, "maxNewTokens": 3}},
+        {
+            "name": "instruct",
+            "type": "sft",
+            "dataset": {"uri": str(DATA / "instruct.jsonl")},
+            "generationEval": {"samples": 4, "maxNewTokens": 3},
+        },
     ]
     manifest = write_manifest(tmp_path / "job.yaml", pipeline_spec(tiny_model_dir, storage, stages))
     status_file = tmp_path / "status" / "status.json"
@@ -72,13 +97,25 @@ def test_run_cpt_then_sft_writes_status_and_rerun_skips_finished_stages(tmp_path
     assert status.phase == "Succeeded" and status.progress == "2/2"
     assert {c.type: c.status for c in status.conditions} == {"Running": "False", "Succeeded": "True", "Failed": "False"}
     for stage, name in zip(wire["stages"], ["domain", "instruct"]):
-        assert set(stage) >= {"name", "type", "phase", "attempts", "startTime", "completionTime", "checkpoint", "metrics", "message"}
+        assert set(stage) >= {
+            "name",
+            "type",
+            "phase",
+            "attempts",
+            "startTime",
+            "completionTime",
+            "checkpoint",
+            "metrics",
+            "message",
+        }
         assert stage["name"] == name and stage["phase"] == "Succeeded" and stage["attempts"] == 1
         assert stage["checkpoint"] == str(storage / name / "model")
         assert stage["metrics"]["eval_loss_after"] < stage["metrics"]["eval_loss_before"]
     assert "rougeL" in wire["stages"][1]["metrics"]
     # The sft stage started from the cpt stage's output.
-    assert (storage / "domain" / "model" / "config.json").exists() and (storage / "instruct" / "model" / "config.json").exists()
+    assert (storage / "domain" / "model" / "config.json").exists() and (
+        storage / "instruct" / "model" / "config.json"
+    ).exists()
 
     rerun = run_cli("run", str(manifest), "--status-file", str(status_file), "--no-ray", timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

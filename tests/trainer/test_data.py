@@ -4,7 +4,6 @@ import csv
 import json
 
 import pytest
-
 from finetune_trainer.data import load_stage_data
 from finetune_trainer.errors import DataValidationError
 
@@ -60,12 +59,19 @@ def test_text_files_become_documents(render, tmp_path):
     text.write_text("1 plus 1 is 2.\n\n2 plus 2 is 4.\n3 plus 3 is 6.\n4 plus 4 is 8.\n")
     config = render({"type": "cpt", "dataset": {"uri": str(text), "validationSplit": 0.25}})
     data = load_stage_data(config, [("text",)])
-    assert sorted(list(data.train["text"]) + list(data.eval["text"])) == ["1 plus 1 is 2.", "2 plus 2 is 4.", "3 plus 3 is 6.", "4 plus 4 is 8."]
+    assert sorted(list(data.train["text"]) + list(data.eval["text"])) == [
+        "1 plus 1 is 2.",
+        "2 plus 2 is 4.",
+        "3 plus 3 is 6.",
+        "4 plus 4 is 8.",
+    ]
     folder = tmp_path / "docs"
     folder.mkdir()
     for index in range(3):
         (folder / f"{index}.txt").write_text(f"document {index}\nsecond line\n")
-    data = load_stage_data(render({"type": "cpt", "dataset": {"uri": str(folder), "validationSplit": 0.34}}), [("text",)])
+    data = load_stage_data(
+        render({"type": "cpt", "dataset": {"uri": str(folder), "validationSplit": 0.34}}), [("text",)]
+    )
     assert len(data.train) + len(data.eval) == 3 and all("second line" in t for t in data.train["text"])
 
 
@@ -73,7 +79,9 @@ def test_renames_max_samples_and_separate_validation_file(render, tmp_path):
     renamed = [{"question": r["prompt"], "answer": r["completion"]} for r in ROWS]
     train = write_jsonl(tmp_path / "train.jsonl", renamed)
     held_out = write_jsonl(tmp_path / "eval.jsonl", renamed[:3])
-    config = sft_config(render, train, columns={"question": "prompt", "answer": "completion"}, maxSamples=7, validationUri=str(held_out))
+    config = sft_config(
+        render, train, columns={"question": "prompt", "answer": "completion"}, maxSamples=7, validationUri=str(held_out)
+    )
     data = load_stage_data(config, SFT_COLUMNS)
     assert data.columns == ("prompt", "completion")
     assert len(data.train) == 7 and len(data.eval) == 3
@@ -107,14 +115,18 @@ def test_first_row_without_any_accepted_columns(render, tmp_path):
 
 def test_malformed_json_line(render, tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + "\n" + '{"prompt": "What is 1 plus 1?", "completion": \n')
+    path.write_text(
+        json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + "\n" + '{"prompt": "What is 1 plus 1?", "completion": \n'
+    )
     with pytest.raises(DataValidationError) as error:
         load_stage_data(sft_config(render, path), SFT_COLUMNS)
     assert f"{path}:line 3: malformed JSON" in str(error.value)
 
 
 def test_malformed_messages(render, tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}, {"messages": [{"role": "user"}]}])
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}, {"messages": [{"role": "user"}]}]
+    )
     with pytest.raises(DataValidationError, match=r"line 2: `messages` must be a list of \{role, content\}"):
         load_stage_data(sft_config(render, path), SFT_COLUMNS)
 

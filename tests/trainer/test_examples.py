@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from finetune_dev.testing import source_env
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
 
@@ -24,7 +24,7 @@ def run_example(name: str, workdir: Path, tiny_model_dir: Path) -> dict:
     result = subprocess.run(
         [sys.executable, "-m", "finetune_trainer", "run", f"examples/{name}.yaml", "--status-file", str(status_file)],
         cwd=workdir,
-        env={**os.environ, "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer'}"},
+        env=source_env(),
         capture_output=True,
         text=True,
         timeout=900,

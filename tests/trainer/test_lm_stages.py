@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM
-
 from stage_helpers import DATA
+from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.train
 
@@ -27,14 +26,22 @@ def instruct_rows():
 
 
 def test_cpt_full_learns_with_generation_eval(render, run_in_process):
-    config = render({"type": "cpt", "dataset": {"uri": str(DATA / "domain.txt")}, "generationEval": {"samples": 8, "maxNewTokens": 6}})
+    config = render(
+        {
+            "type": "cpt",
+            "dataset": {"uri": str(DATA / "domain.txt")},
+            "generationEval": {"samples": 8, "maxNewTokens": 6},
+        }
+    )
     metrics, report = run_in_process(config)
     assert_learned(metrics, report, config, margin=2.0)
     assert 0.0 <= metrics["rougeL"] <= 1.0 and 0.0 <= metrics["bleu"] <= 100.0
 
 
 def test_cpt_lora_learns_and_saves_a_merged_model(render, run_in_process):
-    config = render({"type": "cpt", "dataset": {"uri": str(DATA / "domain.txt")}}, peft="lora", training={"learningRate": 1e-2})
+    config = render(
+        {"type": "cpt", "dataset": {"uri": str(DATA / "domain.txt")}}, peft="lora", training={"learningRate": 1e-2}
+    )
     metrics, report = run_in_process(config)
     assert_learned(metrics, report, config)
     saved = Path(config.output_uri)
@@ -44,9 +51,20 @@ def test_cpt_lora_learns_and_saves_a_merged_model(render, run_in_process):
 def write_variant(tmp_path, name):
     rows = instruct_rows()
     if name == "alpaca":
-        rows = [{"instruction": r["prompt"], "context": "Answer with a number.", "response": r["completion"].strip()} for r in rows]
+        rows = [
+            {"instruction": r["prompt"], "context": "Answer with a number.", "response": r["completion"].strip()}
+            for r in rows
+        ]
     elif name == "messages":
-        rows = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"].strip()}]} for r in rows]
+        rows = [
+            {
+                "messages": [
+                    {"role": "user", "content": r["prompt"]},
+                    {"role": "assistant", "content": r["completion"].strip()},
+                ]
+            }
+            for r in rows
+        ]
     path = tmp_path / f"{name}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -75,7 +93,10 @@ def test_sft_with_a_named_chat_template_adds_its_tokens(render, run_in_process, 
 
 
 def test_sft_lora_with_packing_learns(render, run_in_process):
-    config = render({"type": "sft", "dataset": {"uri": str(DATA / "instruct.jsonl")}}, peft="lora",
-                    training={"packing": True, "learningRate": 1e-2, "batchSize": 4})
+    config = render(
+        {"type": "sft", "dataset": {"uri": str(DATA / "instruct.jsonl")}},
+        peft="lora",
+        training={"packing": True, "learningRate": 1e-2, "batchSize": 4},
+    )
     metrics, report = run_in_process(config)
     assert_learned(metrics, report, config)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from finetune_api.manifest import ManifestError, parse_manifest
 from finetune_api.render import render_stage
 from finetune_api.spec import FineTuneJobSpec, PPOOptions, TrainingSpec
@@ -46,13 +45,17 @@ spec:
 def test_reward_from_must_name_an_earlier_stage():
     with pytest.raises(ManifestError) as failure:
         parse_manifest(MANIFEST.format(reward_from="judge"), "rlhf.yaml")
-    assert "rlhf.yaml:21: spec.stages[2].rewardFrom: 'judge' is not an earlier stage (earlier stages: sft, rm)" in str(failure.value)
+    assert "rlhf.yaml:21: spec.stages[2].rewardFrom: 'judge' is not an earlier stage (earlier stages: sft, rm)" in str(
+        failure.value
+    )
 
 
 def test_reward_from_must_name_a_reward_stage():
     with pytest.raises(ManifestError) as failure:
         parse_manifest(MANIFEST.format(reward_from="sft"), "rlhf.yaml")
-    assert "rlhf.yaml:21: spec.stages[2].rewardFrom: stage 'sft' has type sft, expected a reward stage" in str(failure.value)
+    assert "rlhf.yaml:21: spec.stages[2].rewardFrom: stage 'sft' has type sft, expected a reward stage" in str(
+        failure.value
+    )
 
 
 def test_reward_from_a_reward_stage_is_accepted():
@@ -65,20 +68,32 @@ def test_reward_from_a_reward_stage_is_accepted():
 def _context(tmp_path: Path, stage_type: str, prompts: str, options: dict | None = None) -> StageContext:
     data = tmp_path / "prompts.jsonl"
     data.write_text(prompts)
-    spec = FineTuneJobSpec.model_validate({
-        "model": {"source": str(tmp_path / "no-model")},
-        "storage": {"uri": str(tmp_path / "out")},
-        "stages": [
-            {"name": "rm", "type": "reward", "dataset": {"uri": str(data)}},
-            {"name": "rl", "type": stage_type, "rewardFrom": "rm", "dataset": {"uri": str(data)}, stage_type: options or {}},
-        ],
-    })
+    spec = FineTuneJobSpec.model_validate(
+        {
+            "model": {"source": str(tmp_path / "no-model")},
+            "storage": {"uri": str(tmp_path / "out")},
+            "stages": [
+                {"name": "rm", "type": "reward", "dataset": {"uri": str(data)}},
+                {
+                    "name": "rl",
+                    "type": stage_type,
+                    "rewardFrom": "rm",
+                    "dataset": {"uri": str(data)},
+                    stage_type: options or {},
+                },
+            ],
+        }
+    )
     return StageContext(render_stage("job", spec, "rl"), None, rank=0, world_size=1, work_dir=tmp_path / "work")
 
 
 @pytest.mark.parametrize("recipe", [ppo, grpo], ids=["ppo", "grpo"])
 def test_prompt_data_with_the_wrong_column_is_rejected_naming_the_field(tmp_path, recipe):
-    ctx = _context(tmp_path, recipe.__name__.rsplit(".", 1)[-1], '{"question": "What is 3 plus 4?"}\n{"question": "What is 1 plus 1?"}\n')
+    ctx = _context(
+        tmp_path,
+        recipe.__name__.rsplit(".", 1)[-1],
+        '{"question": "What is 3 plus 4?"}\n{"question": "What is 1 plus 1?"}\n',
+    )
     with pytest.raises(DataValidationError) as failure:
         recipe.run(ctx)
     message = str(failure.value)
@@ -93,7 +108,9 @@ def test_grpo_group_size_must_divide_the_generation_batch(tmp_path):
 
 
 def test_ppo_plan_splits_rollouts_into_mini_and_micro_batches():
-    plan = PPOPlan.build("ppo", PPOOptions(rollout_batch_size=32, mini_batches=2), TrainingSpec(batch_size=6, epochs=2.0), 100, 2)
+    plan = PPOPlan.build(
+        "ppo", PPOOptions(rollout_batch_size=32, mini_batches=2), TrainingSpec(batch_size=6, epochs=2.0), 100, 2
+    )
     # 16 prompts per worker, mini-batches of 8, micro-batches of 4 (the largest divisor of 8 within batchSize 6).
     assert (plan.rollout_per_worker, plan.mini_batch, plan.micro_batch, plan.accumulation) == (16, 8, 4, 2)
     assert plan.total_steps == 7  # ceil(100 prompts x 2 epochs / 32)
@@ -105,7 +122,11 @@ def test_ppo_plan_splits_rollouts_into_mini_and_micro_batches():
     ("options", "workers", "problem"),
     [
         ({"rollout_batch_size": 10}, 4, r"ppo.rolloutBatchSize 10 must be a multiple of the 4 workers"),
-        ({"rollout_batch_size": 12, "mini_batches": 5}, 1, r"ppo.miniBatches 5 must divide the 12 prompts each worker rolls out"),
+        (
+            {"rollout_batch_size": 12, "mini_batches": 5},
+            1,
+            r"ppo.miniBatches 5 must divide the 12 prompts each worker rolls out",
+        ),
     ],
 )
 def test_ppo_plan_rejects_uneven_batches(options, workers, problem):

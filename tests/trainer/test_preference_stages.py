@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from finetune_api.render import StageConfig, render_stage
 from finetune_api.report import StageReport
 from finetune_api.spec import FineTuneJobSpec
-
 from finetune_trainer.errors import ConfigError, DataValidationError, QualityGateError
 from finetune_trainer.reporting import FileReporter
 from finetune_trainer.runner import run_stage
@@ -26,7 +24,14 @@ PREFS = REPO / "examples" / "data" / "prefs.jsonl"
 UNTRAINED_PAIR_LOSS = 0.6931  # -log sigmoid(0): a scorer that cannot tell chosen from rejected
 
 # Small, fast settings: ~120 optimizer steps over 180 training pairs, no intermediate checkpoints.
-FAST_TRAINING = {"epochs": 10, "learningRate": 1e-3, "batchSize": 16, "maxLength": 64, "loggingSteps": 10, "saveSteps": 1000}
+FAST_TRAINING = {
+    "epochs": 10,
+    "learningRate": 1e-3,
+    "batchSize": 16,
+    "maxLength": 64,
+    "loggingSteps": 10,
+    "saveSteps": 1000,
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +39,9 @@ def tiny_model(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("tiny-model"), REPO / "examples" / "data")
 
 
-def stage_config(tmp_path: Path, model: Path, stage: dict, peft: str = "full", training: dict | None = None) -> StageConfig:
+def stage_config(
+    tmp_path: Path, model: Path, stage: dict, peft: str = "full", training: dict | None = None
+) -> StageConfig:
     stage = {"name": stage["type"], "dataset": {"uri": str(PREFS)}, **stage}
     spec = FineTuneJobSpec.model_validate(
         {
@@ -146,7 +153,9 @@ def test_reward_model_on_conversations_without_a_prompt_column(tiny_model, tmp_p
 def test_reward_quality_gate_fails_the_stage_and_writes_no_output(tiny_model, tmp_path):
     # Two tiny steps cannot reach a perfect held-out ranking; the checkpoint they save must survive the failure.
     config = stage_config(
-        tmp_path, tiny_model, {"type": "reward", "reward": {"minRewardAccuracy": 1.0}},
+        tmp_path,
+        tiny_model,
+        {"type": "reward", "reward": {"minRewardAccuracy": 1.0}},
         training={"maxSteps": 2, "learningRate": 1e-5, "saveSteps": 2},
     )
     with pytest.raises(QualityGateError) as failure:
@@ -192,7 +201,9 @@ def test_dpo_with_lora_resumes_from_the_latest_checkpoint(tiny_model, tmp_path):
 
     # A retry with a longer budget continues from checkpoint-2 rather than starting over. Its other seed would shuffle
     # other batches into steps 1-2, so a restart could not reproduce the first attempt's logs for them.
-    retry = stage_config(tmp_path, tiny_model, {"type": "dpo"}, peft="lora", training={**short, "maxSteps": 4, "seed": 7})
+    retry = stage_config(
+        tmp_path, tiny_model, {"type": "dpo"}, peft="lora", training={**short, "maxSteps": 4, "seed": 7}
+    )
     metrics, report = run(retry.model_copy(update={"attempt": 2}), tmp_path)
 
     assert report.phase == "Succeeded" and report.step == 4 and report.last_checkpoint.endswith("checkpoint-4")
@@ -203,7 +214,9 @@ def test_dpo_with_lora_resumes_from_the_latest_checkpoint(tiny_model, tmp_path):
 
 @pytest.mark.train
 def test_kto_from_preference_pairs_separates_held_out_completions(tiny_model, tmp_path):
-    config = stage_config(tmp_path, tiny_model, {"type": "kto", "kto": {"beta": 0.1}}, peft="lora", training={"epochs": 5})
+    config = stage_config(
+        tmp_path, tiny_model, {"type": "kto", "kto": {"beta": 0.1}}, peft="lora", training={"epochs": 5}
+    )
     metrics, _ = run(config, tmp_path)
 
     assert metrics["eval_reward_margin"] > 0
@@ -266,7 +279,9 @@ def test_kto_rejects_a_label_that_is_not_a_boolean(tmp_path):
     stage = {"type": "kto", "dataset": {"uri": str(data), "validationSplit": 0.5}}
     config = stage_config(tmp_path, tmp_path / "no-model", stage)
 
-    with pytest.raises(DataValidationError, match=r"`label` is 'maybe' in the row with prompt 'What is 1 plus 2\?'; expected"):
+    with pytest.raises(
+        DataValidationError, match=r"`label` is 'maybe' in the row with prompt 'What is 1 plus 2\?'; expected"
+    ):
         run(config, tmp_path)
 
 

@@ -6,19 +6,33 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from stage_helpers import DATA, cli_env
+from stage_helpers import DATA, source_env
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
 
 
 def test_sft_on_two_ray_workers_with_zero2(render, tmp_path):
-    config = render({"type": "sft", "dataset": {"uri": str(DATA / "instruct.jsonl")}}, resources={"workers": 2},
-                    deepspeed={"zeroStage": 2}, training={"maxSteps": 20, "saveSteps": 10, "learningRate": 2e-3})
+    config = render(
+        {"type": "sft", "dataset": {"uri": str(DATA / "instruct.jsonl")}},
+        resources={"workers": 2},
+        deepspeed={"zeroStage": 2},
+        training={"maxSteps": 20, "saveSteps": 10, "learningRate": 2e-3},
+    )
     report = tmp_path / "report.json"
     result = subprocess.run(
-        [sys.executable, "-m", "finetune_trainer.stage", "--config-json", config.model_dump_json(), "--report", f"file://{report}"],
-        env=cli_env(RAY_USAGE_STATS_ENABLED="0"), capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "finetune_trainer.stage",
+            "--config-json",
+            config.model_dump_json(),
+            "--report",
+            f"file://{report}",
+        ],
+        env=source_env(RAY_USAGE_STATS_ENABLED="0"),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from finetune_api.report import REPORT_KEY, StageReport
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.recipes import RECIPES
@@ -38,7 +37,11 @@ def test_file_reporter_writes_the_wire_shape(tmp_path):
     channel.checkpoint("s3://b/ckpt/checkpoint-3", 3)
     channel.succeeded({"eval_loss_after": 0.5}, "s3://b/model")
     final = StageReport.model_validate(json.loads(path.read_text()))
-    assert final.phase == "Succeeded" and final.checkpoint == "s3://b/model" and final.last_checkpoint == "s3://b/ckpt/checkpoint-3"
+    assert (
+        final.phase == "Succeeded"
+        and final.checkpoint == "s3://b/model"
+        and final.last_checkpoint == "s3://b/ckpt/checkpoint-3"
+    )
     assert final.metrics == {"eval_loss_after": 0.5} and final.updated_at
 
 
@@ -53,7 +56,11 @@ def test_configmap_reporter_patches_only_and_throttles():
     patches = reporter._client.patches
     assert [p[:2] for p in patches] == [("team-a", "job-sft-report")] * 3
     reports = [json.loads(p[2]["data"][REPORT_KEY]) for p in patches]
-    assert [r["step"] for r in reports] == [1, 2, 2] and reports[-1]["phase"] == "Failed" and reports[-1]["reason"] == "InvalidDataset"
+    assert (
+        [r["step"] for r in reports] == [1, 2, 2]
+        and reports[-1]["phase"] == "Failed"
+        and reports[-1]["reason"] == "InvalidDataset"
+    )
 
 
 def test_configmap_reporter_survives_a_missing_configmap(capsys):

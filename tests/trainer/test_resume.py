@@ -9,23 +9,34 @@ import time
 from pathlib import Path
 
 import pytest
-
 from finetune_trainer import storage
-
-from stage_helpers import DATA, cli_env
+from stage_helpers import DATA, source_env
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
 
 
 def stage_command(config, report: Path) -> list[str]:
-    return [sys.executable, "-m", "finetune_trainer.stage", "--config-json", config.model_dump_json(), "--report", f"file://{report}", "--no-ray"]
+    return [
+        sys.executable,
+        "-m",
+        "finetune_trainer.stage",
+        "--config-json",
+        config.model_dump_json(),
+        "--report",
+        f"file://{report}",
+        "--no-ray",
+    ]
 
 
 def test_sigkilled_stage_resumes_from_its_latest_checkpoint(render, tmp_path):
-    config = render({"type": "cpt", "dataset": {"uri": str(DATA / "domain.txt")}},
-                    training={"maxSteps": 60, "saveSteps": 5, "loggingSteps": 5, "learningRate": 1e-3})
+    config = render(
+        {"type": "cpt", "dataset": {"uri": str(DATA / "domain.txt")}},
+        training={"maxSteps": 60, "saveSteps": 5, "loggingSteps": 5, "learningRate": 1e-3},
+    )
     log = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen(stage_command(config, tmp_path / "first.json"), env=cli_env(), stdout=log, stderr=subprocess.STDOUT)
+    first = subprocess.Popen(
+        stage_command(config, tmp_path / "first.json"), env=source_env(), stdout=log, stderr=subprocess.STDOUT
+    )
     deadline = time.monotonic() + 300
     while not storage.list_checkpoints(config.checkpoint_dir) and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -37,7 +48,9 @@ def test_sigkilled_stage_resumes_from_its_latest_checkpoint(render, tmp_path):
     report = json.loads((tmp_path / "first.json").read_text())
     assert report["phase"] == "Running" and report["lastCheckpoint"].endswith(f"checkpoint-{killed_at}")
 
-    second = subprocess.run(stage_command(config, tmp_path / "second.json"), env=cli_env(), capture_output=True, text=True, timeout=600)
+    second = subprocess.run(
+        stage_command(config, tmp_path / "second.json"), env=source_env(), capture_output=True, text=True, timeout=600
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"resuming from {config.checkpoint_dir}/checkpoint-{killed_at} (step {killed_at})" in second.stdout
     steps = [int(s) for s in re.findall(r"\[cpt\] step (\d+)/60", second.stdout)]

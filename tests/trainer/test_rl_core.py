@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from finetune_trainer.rl import core
 from finetune_trainer.rl.kl import KLController, RunningMoments
 
@@ -12,7 +11,9 @@ pytestmark = pytest.mark.unit
 
 
 def close(actual, expected, tol=1e-4):
-    torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float32), torch.tensor(expected, dtype=torch.float32), atol=tol, rtol=0)
+    torch.testing.assert_close(
+        torch.as_tensor(actual, dtype=torch.float32), torch.tensor(expected, dtype=torch.float32), atol=tol, rtol=0
+    )
 
 
 def test_truncation_after_first_stop_token_pads_the_rest():
@@ -135,9 +136,21 @@ def test_score_shaping_penalises_missing_eos_then_normalises_then_clips():
 
     options = PPOOptions(missing_eos_penalty=1.0, normalize_reward=True, reward_clip=1.0)
     loop = PPOLoop(
-        stage="ppo", options=options, training=TrainingSpec(), plan=PPOPlan(1, 4, 4, 4, 1), policy=None, value=None,
-        reference=None, reward=None, tokenizer=None, prompts=[], rank=0, world_size=1, device=torch.device("cpu"),
-        checkpoint_root=Path("."), hooks=None,
+        stage="ppo",
+        options=options,
+        training=TrainingSpec(),
+        plan=PPOPlan(1, 4, 4, 4, 1),
+        policy=None,
+        value=None,
+        reference=None,
+        reward=None,
+        tokenizer=None,
+        prompts=[],
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+        checkpoint_root=Path("."),
+        hooks=None,
     )
     scores = loop.shape_scores(torch.tensor([3.0, 1.0, 2.0, 6.0]), finished=torch.tensor([True, True, True, False]))
     # Penalised: [3, 1, 2, 5]; running mean 2.75 and (population) std sqrt(2.1875); then clipped to +-1.

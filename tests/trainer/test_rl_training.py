@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from finetune_api.render import StageConfig, render_stage
 from finetune_api.spec import FineTuneJobSpec, ResourcesSpec
 from finetune_trainer.errors import ConfigError, KLLimitError
@@ -119,25 +118,47 @@ def digit_mass(model_dir: Path, toy: Toy) -> float:
     return probs[..., list(toy.digit_ids)].sum(-1).mean().item()
 
 
-def stage_config(toy: Toy, root: Path, stage_type: str = "ppo", options: dict | None = None, training: dict | None = None,
-                 peft: dict | None = None, deepspeed: dict | None = None, reward: Path | None = None, attempt: int = 1) -> StageConfig:
+def stage_config(
+    toy: Toy,
+    root: Path,
+    stage_type: str = "ppo",
+    options: dict | None = None,
+    training: dict | None = None,
+    peft: dict | None = None,
+    deepspeed: dict | None = None,
+    reward: Path | None = None,
+    attempt: int = 1,
+) -> StageConfig:
     """A [reward -> ppo|grpo] job whose reward stage output is the toy reward model, rendered for the RL stage."""
     storage = root / "storage"
     if not (storage / "rm" / "model").exists():
         shutil.copytree(reward or toy.reward, storage / "rm" / "model")
-    spec = FineTuneJobSpec.model_validate({
-        "model": {"source": str(toy.policy)},
-        "storage": {"uri": str(storage)},
-        "peft": peft or {"method": "lora"},
-        "deepspeed": deepspeed or {},
-        "training": {"learningRate": 3e-3, "warmupRatio": 0.0, "lrScheduler": "constant", "maxLength": 64, "loggingSteps": 5,
-                     **(training or {})},
-        "stages": [
-            {"name": "rm", "type": "reward", "dataset": {"uri": str(DATA / "prefs.jsonl")}},
-            {"name": "rl", "type": stage_type, "rewardFrom": "rm", "dataset": {"uri": str(DATA / "prompts.jsonl")},
-             stage_type: options or {}},
-        ],
-    })
+    spec = FineTuneJobSpec.model_validate(
+        {
+            "model": {"source": str(toy.policy)},
+            "storage": {"uri": str(storage)},
+            "peft": peft or {"method": "lora"},
+            "deepspeed": deepspeed or {},
+            "training": {
+                "learningRate": 3e-3,
+                "warmupRatio": 0.0,
+                "lrScheduler": "constant",
+                "maxLength": 64,
+                "loggingSteps": 5,
+                **(training or {}),
+            },
+            "stages": [
+                {"name": "rm", "type": "reward", "dataset": {"uri": str(DATA / "prefs.jsonl")}},
+                {
+                    "name": "rl",
+                    "type": stage_type,
+                    "rewardFrom": "rm",
+                    "dataset": {"uri": str(DATA / "prompts.jsonl")},
+                    stage_type: options or {},
+                },
+            ],
+        }
+    )
     config = render_stage("toy", spec, "rl", attempt=attempt)
     assert config.input_model == str(toy.policy)  # the policy chain skips the reward stage
     return config
@@ -147,7 +168,9 @@ PPO_TOY = {"rolloutBatchSize": 16, "miniBatches": 2, "ppoEpochs": 2, "maxNewToke
 
 
 def test_ppo_raises_the_reward_model_score_within_the_kl_limit(toy, tmp_path):
-    config = stage_config(toy, tmp_path, options={**PPO_TOY, "maxKl": 40.0}, training={"maxSteps": 20, "learningRate": 5e-3})
+    config = stage_config(
+        toy, tmp_path, options={**PPO_TOY, "maxKl": 40.0}, training={"maxSteps": 20, "learningRate": 5e-3}
+    )
     report = tmp_path / "report.json"
     metrics = run_stage(config, FileReporter(report, min_interval=0.0), use_ray=False)
 
@@ -163,7 +186,9 @@ def test_ppo_raises_the_reward_model_score_within_the_kl_limit(toy, tmp_path):
 
 
 def test_ppo_kl_gate_aborts_with_measured_and_allowed_kl(toy, tmp_path):
-    config = stage_config(toy, tmp_path, options={**PPO_TOY, "maxKl": 0.01}, training={"maxSteps": 6, "learningRate": 1e-2})
+    config = stage_config(
+        toy, tmp_path, options={**PPO_TOY, "maxKl": 0.01}, training={"maxSteps": 6, "learningRate": 1e-2}
+    )
     with pytest.raises(KLLimitError, match=r"mean KL to the reference \d+\.\d+ exceeds ppo.maxKl 0.01") as failure:
         run_stage(config, None, use_ray=False)
     assert failure.value.reason == "KLLimitExceeded" and failure.value.permanent
@@ -171,9 +196,18 @@ def test_ppo_kl_gate_aborts_with_measured_and_allowed_kl(toy, tmp_path):
 
 
 def test_ppo_resume_replays_the_uninterrupted_run(toy, tmp_path, monkeypatch):
-    options = {"rolloutBatchSize": 8, "miniBatches": 2, "maxNewTokens": 6, "temperature": 1.0, "klTarget": 1.0, "klHorizon": 100}
+    options = {
+        "rolloutBatchSize": 8,
+        "miniBatches": 2,
+        "maxNewTokens": 6,
+        "temperature": 1.0,
+        "klTarget": 1.0,
+        "klHorizon": 100,
+    }
     training = {"maxSteps": 4, "saveSteps": 2}
-    straight = run_stage(stage_config(toy, tmp_path / "straight", options=options, training=training), None, use_ray=False)
+    straight = run_stage(
+        stage_config(toy, tmp_path / "straight", options=options, training=training), None, use_ray=False
+    )
 
     interrupted = stage_config(toy, tmp_path / "interrupted", options=options, training=training)
     real_optimise = ppo_loop.PPOLoop.optimise
@@ -188,7 +222,9 @@ def test_ppo_resume_replays_the_uninterrupted_run(toy, tmp_path, monkeypatch):
         run_stage(interrupted, None, use_ray=False)
     checkpoint = Path(interrupted.checkpoint_dir) / "checkpoint-2"
     assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "policy" / "engine.pt").is_file()
-    assert json.loads((checkpoint / "trainer_state.json").read_text())["kl_controller"]["value"] != 0.05  # adaptive beta moved
+    assert (
+        json.loads((checkpoint / "trainer_state.json").read_text())["kl_controller"]["value"] != 0.05
+    )  # adaptive beta moved
 
     monkeypatch.setattr(ppo_loop.PPOLoop, "optimise", real_optimise)
     resumed = run_stage(interrupted.model_copy(update={"attempt": 2}), None, use_ray=False)
@@ -199,27 +235,34 @@ def test_ppo_resume_replays_the_uninterrupted_run(toy, tmp_path, monkeypatch):
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_ppo_under_deepspeed_zero_with_lora_resumes_exactly(toy, tmp_path, zero_stage):
     options = {"rolloutBatchSize": 8, "miniBatches": 2, "maxNewTokens": 6, "temperature": 1.0, "klEstimator": "k3"}
-    config = stage_config(toy, tmp_path, options=options, training={"maxSteps": 3, "saveSteps": 2}, deepspeed={"zeroStage": zero_stage})
+    config = stage_config(
+        toy, tmp_path, options=options, training={"maxSteps": 3, "saveSteps": 2}, deepspeed={"zeroStage": zero_stage}
+    )
     first = run_stage(config, None, use_ray=False)
     assert first["ppo_steps"] == 3 and first["kl_last"] > 0
     assert list((Path(config.checkpoint_dir) / "checkpoint-2" / "policy" / "engine").glob("*model_states.pt"))
     assert (Path(config.output_uri) / "config.json").is_file()
     # A second attempt resumes from the DeepSpeed checkpoint-2 and replays step 3 exactly.
-    assert run_stage(config.model_copy(update={"attempt": 2}), None, use_ray=False) == pytest.approx(first, rel=1e-4, abs=1e-5)
+    assert run_stage(config.model_copy(update={"attempt": 2}), None, use_ray=False) == pytest.approx(
+        first, rel=1e-4, abs=1e-5
+    )
 
 
 @pytest.mark.slow
 def test_ppo_on_two_ray_workers_with_zero3(toy, tmp_path):
     # k3 is never negative, so a policy that moved shows a positive KL (k1 can dip below zero on a small sample).
     options = {"rolloutBatchSize": 8, "miniBatches": 2, "maxNewTokens": 6, "temperature": 1.0, "klEstimator": "k3"}
-    config = stage_config(toy, tmp_path, options=options, training={"maxSteps": 2, "saveSteps": 1},
-                          deepspeed={"zeroStage": 3}).model_copy(update={"resources": ResourcesSpec(workers=2)})
+    config = stage_config(
+        toy, tmp_path, options=options, training={"maxSteps": 2, "saveSteps": 1}, deepspeed={"zeroStage": 3}
+    ).model_copy(update={"resources": ResourcesSpec(workers=2)})
     metrics = run_stage(config, None, use_ray=True)
     assert metrics["ppo_steps"] == 2 and metrics["kl_last"] > 0
     # Each worker rolled out 4 prompts, averaged its statistics with the other and saved its own optimizer shard.
     shards = Path(config.checkpoint_dir) / "checkpoint-1" / "policy" / "engine"
     assert sorted(p.name for p in shards.glob("zero_pp_rank_*_optim_states.pt")) == [
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
     assert (Path(config.output_uri) / "config.json").is_file()
 
 
@@ -234,16 +277,25 @@ def test_ppo_with_a_reward_model_on_another_tokenizer(toy, tmp_path):
     tokenizer.save_pretrained(reward)
 
     options = {"rolloutBatchSize": 8, "maxNewTokens": 6, "temperature": 1.0}
-    with pytest.raises(ConfigError, match="valueInit 'reward' needs the reward model .* to share the policy's tokenizer"):
+    with pytest.raises(
+        ConfigError, match="valueInit 'reward' needs the reward model .* to share the policy's tokenizer"
+    ):
         run_stage(stage_config(toy, tmp_path / "a", options=options, reward=reward), None, use_ray=False)
-    config = stage_config(toy, tmp_path / "b", options={**options, "valueInit": "policy"}, training={"maxSteps": 2}, reward=reward)
+    config = stage_config(
+        toy, tmp_path / "b", options={**options, "valueInit": "policy"}, training={"maxSteps": 2}, reward=reward
+    )
     metrics = run_stage(config, None, use_ray=False)
-    assert metrics["ppo_steps"] == 2 and metrics["reward_mean_first"] < 0  # the toy model scores digit-poor text negative
+    assert (
+        metrics["ppo_steps"] == 2 and metrics["reward_mean_first"] < 0
+    )  # the toy model scores digit-poor text negative
 
 
 def test_grpo_raises_the_reward_model_score(toy, tmp_path):
     config = stage_config(
-        toy, tmp_path, stage_type="grpo", options={"numGenerations": 4, "maxNewTokens": 8, "beta": 0.04},
+        toy,
+        tmp_path,
+        stage_type="grpo",
+        options={"numGenerations": 4, "maxNewTokens": 8, "beta": 0.04},
         training={"maxSteps": 20, "batchSize": 16, "learningRate": 1e-2, "loggingSteps": 1},
     )
     metrics = run_stage(config, None, use_ray=False)
@@ -255,11 +307,10 @@ def test_grpo_raises_the_reward_model_score(toy, tmp_path):
 def test_reward_scores_agree_with_and_without_retokenizing(toy):
     """The same (prompt, response) scored from the policy's token ids and from re-tokenized text gives the same score,
     so the score is read at the same (last) token in both paths, eos included only when the response finished."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     from finetune_trainer.rl.core import contains_stop, truncate_after_stop
     from finetune_trainer.rl.models import TokenScorer, freeze
     from finetune_trainer.rl.rollout import RewardScorer, encode_prompts
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(toy.reward)
     other = AutoTokenizer.from_pretrained(toy.reward)
@@ -274,10 +325,15 @@ def test_reward_scores_agree_with_and_without_retokenizing(toy):
     assert len(finished) < len(unfinished)
     # Tokens sampled after eos are junk that truncation must drop.
     finished += [toy.digit_ids[0]] * (len(unfinished) - len(finished))
-    responses, mask = truncate_after_stop(torch.tensor([finished, unfinished]), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    responses, mask = truncate_after_stop(
+        torch.tensor([finished, unfinished]), tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
     done = contains_stop(responses, tokenizer.eos_token_id)
     assert done.tolist() == [True, False] and mask.sum(dim=1).tolist() == [2, len(unfinished)]
 
     scores = direct(batch, responses, mask, done)
     torch.testing.assert_close(retokenized(batch, responses, mask, done), scores, atol=1e-4, rtol=0)
-    assert retokenized.reward_texts(batch.prompts, responses, mask, done) == ["What is 3 plus 4? 7</s>", "How much is 12 plus 1? 13 13 13"]
+    assert retokenized.reward_texts(batch.prompts, responses, mask, done) == [
+        "What is 3 plus 4? 7</s>",
+        "How much is 12 plus 1? 13 13 13",
+    ]

@@ -5,9 +5,7 @@ import json
 
 import boto3
 import pytest
-
 from finetune_trainer import storage
-
 from stage_helpers import DATA, FAST_TRAINING, job_spec, run_cli, write_manifest
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
@@ -22,7 +20,9 @@ def test_cpt_then_sft_on_s3(tmp_path, tiny_model_dir, s3_bucket, s3_server):
         {"name": "domain", "type": "cpt", "dataset": {"uri": f"s3://{s3_bucket}/data/domain.txt"}},
         {"name": "instruct", "type": "sft", "dataset": {"uri": f"s3://{s3_bucket}/data/instruct.jsonl"}},
     ]
-    spec = job_spec(tiny_model_dir, root, stages, training={**FAST_TRAINING, "maxSteps": 10, "saveSteps": 5, "saveTotalLimit": 1})
+    spec = job_spec(
+        tiny_model_dir, root, stages, training={**FAST_TRAINING, "maxSteps": 10, "saveSteps": 5, "saveTotalLimit": 1}
+    )
     spec_wire = spec.model_dump(by_alias=True, exclude_none=True, mode="json")
     spec_wire["storage"]["endpointUrl"] = s3_server
     manifest = write_manifest(tmp_path / "job.yaml", spec_wire)
@@ -35,7 +35,11 @@ def test_cpt_then_sft_on_s3(tmp_path, tiny_model_dir, s3_bucket, s3_server):
     status = json.loads(status_file.read_text())
     assert [s["checkpoint"] for s in status["stages"]] == [f"{root}/domain/model", f"{root}/instruct/model"]
     for name in ("domain", "instruct"):
-        assert storage.exists(f"{root}/{name}/model/config.json") and storage.exists(f"{root}/{name}/model/model.safetensors")
+        assert storage.exists(f"{root}/{name}/model/config.json") and storage.exists(
+            f"{root}/{name}/model/model.safetensors"
+        )
         # saveTotalLimit 1: only the newest complete checkpoint is kept in the bucket.
-        assert storage.list_checkpoints(f"{root}/{name}/checkpoints") == [(10, f"{root}/{name}/checkpoints/checkpoint-10")]
+        assert storage.list_checkpoints(f"{root}/{name}/checkpoints") == [
+            (10, f"{root}/{name}/checkpoints/checkpoint-10")
+        ]
         assert storage.exists(f"{root}/{name}/checkpoints/checkpoint-10/optimizer.pt")

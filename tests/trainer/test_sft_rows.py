@@ -1,7 +1,6 @@
 """How SFT rows become TRL rows: prompt/completion, alpaca headings, chat messages, forced templates."""
 
 import pytest
-
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.recipes.sft import generation_pairs, to_trl_rows
 
@@ -17,17 +16,27 @@ def test_prompt_completion_stays_plain_or_gets_alpaca_headings():
 
 
 def test_instruction_context_response_renders_alpaca():
-    rows = [{"instruction": "Add the numbers.", "context": "3 and 4", "response": "7"}, {"instruction": "Add 1 and 1.", "response": "2"}]
+    rows = [
+        {"instruction": "Add the numbers.", "context": "3 and 4", "response": "7"},
+        {"instruction": "Add 1 and 1.", "response": "2"},
+    ]
     assert to_trl_rows(rows, ("instruction", "response"), "auto") == [
         {"prompt": "### Instruction:\nAdd the numbers.\n\n### Context:\n3 and 4\n\n### Response:\n", "completion": "7"},
         {"prompt": "### Instruction:\nAdd 1 and 1.\n\n### Response:\n", "completion": "2"},
     ]
-    assert to_trl_rows(rows[:1], ("instruction", "response"), "plain") == [{"prompt": "Add the numbers.\n3 and 4\n", "completion": "7"}]
+    assert to_trl_rows(rows[:1], ("instruction", "response"), "plain") == [
+        {"prompt": "Add the numbers.\n3 and 4\n", "completion": "7"}
+    ]
 
 
 def test_chat_template_turns_prompt_completion_into_turns():
     rows = to_trl_rows([{"prompt": "What is 3 plus 4?", "completion": "7"}], ("prompt", "completion"), "chat")
-    assert rows == [{"prompt": [{"role": "user", "content": "What is 3 plus 4?"}], "completion": [{"role": "assistant", "content": "7"}]}]
+    assert rows == [
+        {
+            "prompt": [{"role": "user", "content": "What is 3 plus 4?"}],
+            "completion": [{"role": "assistant", "content": "7"}],
+        }
+    ]
 
 
 def test_messages_need_a_chat_rendering():
@@ -42,6 +51,8 @@ def test_generation_pairs_end_at_the_last_assistant_turn(tiny_model_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     messages = [{"role": "user", "content": "What is 3 plus 4?"}, {"role": "assistant", "content": "7"}]
-    prompts, references = generation_pairs([{"messages": messages}, {"prompt": "What is 1 plus 1?", "completion": " 2"}], tokenizer)
+    prompts, references = generation_pairs(
+        [{"messages": messages}, {"prompt": "What is 1 plus 1?", "completion": " 2"}], tokenizer
+    )
     assert prompts == ["<|im_start|>user\nWhat is 3 plus 4?<|im_end|>\n<|im_start|>assistant\n", "What is 1 plus 1?"]
     assert references == ["7", " 2"]

@@ -1,7 +1,6 @@
 """DeepSpeed config generation and precision choice (golden values)."""
 
 import pytest
-
 from finetune_api.spec import DeepSpeedSpec
 from finetune_trainer import strategy
 
@@ -75,12 +74,14 @@ def test_single_process_env_fills_what_deepspeed_needs(monkeypatch):
 
 
 def test_training_args_carry_the_deepspeed_config_and_cpu_precision(render, tmp_path):
+    from finetune_trainer.recipes.context import StageContext
     from transformers import TrainingArguments
 
-    from finetune_trainer.recipes.context import StageContext
-
-    config = render({"type": "cpt", "dataset": {"uri": "examples/data/domain.txt"}}, deepspeed={"zeroStage": 2},
-                    training={"maxSteps": 7, "saveSteps": 3, "precision": "auto"})
+    config = render(
+        {"type": "cpt", "dataset": {"uri": "examples/data/domain.txt"}},
+        deepspeed={"zeroStage": 2},
+        training={"maxSteps": 7, "saveSteps": 3, "precision": "auto"},
+    )
     args = StageContext(config, None, rank=0, world_size=1, work_dir=tmp_path).training_args(TrainingArguments)
     assert args.max_steps == 7 and args.save_steps == 3 and args.eval_on_start
     assert not args.bf16 and not args.fp16 and args.use_cpu

@@ -1,7 +1,6 @@
 """`finetune tiny-model`: a deterministic, offline-loadable Llama-shaped model with a locally trained BPE tokenizer."""
 
 import pytest
-
 from stage_helpers import DATA, run_cli
 
 pytestmark = pytest.mark.unit
@@ -22,9 +21,9 @@ def test_tiny_model_is_deterministic_and_loads_offline(tmp_path, tiny_model_dir)
     assert tokenizer.pad_token == "<pad>" and tokenizer.eos_token == "</s>" and tokenizer.bos_token == "<s>"
     ids = tokenizer("What is 3 plus 4?").input_ids
     assert ids[0] == tokenizer.bos_token_id and tokenizer.decode(ids, skip_special_tokens=True) == "What is 3 plus 4?"
-    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True) == (
-        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    )
+    assert tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    ) == ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_tiny_model_needs_its_data_dir(tmp_path):

@@ -30,7 +30,10 @@ LLAMA3 = (
 NAMED_TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3}
 
 # Special tokens each named template relies on; added to the tokenizer (and the embeddings resized) when missing.
-TEMPLATE_TOKENS = {"chatml": ["<|im_start|>", "<|im_end|>"], "llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
+TEMPLATE_TOKENS = {
+    "chatml": ["<|im_start|>", "<|im_end|>"],
+    "llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+}
 
 
 def resolve_chat_template(value: str) -> tuple[str, list[str]]:

@@ -7,15 +7,21 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetune", description="Kubernetes-native LLM fine-tuning, runnable locally.")
+    parser = argparse.ArgumentParser(
+        prog="finetune", description="Kubernetes-native LLM fine-tuning, runnable locally."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run every stage of a FineTuneJob manifest on this machine")
     run.add_argument("manifest", help="FineTuneJob YAML file")
-    run.add_argument("--status-file", help="where to write the FineTuneJobStatus JSON (default: <storage.uri>/status.json)")
+    run.add_argument(
+        "--status-file", help="where to write the FineTuneJobStatus JSON (default: <storage.uri>/status.json)"
+    )
     run.add_argument("--no-ray", action="store_true", help="train in this process instead of Ray Train workers")
 
-    tiny = commands.add_parser("tiny-model", help="build a tiny random-init Llama model and a BPE tokenizer trained on example data")
+    tiny = commands.add_parser(
+        "tiny-model", help="build a tiny random-init Llama model and a BPE tokenizer trained on example data"
+    )
     tiny.add_argument("out_dir", help="directory to write the model and tokenizer to")
     tiny.add_argument("--data-dir", default="examples/data", help="text/JSONL files to train the tokenizer on")
 
@@ -34,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["dev-cluster"]:
         # The dev cluster has its own options; hand them over untouched.
-        from finetune_operator.devcluster.cli import main as devcluster_main
+        from finetune_dev.cli import main as devcluster_main
 
         sys.exit(devcluster_main(argv[1:]))
     args = _parser().parse_args(argv)

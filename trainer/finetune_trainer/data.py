@@ -22,7 +22,14 @@ from finetune_api.spec import DatasetSpec, uri_scheme
 from finetune_trainer import storage
 from finetune_trainer.errors import DataValidationError
 
-_EXTENSION_FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text", ".text": "text"}
+_EXTENSION_FORMATS = {
+    ".jsonl": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".txt": "text",
+    ".text": "text",
+}
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,9 @@ def _rows(source: _Source, accepted: list[tuple[str, ...]]) -> Iterator[tuple[st
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise source.error(f"line {number}", f"malformed JSON ({exc.msg} at column {exc.colno})", accepted) from None
+                    raise source.error(
+                        f"line {number}", f"malformed JSON ({exc.msg} at column {exc.colno})", accepted
+                    ) from None
                 if not isinstance(row, dict):
                     raise source.error(f"line {number}", f"expected a JSON object, got {type(row).__name__}", accepted)
                 yield f"line {number}", row
@@ -82,7 +91,9 @@ def _rows(source: _Source, accepted: list[tuple[str, ...]]) -> Iterator[tuple[st
         try:
             document = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
-            raise source.error(f"line {exc.lineno}", f"malformed JSON ({exc.msg} at column {exc.colno})", accepted) from None
+            raise source.error(
+                f"line {exc.lineno}", f"malformed JSON ({exc.msg} at column {exc.colno})", accepted
+            ) from None
         records = document.get("data") if isinstance(document, dict) else document
         if not isinstance(records, list):
             raise source.error("", "expected a JSON list of objects (or an object with a `data` list)", accepted)
@@ -120,7 +131,11 @@ def _rows(source: _Source, accepted: list[tuple[str, ...]]) -> Iterator[tuple[st
         for index, row in enumerate(loaded):
             yield f"row {index}", row
     else:
-        raise source.error("", f"unsupported format {fmt!r}: use .jsonl, .json, .parquet, .csv, .txt or a save-to-disk directory", accepted)
+        raise source.error(
+            "",
+            f"unsupported format {fmt!r}: use .jsonl, .json, .parquet, .csv, .txt or a save-to-disk directory",
+            accepted,
+        )
 
 
 def _hub_rows(source: _Source, revision: str | None) -> Iterator[tuple[str, Row]]:
@@ -143,7 +158,12 @@ def _valid_messages(messages: Any) -> bool:
 
 
 def read_validated(
-    stage: str, uri: str, spec: DatasetSpec, accepted: list[tuple[str, ...]], cache: Path, endpoint_url: str | None = None
+    stage: str,
+    uri: str,
+    spec: DatasetSpec,
+    accepted: list[tuple[str, ...]],
+    cache: Path,
+    endpoint_url: str | None = None,
 ) -> tuple[list[Row], tuple[str, ...]]:
     """Rows of the file at `uri` with `spec.columns` renames applied, and the accepted column set they all match."""
     scheme = uri_scheme(uri)
@@ -154,7 +174,9 @@ def read_validated(
         try:
             path = storage.fetch(uri, cache, endpoint_url)
         except Exception as exc:  # noqa: BLE001 - any storage failure means the data is unreachable
-            raise DataValidationError(f"stage {stage!r}: {uri}: cannot fetch dataset ({exc}); expected {_describe(accepted)}") from None
+            raise DataValidationError(
+                f"stage {stage!r}: {uri}: cannot fetch dataset ({exc}); expected {_describe(accepted)}"
+            ) from None
         source = _Source(stage, uri, path, "missing")
         if not path.exists():
             raise source.error("", "file not found", accepted)
@@ -173,7 +195,9 @@ def read_validated(
         if missing:
             raise source.error(where, f"missing or empty {', '.join(repr(c) for c in missing)}", accepted)
         if "messages" in matched and not _valid_messages(row["messages"]):
-            raise source.error(where, "`messages` must be a list of {role, content} objects with string content", accepted)
+            raise source.error(
+                where, "`messages` must be a list of {role, content} objects with string content", accepted
+            )
         rows.append(row)
     if not rows:
         raise source.error("", "no rows", accepted)
@@ -193,8 +217,12 @@ def load_stage_data(config: StageConfig, accepted: list[tuple[str, ...]], cache:
         train, evaluation = datasets.Dataset.from_list(rows), datasets.Dataset.from_list(eval_rows)
     else:
         if len(rows) < 2:
-            raise DataValidationError(f"stage {config.stage.name!r}: {spec.uri}: needs at least 2 rows to hold out a validation split")
-        split = datasets.Dataset.from_list(rows).train_test_split(test_size=spec.validation_split, seed=config.training.seed)
+            raise DataValidationError(
+                f"stage {config.stage.name!r}: {spec.uri}: needs at least 2 rows to hold out a validation split"
+            )
+        split = datasets.Dataset.from_list(rows).train_test_split(
+            test_size=spec.validation_split, seed=config.training.seed
+        )
         train, evaluation = split["train"], split["test"]
     if spec.max_samples is not None and len(train) > spec.max_samples:
         train = train.select(range(spec.max_samples))

@@ -99,7 +99,10 @@ def _quantization(peft: PeftSpec, gpu: bool) -> dict[str, Any]:
 
     return {
         "quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
         )
     }
 
@@ -133,8 +136,17 @@ def _prepare(model, tokenizer, peft: PeftSpec, trainable: bool, task_type: str, 
 
 
 def load_causal_lm(
-    uri: str, spec: ModelSpec, tokenizer, *, peft: PeftSpec, trainable: bool, precision: dict[str, bool], gpu: bool,
-    cache: Path, endpoint_url: str | None = None, gradient_checkpointing: bool = False,
+    uri: str,
+    spec: ModelSpec,
+    tokenizer,
+    *,
+    peft: PeftSpec,
+    trainable: bool,
+    precision: dict[str, bool],
+    gpu: bool,
+    cache: Path,
+    endpoint_url: str | None = None,
+    gradient_checkpointing: bool = False,
 ):
     from transformers import AutoModelForCausalLM
 
@@ -144,14 +156,32 @@ def load_causal_lm(
 
 
 def load_sequence_classifier(
-    uri: str, spec: ModelSpec, tokenizer, *, peft: PeftSpec, trainable: bool, precision: dict[str, bool], gpu: bool,
-    cache: Path, endpoint_url: str | None = None, gradient_checkpointing: bool = False,
+    uri: str,
+    spec: ModelSpec,
+    tokenizer,
+    *,
+    peft: PeftSpec,
+    trainable: bool,
+    precision: dict[str, bool],
+    gpu: bool,
+    cache: Path,
+    endpoint_url: str | None = None,
+    gradient_checkpointing: bool = False,
 ):
     """A one-logit scoring head on the model (reward/value models)."""
     from transformers import AutoModelForSequenceClassification
 
     quantization = _quantization(peft, gpu) if trainable else {}
-    model = _load(AutoModelForSequenceClassification, uri, spec, cache, endpoint_url, num_labels=1, dtype=_dtype(precision), **quantization)
+    model = _load(
+        AutoModelForSequenceClassification,
+        uri,
+        spec,
+        cache,
+        endpoint_url,
+        num_labels=1,
+        dtype=_dtype(precision),
+        **quantization,
+    )
     return _prepare(model, tokenizer, peft, trainable, "SEQ_CLS", gradient_checkpointing)
 
 

@@ -68,7 +68,9 @@ def run_on_ray(config: StageConfig, reporter: Reporter | None, work_dir: Path) -
     if started_here:
         address = os.environ.get("RAY_ADDRESS")
         # A local cluster gets exactly the CPUs the workers ask for, even on a smaller machine (logical CPUs only).
-        local = {} if address else {"num_cpus": resources.workers * resources.cpus_per_worker, "include_dashboard": False}
+        local = (
+            {} if address else {"num_cpus": resources.workers * resources.cpus_per_worker, "include_dashboard": False}
+        )
         ray.init(address=address, log_to_driver=True, configure_logging=False, **local)
     try:
         results = _results_actor()

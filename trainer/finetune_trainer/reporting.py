@@ -98,7 +98,10 @@ class ConfigMapReporter(_Throttled):
                 return
             except (ApiException, HTTPError) as exc:
                 detail = f"{exc.status} {exc.reason}" if isinstance(exc, ApiException) else type(exc).__name__
-                print(f"warning: cannot patch ConfigMap {self.namespace}/{self.name} (try {attempt}/{attempts}): {detail}", file=sys.stderr)
+                print(
+                    f"warning: cannot patch ConfigMap {self.namespace}/{self.name} (try {attempt}/{attempts}): {detail}",
+                    file=sys.stderr,
+                )
                 if attempt < attempts:
                     time.sleep(2 ** (attempt - 1))
 
@@ -134,7 +137,11 @@ def format_duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 def format_report(stage: str, report: StageReport) -> str:
@@ -177,8 +184,15 @@ class ReportChannel:
         self.report.message = message
         self._publish(urgent=True)
 
-    def progress(self, step: int, total: int, loss: float | None = None, epoch: float | None = None, eta: float | None = None,
-                 **metrics: float) -> None:
+    def progress(
+        self,
+        step: int,
+        total: int,
+        loss: float | None = None,
+        epoch: float | None = None,
+        eta: float | None = None,
+        **metrics: float,
+    ) -> None:
         self.report.step, self.report.total_steps, self.report.epoch, self.report.eta_seconds = step, total, epoch, eta
         if loss is not None:
             self.report.loss = loss
@@ -217,7 +231,11 @@ def progress_callback(channel: ReportChannel, checkpoint_saved):
             if not state.is_world_process_zero or not logs or "loss" not in logs:
                 return
             done = state.global_step - self.first_step
-            eta = (time.monotonic() - self.started_at) / done * (state.max_steps - state.global_step) if done > 0 else None
+            eta = (
+                (time.monotonic() - self.started_at) / done * (state.max_steps - state.global_step)
+                if done > 0
+                else None
+            )
             channel.progress(state.global_step, state.max_steps, loss=float(logs["loss"]), epoch=state.epoch, eta=eta)
 
         def on_save(self, args, state, control, **kwargs):

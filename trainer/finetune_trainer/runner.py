@@ -22,7 +22,7 @@ from finetune_trainer import storage, strategy
 from finetune_trainer.errors import StageError
 from finetune_trainer.recipes import RECIPES
 from finetune_trainer.recipes.context import StageContext
-from finetune_trainer.reporting import Reporter, ReportChannel, format_duration
+from finetune_trainer.reporting import ReportChannel, Reporter, format_duration
 
 
 def uses_ray(config: StageConfig, use_ray: bool) -> bool:
@@ -42,8 +42,9 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def execute_stage(config: StageConfig, reporter: Reporter | None, rank: int, world_size: int, local_rank: int,
-                  work_dir: Path) -> tuple[dict[str, float], StageReport]:
+def execute_stage(
+    config: StageConfig, reporter: Reporter | None, rank: int, world_size: int, local_rank: int, work_dir: Path
+) -> tuple[dict[str, float], StageReport]:
     """Run the stage's recipe in this process (the whole stage, or one Ray worker's share)."""
     _quiet_libraries()
     context = StageContext(config, reporter, rank=rank, world_size=world_size, work_dir=work_dir, local_rank=local_rank)
@@ -111,9 +112,18 @@ def run_stage(config: StageConfig, reporter: Reporter | None, use_ray: bool) -> 
 
 # Shown first in the summary table when present; other metrics fill the remaining columns alphabetically.
 _TABLE_METRICS = (
-    "eval_loss_before", "eval_loss_after", "perplexity_after", "rougeL", "bleu",
-    "eval_accuracy", "eval_margin", "eval_reward_accuracy", "eval_reward_margin",
-    "reward_mean_first", "reward_mean_last", "kl_mean",
+    "eval_loss_before",
+    "eval_loss_after",
+    "perplexity_after",
+    "rougeL",
+    "bleu",
+    "eval_accuracy",
+    "eval_margin",
+    "eval_reward_accuracy",
+    "eval_reward_margin",
+    "reward_mean_first",
+    "reward_mean_last",
+    "kl_mean",
 )
 _TABLE_METRIC_COUNT = 5
 
@@ -157,10 +167,21 @@ def _write_status(path: Path, status: FineTuneJobStatus) -> None:
 def _stage_subprocess(config: StageConfig, report_path: Path, use_ray: bool) -> tuple[int, StageReport | None]:
     """Run the stage entrypoint in a child process: the same path the operator uses, with a clean interpreter each time."""
     report_path.unlink(missing_ok=True)
-    source_roots = {str(Path(module.__file__).resolve().parents[1]) for module in (sys.modules["finetune_api"], sys.modules["finetune_trainer"])}
+    source_roots = {
+        str(Path(module.__file__).resolve().parents[1])
+        for module in (sys.modules["finetune_api"], sys.modules["finetune_trainer"])
+    }
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([*sorted(source_roots), *filter(None, [env.get("PYTHONPATH")])])
-    command = [sys.executable, "-m", "finetune_trainer.stage", "--config-json", config.model_dump_json(), "--report", f"file://{report_path}"]
+    command = [
+        sys.executable,
+        "-m",
+        "finetune_trainer.stage",
+        "--config-json",
+        config.model_dump_json(),
+        "--report",
+        f"file://{report_path}",
+    ]
     if not use_ray:
         command.append("--no-ray")
     code = subprocess.call(command, env=env)
@@ -179,8 +200,16 @@ def _metrics_cell(metrics: dict[str, float]) -> str:
 def _print_table(status: FineTuneJobStatus, durations: dict[str, float | None]) -> None:
     rows = [("STAGE", "TYPE", "PHASE", "DURATION", "METRICS", "CHECKPOINT")]
     for stage in status.stages:
-        rows.append((stage.name, stage.type, stage.phase, format_duration(durations.get(stage.name)), _metrics_cell(stage.metrics),
-                     stage.checkpoint or stage.last_checkpoint or "-"))
+        rows.append(
+            (
+                stage.name,
+                stage.type,
+                stage.phase,
+                format_duration(durations.get(stage.name)),
+                _metrics_cell(stage.metrics),
+                stage.checkpoint or stage.last_checkpoint or "-",
+            )
+        )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     print()
     for row in rows:
@@ -192,7 +221,9 @@ def _seconds_between(start: str | None, end: str | None) -> float | None:
 
     if not start or not end:
         return None
-    return (datetime.fromisoformat(end.replace("Z", "+00:00")) - datetime.fromisoformat(start.replace("Z", "+00:00"))).total_seconds()
+    return (
+        datetime.fromisoformat(end.replace("Z", "+00:00")) - datetime.fromisoformat(start.replace("Z", "+00:00"))
+    ).total_seconds()
 
 
 def run_pipeline(job: FineTuneJob, status_file: str | Path | None, use_ray: bool) -> int:
@@ -219,7 +250,10 @@ def run_pipeline(job: FineTuneJob, status_file: str | Path | None, use_ray: bool
         stage.completion_time = None
         status.current_stage, status.progress = stage.name, f"{index}/{len(spec.stages)}"
         _write_status(status_path, status)
-        print(f"[{stage.name}] {stage.type} stage {index + 1}/{len(spec.stages)}, attempt {stage.attempts}: {config.input_model} -> {config.output_uri}", flush=True)
+        print(
+            f"[{stage.name}] {stage.type} stage {index + 1}/{len(spec.stages)}, attempt {stage.attempts}: {config.input_model} -> {config.output_uri}",
+            flush=True,
+        )
         started = time.monotonic()
         try:
             code, report = _stage_subprocess(config, _report_path(job, stage.name, status_path), use_ray)
@@ -231,11 +265,19 @@ def run_pipeline(job: FineTuneJob, status_file: str | Path | None, use_ray: bool
             stage.metrics.update(report.metrics)
             stage.last_checkpoint = report.last_checkpoint or stage.last_checkpoint
         if code == 0 and report is not None and report.phase == "Succeeded":
-            stage.phase, stage.checkpoint, stage.message = StagePhase.succeeded.value, report.checkpoint, "stage finished"
+            stage.phase, stage.checkpoint, stage.message = (
+                StagePhase.succeeded.value,
+                report.checkpoint,
+                "stage finished",
+            )
             status.progress = f"{index + 1}/{len(spec.stages)}"
             _write_status(status_path, status)
             continue
-        reason = report.reason if report is not None and report.reason else ("Interrupted" if code in (130, -2) else "TrainingFailed")
+        reason = (
+            report.reason
+            if report is not None and report.reason
+            else ("Interrupted" if code in (130, -2) else "TrainingFailed")
+        )
         message = report.message if report is not None and report.message else f"stage process exited with code {code}"
         permanent = code == EXIT_PERMANENT_FAILURE
         stage.phase, stage.message = StagePhase.failed.value, f"{reason}: {message}"

@@ -11,10 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from finetune_api.render import StageConfig
 from finetune_api.report import EXIT_PERMANENT_FAILURE, StageReport
+from pydantic import ValidationError
 
 from finetune_trainer.errors import StageError
 from finetune_trainer.reporting import ConsoleReporter, TeeReporter, reporter_from_url
@@ -46,7 +45,9 @@ def run_from_args(config_path: str | None, config_json: str | None, report_url: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m finetune_trainer.stage", description="Run one rendered FineTuneJob stage.")
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune_trainer.stage", description="Run one rendered FineTuneJob stage."
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="path to a StageConfig JSON file")
     source.add_argument("--config-json", help="StageConfig JSON")

@@ -107,7 +107,9 @@ def fetch_dir(uri: str, cache: Path, endpoint_url: str | None = None) -> Path:
     return path
 
 
-def upload_dir(local: Path, uri: str, endpoint_url: str | None = None, *, exclude: tuple[str, ...] = (), last: tuple[str, ...] = ()) -> None:
+def upload_dir(
+    local: Path, uri: str, endpoint_url: str | None = None, *, exclude: tuple[str, ...] = (), last: tuple[str, ...] = ()
+) -> None:
     """Copy a directory tree to `uri`, skipping files named in `exclude`; files named in `last` go after all others."""
     files = sorted(p for p in local.rglob("*") if p.is_file() and p.name not in exclude)
     files.sort(key=lambda p: p.name in last)

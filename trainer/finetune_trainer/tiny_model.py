@@ -21,7 +21,13 @@ SEED = 0
 
 # Headings and role names the recipes render, so that they tokenize compactly even if absent from the data.
 _TEMPLATE_TEXT = [
-    "### Instruction:\n", "### Context:\n", "### Response:\n", "system\n", "user\n", "assistant\n", "Question: Answer:",
+    "### Instruction:\n",
+    "### Context:\n",
+    "### Response:\n",
+    "system\n",
+    "user\n",
+    "assistant\n",
+    "Question: Answer:",
 ]
 
 
@@ -48,12 +54,17 @@ def build_tokenizer(data_dir: Path):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=VOCAB_SIZE,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     bpe.train_from_iterator(_corpus(data_dir), trainer=trainer)
     bos_id = bpe.token_to_id(BOS)
     # A bos token opens every sequence, like Llama's tokenizer.
-    bpe.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)])
+    bpe.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
+    )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token=BOS,
@@ -87,14 +98,21 @@ def build_model(vocab_size: int, pad_id: int, bos_id: int, eos_id: int, hidden: 
     return LlamaForCausalLM(config)
 
 
-def write_tiny_model(out_dir: str | Path, data_dir: str | Path = "examples/data", hidden: int = 64, layers: int = 2) -> Path:
+def write_tiny_model(
+    out_dir: str | Path, data_dir: str | Path = "examples/data", hidden: int = 64, layers: int = 2
+) -> Path:
     """Build and save the tokenizer and model to `out_dir`; returns the directory."""
     out_dir, data_dir = Path(out_dir), Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data directory {data_dir} does not exist")
     tokenizer = build_tokenizer(data_dir)
     model = build_model(
-        len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, hidden=hidden, layers=layers
+        len(tokenizer),
+        tokenizer.pad_token_id,
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        hidden=hidden,
+        layers=layers,
     )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,17 +13,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from transformers import set_seed
-
 from finetune_api.render import StageConfig, join_uri
+from transformers import set_seed
 
 from finetune_trainer import modeling, storage, strategy
 from finetune_trainer.data import StageData, load_stage_data
-from finetune_trainer.reporting import Reporter, ReportChannel, progress_callback
+from finetune_trainer.reporting import ReportChannel, Reporter, progress_callback
 
 
 class StageContext:
-    def __init__(self, config: StageConfig, reporter: Reporter | None, rank: int, world_size: int, work_dir: Path, local_rank: int = 0):
+    def __init__(
+        self,
+        config: StageConfig,
+        reporter: Reporter | None,
+        rank: int,
+        world_size: int,
+        work_dir: Path,
+        local_rank: int = 0,
+    ):
         self.config = config
         self.reporter = reporter
         self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
@@ -69,7 +76,9 @@ class StageContext:
         Pass either this PeftModel or `peft_config()` to a TRL trainer, not both.
         """
         tokenizer = self.tokenizer(uri)
-        return modeling.load_causal_lm(self._model_uri(uri), self.config.model, tokenizer, **self._model_kwargs(trainable))
+        return modeling.load_causal_lm(
+            self._model_uri(uri), self.config.model, tokenizer, **self._model_kwargs(trainable)
+        )
 
     def peft_config(self):
         """peft.LoraConfig (None for full fine-tuning), for code that wraps a model itself instead of using causal_lm()."""
@@ -78,7 +87,9 @@ class StageContext:
     def sequence_classifier(self, uri: str | None = None, trainable: bool = True):
         """AutoModelForSequenceClassification with one output (a scalar score) and the pad token id set."""
         tokenizer = self.tokenizer(uri)
-        return modeling.load_sequence_classifier(self._model_uri(uri), self.config.model, tokenizer, **self._model_kwargs(trainable))
+        return modeling.load_sequence_classifier(
+            self._model_uri(uri), self.config.model, tokenizer, **self._model_kwargs(trainable)
+        )
 
     # ---- data ---------------------------------------------------------------------------------------------------
     def data(self, accepted: list[tuple[str, ...]]) -> StageData:
@@ -143,7 +154,11 @@ class StageContext:
             storage.upload_dir(local, destination, self._endpoint, exclude=(storage.CHECKPOINT_COMPLETE_FILE,))
         strategy.barrier()
         if self.is_main:
-            storage.upload_file(local / storage.CHECKPOINT_COMPLETE_FILE, join_uri(destination, storage.CHECKPOINT_COMPLETE_FILE), self._endpoint)
+            storage.upload_file(
+                local / storage.CHECKPOINT_COMPLETE_FILE,
+                join_uri(destination, storage.CHECKPOINT_COMPLETE_FILE),
+                self._endpoint,
+            )
             kept = storage.list_checkpoints(self.config.checkpoint_dir, self._endpoint)
             for _, old in kept[: max(0, len(kept) - (self.config.training.save_total_limit or len(kept)))]:
                 storage.delete(old, self._endpoint)

@@ -65,7 +65,9 @@ def run(ctx: StageContext) -> dict[str, float]:
     block_size = ctx.config.training.max_length
     train = datasets.Dataset.from_dict({"input_ids": pack_blocks(list(data.train["text"]), tokenizer, block_size)})
     held_out = datasets.Dataset.from_dict({"input_ids": pack_blocks(list(data.eval["text"]), tokenizer, block_size)})
-    ctx.log(f"{len(data.train)} documents -> {len(train)} blocks of {block_size} tokens; {len(held_out)} held-out blocks")
+    ctx.log(
+        f"{len(data.train)} documents -> {len(train)} blocks of {block_size} tokens; {len(held_out)} held-out blocks"
+    )
 
     model = ctx.causal_lm()
     trainer = Trainer(

@@ -31,7 +31,9 @@ def preference_metrics(ctx: StageContext, trainer) -> dict[str, float]:
         "eval_reward_margin": evaluation["eval_rewards/margins"],
         "eval_loss": evaluation["eval_loss"],
     }
-    ctx.log(f"held-out reward accuracy {metrics['eval_reward_accuracy']:.3f}, margin {metrics['eval_reward_margin']:.3f}")
+    ctx.log(
+        f"held-out reward accuracy {metrics['eval_reward_accuracy']:.3f}, margin {metrics['eval_reward_margin']:.3f}"
+    )
     return metrics
 
 
@@ -47,7 +49,9 @@ def loss_metrics(before: float, after: float, train_output) -> dict[str, float]:
     return metrics
 
 
-def generation_metrics(ctx: StageContext, model, tokenizer, prompts: list[str], references: list[str]) -> dict[str, float]:
+def generation_metrics(
+    ctx: StageContext, model, tokenizer, prompts: list[str], references: list[str]
+) -> dict[str, float]:
     """Greedy generation for held-out prompts; word-level ROUGE-L and corpus BLEU against the references.
 
     Every rank generates (ZeRO-3 needs all ranks in each forward pass); the result is the same on all of them.
@@ -67,8 +71,11 @@ def generation_metrics(ctx: StageContext, model, tokenizer, prompts: list[str], 
             batch = tokenizer(prompts[start : start + 8], return_tensors="pt", padding=True).to(model.device)
             with torch.no_grad():
                 output = model.generate(
-                    **batch, max_new_tokens=spec.max_new_tokens, do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                    **batch,
+                    max_new_tokens=spec.max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
                 )
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             predictions.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))

@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from trl import GRPOConfig, GRPOTrainer
-
 from finetune_api.spec import GRPOOptions
+from trl import GRPOConfig, GRPOTrainer
 
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.recipes.context import StageContext
@@ -39,7 +38,9 @@ def run(ctx: StageContext) -> dict[str, float]:
     device = torch.device("cuda", torch.cuda.current_device()) if ctx.gpu else torch.device("cpu")
     reward_tokenizer = ctx.tokenizer(config.reward_model)
     reward_model = freeze(TokenScorer(ctx.sequence_classifier(config.reward_model, trainable=False))).to(device)
-    scorer = RewardScorer(reward_model, reward_tokenizer, tokenizer, training.max_length or 512, training.batch_size or 8)
+    scorer = RewardScorer(
+        reward_model, reward_tokenizer, tokenizer, training.max_length or 512, training.batch_size or 8
+    )
 
     args = ctx.training_args(
         GRPOConfig,
@@ -61,7 +62,9 @@ def run(ctx: StageContext) -> dict[str, float]:
     )
     trainer.train(resume_from_checkpoint=ctx.resume_checkpoint())
     metrics = logged_metrics(trainer.state.log_history)
-    ctx.log("GRPO done: reward {reward_mean_first:.3f} -> {reward_mean_last:.3f}, kl_mean {kl_mean:.4f}".format(**metrics))
+    ctx.log(
+        "GRPO done: reward {reward_mean_first:.3f} -> {reward_mean_last:.3f}, kl_mean {kl_mean:.4f}".format(**metrics)
+    )
     ctx.save_final(trainer.model, tokenizer)
     return metrics
 

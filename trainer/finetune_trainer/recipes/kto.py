@@ -15,9 +15,8 @@ with the implicit reward r = beta * log(pi / pi_ref) of each held-out completion
 from __future__ import annotations
 
 import torch
-from trl import KTOConfig, KTOTrainer, extract_prompt, unpair_preference_dataset
-
 from finetune_api.spec import KTOOptions
+from trl import KTOConfig, KTOTrainer, extract_prompt, unpair_preference_dataset
 
 from finetune_trainer.errors import ConfigError, DataValidationError
 from finetune_trainer.recipes.context import StageContext
@@ -108,5 +107,7 @@ def held_out_rewards(trainer: KTOTrainer) -> tuple[torch.Tensor, torch.Tensor]:
 def completion_logps(model, batch) -> torch.Tensor:
     """Summed log-probability of each row's completion tokens, through the same fused LM head TRL scores with."""
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-    output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels, fused_lm_head=True)
+    output = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels, fused_lm_head=True
+    )
     return output.log_probs[:, -(batch["input_ids"].size(1) - 1) :].sum(-1)

@@ -17,7 +17,6 @@ import shutil
 from pathlib import Path
 
 import torch
-
 from finetune_api.spec import PPOOptions
 
 from finetune_trainer import strategy
@@ -38,7 +37,9 @@ def run(ctx: StageContext) -> dict[str, float]:
         loop.resume(Path(resume_from))
     metrics = loop.run()
     ctx.log(
-        "PPO done: reward {reward_mean_first:.3f} -> {reward_mean_last:.3f}, kl_mean {kl_mean:.3f}, kl_last {kl_last:.3f}".format(**metrics)
+        "PPO done: reward {reward_mean_first:.3f} -> {reward_mean_last:.3f}, kl_mean {kl_mean:.3f}, kl_last {kl_last:.3f}".format(
+            **metrics
+        )
     )
     ctx.log("time: " + ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in loop.timings.items()))
     ctx.save_final(loop.policy.module, loop.tokenizer)
@@ -104,7 +105,9 @@ def build_loop(ctx: StageContext) -> PPOLoop:
         policy=policy,
         value=value,
         reference=reference,
-        reward=RewardScorer(reward_model, reward_tokenizer, tokenizer, config.training.max_length or 512, plan.micro_batch),
+        reward=RewardScorer(
+            reward_model, reward_tokenizer, tokenizer, config.training.max_length or 512, plan.micro_batch
+        ),
         tokenizer=tokenizer,
         prompts=prompts,
         rank=ctx.rank,

@@ -13,9 +13,8 @@ saved model is merged, so AutoModelForSequenceClassification loads it directly.
 from __future__ import annotations
 
 import torch
-from trl import RewardConfig, RewardTrainer
-
 from finetune_api.spec import RewardOptions
+from trl import RewardConfig, RewardTrainer
 
 from finetune_trainer.errors import DataValidationError, QualityGateError
 from finetune_trainer.recipes.context import StageContext
@@ -56,7 +55,9 @@ def run(ctx: StageContext) -> dict[str, float]:
         "eval_loss": -torch.nn.functional.logsigmoid(margins).mean().item(),
         "eval_loss_before": eval_loss_before(trainer),
     }
-    ctx.log(f"held-out pairs: {len(margins)}, accuracy {metrics['eval_accuracy']:.3f}, margin {metrics['eval_margin']:.3f}")
+    ctx.log(
+        f"held-out pairs: {len(margins)}, accuracy {metrics['eval_accuracy']:.3f}, margin {metrics['eval_margin']:.3f}"
+    )
     check_quality_gate(ctx, options, metrics["eval_accuracy"])
     ctx.save_final(trainer.model, tokenizer)
     return metrics

@@ -46,7 +46,12 @@ def to_trl_rows(rows: list[dict[str, Any]], columns: tuple[str, ...], template: 
     for row in rows:
         prompt, answer = _prompt_and_answer(row, columns, template)
         if template == "chat":
-            converted.append({"prompt": [{"role": "user", "content": prompt}], "completion": [{"role": "assistant", "content": answer}]})
+            converted.append(
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "completion": [{"role": "assistant", "content": answer}],
+                }
+            )
         else:
             converted.append({"prompt": prompt, "completion": answer})
     return converted
@@ -83,7 +88,9 @@ def run(ctx: StageContext) -> dict[str, float]:
     tokenizer = ctx.tokenizer()
     conversational = data.columns == ("messages",) or template == "chat"
     if conversational and not tokenizer.chat_template:
-        raise ConfigError(f"stage {ctx.config.stage.name!r}: the tokenizer has no chat template; set spec.model.chatTemplate (chatml, llama3 or Jinja)")
+        raise ConfigError(
+            f"stage {ctx.config.stage.name!r}: the tokenizer has no chat template; set spec.model.chatTemplate (chatml, llama3 or Jinja)"
+        )
     train = datasets.Dataset.from_list(to_trl_rows(list(data.train), data.columns, template))
     held_out_rows = to_trl_rows(list(data.eval), data.columns, template)
     held_out = datasets.Dataset.from_list(held_out_rows)

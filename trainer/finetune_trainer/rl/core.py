@@ -53,7 +53,9 @@ def response_mask_after_stop(responses: torch.Tensor, stop_token_id: int | None)
     return stops_before == 0
 
 
-def truncate_after_stop(responses: torch.Tensor, stop_token_id: int | None, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def truncate_after_stop(
+    responses: torch.Tensor, stop_token_id: int | None, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace every token after the first stop token with padding. Returns (truncated responses, response mask)."""
     mask = response_mask_after_stop(responses, stop_token_id)
     return responses.masked_fill(~mask, pad_token_id), mask
@@ -112,7 +114,9 @@ def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, ma
     return rewards
 
 
-def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae_advantages(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation backwards over each response. Returns (advantages, returns = advantages + values).
 
     Padding positions carry no reward and no value, so the bootstrap value after the last real token is 0.

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from finetune_api.spec import TrainingSpec
 from torch import nn
 from transformers import get_scheduler
-
-from finetune_api.spec import TrainingSpec
 
 MAX_GRAD_NORM = 1.0  # transformers' TrainingArguments default, which PPOv2 inherits
 
@@ -28,7 +27,9 @@ def _optimizer(model: nn.Module, training: TrainingSpec) -> torch.optim.Optimize
 
 def _schedule(optimizer: torch.optim.Optimizer, training: TrainingSpec, total_updates: int):
     warmup = int(round((training.warmup_ratio or 0.0) * total_updates))
-    return get_scheduler(training.lr_scheduler or "cosine", optimizer, num_warmup_steps=warmup, num_training_steps=total_updates)
+    return get_scheduler(
+        training.lr_scheduler or "cosine", optimizer, num_warmup_steps=warmup, num_training_steps=total_updates
+    )
 
 
 class TorchEngine:
@@ -66,7 +67,12 @@ class TorchEngine:
         directory.mkdir(parents=True, exist_ok=True)
         trainable = {name: p.detach().cpu() for name, p in self.module.named_parameters() if p.requires_grad}
         torch.save(
-            {"model": trainable, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "micro_steps": self._micro_steps},
+            {
+                "model": trainable,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "micro_steps": self._micro_steps,
+            },
             directory / "engine.pt",
         )
 
@@ -84,7 +90,9 @@ class TorchEngine:
 class DeepSpeedEngine:
     """A model under `deepspeed.initialize` (ZeRO 0-3, data parallel across the process group)."""
 
-    def __init__(self, model: nn.Module, training: TrainingSpec, total_updates: int, accumulation: int, ds_config: dict[str, Any]):
+    def __init__(
+        self, model: nn.Module, training: TrainingSpec, total_updates: int, accumulation: int, ds_config: dict[str, Any]
+    ):
         import deepspeed
 
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
@@ -136,7 +144,11 @@ def deepspeed_batch_config(
     base: dict[str, Any], micro_batch: int, accumulation: int, world_size: int, precision: dict[str, bool]
 ) -> dict[str, Any]:
     """Resolve the fields a DeepSpeed config leaves "auto" for an HF Trainer, since no HF Trainer runs here."""
-    config = {key: value for key, value in base.items() if value != "auto" and key not in ("bf16", "fp16", "optimizer", "scheduler")}
+    config = {
+        key: value
+        for key, value in base.items()
+        if value != "auto" and key not in ("bf16", "fp16", "optimizer", "scheduler")
+    }
     config.update(
         train_micro_batch_size_per_gpu=micro_batch,
         gradient_accumulation_steps=accumulation,

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from finetune_api.spec import PPOOptions, TrainingSpec
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from finetune_api.spec import PPOOptions, TrainingSpec
 from finetune_trainer.errors import ConfigError, KLLimitError
 from finetune_trainer.rl import core
 from finetune_trainer.rl.engines import Engine
@@ -59,10 +59,14 @@ class PPOPlan:
         return self.rollout_per_worker // self.mini_batch
 
     @classmethod
-    def build(cls, stage: str, options: PPOOptions, training: TrainingSpec, num_prompts: int, world_size: int) -> PPOPlan:
+    def build(
+        cls, stage: str, options: PPOOptions, training: TrainingSpec, num_prompts: int, world_size: int
+    ) -> PPOPlan:
         field_path = f"stage {stage!r}: ppo"
         if options.rollout_batch_size % world_size:
-            raise ConfigError(f"{field_path}.rolloutBatchSize {options.rollout_batch_size} must be a multiple of the {world_size} workers")
+            raise ConfigError(
+                f"{field_path}.rolloutBatchSize {options.rollout_batch_size} must be a multiple of the {world_size} workers"
+            )
         per_worker = options.rollout_batch_size // world_size
         if per_worker % options.mini_batches:
             raise ConfigError(
@@ -189,7 +193,9 @@ class PPOLoop:
         rewards = core.per_token_rewards(scores, kl, self.state.kl.value, mask)
         if options.whiten_rewards:
             rewards = core.masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = core.gae_advantages(rewards, values.masked_fill(~mask, 0.0), mask, options.gamma, options.lam)
+        advantages, returns = core.gae_advantages(
+            rewards, values.masked_fill(~mask, 0.0), mask, options.gamma, options.lam
+        )
         return Rollout(
             query_ids=batch.input_ids,
             query_mask=batch.attention_mask,
@@ -222,7 +228,14 @@ class PPOLoop:
         options, plan = self.options, self.plan
         query_length = rollout.query_ids.shape[1]
         generator = torch.Generator().manual_seed(self.seed * 7919 + step)
-        totals: dict[str, float] = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "value_clipfrac": 0.0}
+        totals: dict[str, float] = {
+            "policy_loss": 0.0,
+            "value_loss": 0.0,
+            "entropy": 0.0,
+            "clipfrac": 0.0,
+            "approx_kl": 0.0,
+            "value_clipfrac": 0.0,
+        }
         count = 0
         self.policy.module.train()
         self.value.module.train()
@@ -235,10 +248,14 @@ class PPOLoop:
                     mask = batch.response_mask
                     logits = response_logits(self.policy, batch.input_ids, batch.attention_mask, query_length)
                     logprobs = core.logprobs_of(logits, batch.responses, options.temperature)
-                    policy_loss = core.clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, options.clip_range)
+                    policy_loss = core.clipped_policy_loss(
+                        logprobs, batch.logprobs, batch.advantages, mask, options.clip_range
+                    )
                     self.policy.backward(policy_loss.loss)
                     values = self.value(batch.input_ids, batch.attention_mask)[:, query_length - 1 : -1]
-                    value_loss = core.clipped_value_loss(values, batch.values, batch.returns, mask, options.clip_range_value)
+                    value_loss = core.clipped_value_loss(
+                        values, batch.values, batch.returns, mask, options.clip_range_value
+                    )
                     self.value.backward(options.vf_coef * value_loss.loss)
                     self.policy.step()
                     self.value.step()
@@ -278,15 +295,20 @@ class PPOLoop:
         while state.step < plan.total_steps:
             torch.manual_seed(self.seed * 1_000_003 + state.step * self.world_size + self.rank)
             batch = encode_prompts(self.tokenizer, self.prompts_for_step(state.step), self.max_prompt_tokens)
-            batch.input_ids, batch.attention_mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+            batch.input_ids, batch.attention_mask = (
+                batch.input_ids.to(self.device),
+                batch.attention_mask.to(self.device),
+            )
             rollout = self.rollout(batch)
             mask = rollout.response_mask
-            score, kl, length, finished = self.global_mean([
-                rollout.raw_scores.mean().item(),
-                (rollout.kl * mask).sum(dim=1).mean().item(),
-                mask.sum(dim=1).float().mean().item(),
-                core.contains_stop(rollout.responses, self.tokenizer.eos_token_id).float().mean().item(),
-            ])
+            score, kl, length, finished = self.global_mean(
+                [
+                    rollout.raw_scores.mean().item(),
+                    (rollout.kl * mask).sum(dim=1).mean().item(),
+                    mask.sum(dim=1).float().mean().item(),
+                    core.contains_stop(rollout.responses, self.tokenizer.eos_token_id).float().mean().item(),
+                ]
+            )
             if options.max_kl is not None and kl > options.max_kl:
                 raise KLLimitError(
                     f"stage {self.stage!r}: mean KL to the reference {kl:.4f} exceeds ppo.maxKl {options.max_kl:g} at PPO step {state.step + 1}"
@@ -300,8 +322,14 @@ class PPOLoop:
             if state.step % log_every == 0 or state.step == plan.total_steps:
                 reported = ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl")
                 self.hooks.progress(
-                    state.step, plan.total_steps, loss=stats["policy_loss"] + options.vf_coef * stats["value_loss"],
-                    score=score, kl=kl, kl_coef=state.kl.value, response_length=length, **{key: stats[key] for key in reported},
+                    state.step,
+                    plan.total_steps,
+                    loss=stats["policy_loss"] + options.vf_coef * stats["value_loss"],
+                    score=score,
+                    kl=kl,
+                    kl_coef=state.kl.value,
+                    response_length=length,
+                    **{key: stats[key] for key in reported},
                 )
                 self.hooks.log(
                     f"ppo step {state.step}/{plan.total_steps}: score {score:.3f} kl {kl:.3f} beta {state.kl.value:.4f} "

@@ -22,7 +22,9 @@ def classifier_head(model: nn.Module) -> nn.Module:
         head = getattr(base, name, None)
         if isinstance(head, nn.Module):
             return head
-    raise TypeError(f"{type(base).__name__} has no `score` or `classifier` head; expected an AutoModelForSequenceClassification")
+    raise TypeError(
+        f"{type(base).__name__} has no `score` or `classifier` head; expected an AutoModelForSequenceClassification"
+    )
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -46,7 +48,10 @@ class TokenScorer(nn.Module):
         base = unwrap_peft(self.classifier)
         backbone = getattr(base, base.base_model_prefix)
         hidden = backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask), use_cache=False
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_for(attention_mask),
+            use_cache=False,
         ).last_hidden_state
         return classifier_head(self.classifier)(hidden).squeeze(-1).float()
 
@@ -72,7 +77,9 @@ def reference_of(policy: nn.Module, reference: nn.Module | None) -> Iterator[nn.
         return
     disable_adapter = getattr(policy, "disable_adapter", None)
     if disable_adapter is None:
-        raise TypeError("a policy without a separate reference model must be a PEFT model (its adapter-free base is the reference)")
+        raise TypeError(
+            "a policy without a separate reference model must be a PEFT model (its adapter-free base is the reference)"
+        )
     with disable_adapter():
         yield policy
 

@@ -6,10 +6,10 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+from finetune_api.spec import PPOOptions
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from finetune_api.spec import PPOOptions
 from finetune_trainer.rl import core
 from finetune_trainer.rl.models import TokenScorer, position_ids_for, same_tokenizer
 
@@ -40,8 +40,8 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], ma
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, ids in enumerate(rows):
-        input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[i, width - len(ids):] = 1
+        input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, width - len(ids) :] = 1
     return PromptBatch(prompts=list(prompts), input_ids=input_ids, attention_mask=attention_mask)
 
 
@@ -74,14 +74,23 @@ def chunks(size: int, step: int) -> list[slice]:
     return [slice(start, min(start + step, size)) for start in range(0, size, step)]
 
 
-def response_logits(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:
+def response_logits(
+    policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_length: int
+) -> torch.Tensor:
     """Logits that predicted each response token: positions Q-1 .. end-1."""
-    logits = policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask), use_cache=False).logits
+    logits = policy(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_for(attention_mask),
+        use_cache=False,
+    ).logits
     return logits[:, query_length - 1 : -1]
 
 
 @torch.no_grad()
-def batched_logprobs(policy: nn.Module, rollout_ids: torch.Tensor, mask: torch.Tensor, query_length: int, temperature: float, micro: int) -> torch.Tensor:
+def batched_logprobs(
+    policy: nn.Module, rollout_ids: torch.Tensor, mask: torch.Tensor, query_length: int, temperature: float, micro: int
+) -> torch.Tensor:
     out = []
     for part in chunks(rollout_ids.shape[0], micro):
         logits = response_logits(policy, rollout_ids[part], mask[part], query_length)
@@ -95,7 +104,9 @@ def batched_token_scores(scorer: nn.Module, input_ids: torch.Tensor, mask: torch
 
 
 @torch.no_grad()
-def sample_responses(policy: nn.Module, batch: PromptBatch, options: PPOOptions, pad_token_id: int, stop_token_id: int | None) -> torch.Tensor:
+def sample_responses(
+    policy: nn.Module, batch: PromptBatch, options: PPOOptions, pad_token_id: int, stop_token_id: int | None
+) -> torch.Tensor:
     output = policy.generate(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -118,14 +129,21 @@ class RewardScorer:
     """
 
     def __init__(
-        self, model: TokenScorer, tokenizer: PreTrainedTokenizerBase, policy_tokenizer: PreTrainedTokenizerBase, max_length: int, micro: int
+        self,
+        model: TokenScorer,
+        tokenizer: PreTrainedTokenizerBase,
+        policy_tokenizer: PreTrainedTokenizerBase,
+        max_length: int,
+        micro: int,
     ):
         self.model, self.tokenizer, self.policy_tokenizer = model, tokenizer, policy_tokenizer
         self.retokenize = not same_tokenizer(tokenizer, policy_tokenizer)
         self.max_length, self.micro = max_length, micro
 
     @torch.no_grad()
-    def __call__(self, batch: PromptBatch, responses: torch.Tensor, response_mask: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, batch: PromptBatch, responses: torch.Tensor, response_mask: torch.Tensor, finished: torch.Tensor
+    ) -> torch.Tensor:
         if not self.retokenize:
             input_ids = torch.cat([batch.input_ids, responses], dim=1)
             mask = torch.cat([batch.attention_mask, response_mask.long()], dim=1)
@@ -151,9 +169,17 @@ class RewardScorer:
         per_token = batched_token_scores(self.model, encoded["input_ids"].to(device), mask, self.micro)
         return per_token[torch.arange(len(texts), device=device), core.last_token_index(mask)]
 
-    def reward_texts(self, prompts: list[Prompt], responses: torch.Tensor, response_mask: torch.Tensor, finished: torch.Tensor) -> list[str]:
-        decoded = [self.policy_tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True) for ids, mask in zip(responses, response_mask)]
-        return [reward_text(self.tokenizer, prompt, response, done) for prompt, response, done in zip(prompts, decoded, finished.tolist())]
+    def reward_texts(
+        self, prompts: list[Prompt], responses: torch.Tensor, response_mask: torch.Tensor, finished: torch.Tensor
+    ) -> list[str]:
+        decoded = [
+            self.policy_tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
+            for ids, mask in zip(responses, response_mask)
+        ]
+        return [
+            reward_text(self.tokenizer, prompt, response, done)
+            for prompt, response, done in zip(prompts, decoded, finished.tolist())
+        ]
 
 
 def reward_text(reward_tokenizer: PreTrainedTokenizerBase, prompt: Prompt, response: str, finished: bool) -> str:

@@ -5,15 +5,15 @@ Kubernetes conventions: `conditions` with type/status/reason/message/lastTransit
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from enum import Enum
+from datetime import UTC, datetime
+from enum import StrEnum
 
 from pydantic import Field
 
 from finetune_api.spec import ApiModel, StageType
 
 
-class JobPhase(str, Enum):
+class JobPhase(StrEnum):
     pending = "Pending"
     running = "Running"
     succeeded = "Succeeded"
@@ -21,7 +21,7 @@ class JobPhase(str, Enum):
     suspended = "Suspended"
 
 
-class StagePhase(str, Enum):
+class StagePhase(StrEnum):
     pending = "Pending"
     running = "Running"
     succeeded = "Succeeded"
@@ -32,7 +32,7 @@ class StagePhase(str, Enum):
 FINISHED_PHASES = {JobPhase.succeeded.value, JobPhase.failed.value}
 
 
-class ConditionType(str, Enum):
+class ConditionType(StrEnum):
     running = "Running"
     succeeded = "Succeeded"
     failed = "Failed"
@@ -40,7 +40,7 @@ class ConditionType(str, Enum):
 
 
 def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 class Condition(ApiModel):
@@ -49,7 +49,9 @@ class Condition(ApiModel):
     reason: str = Field(default="", description="CamelCase reason, stable for machines (see docs/troubleshooting.md).")
     message: str = Field(default="", description="Human-readable detail.")
     last_transition_time: str | None = Field(default=None, description="When the status last changed (RFC 3339).")
-    observed_generation: int | None = Field(default=None, description="The spec generation this condition was computed from.")
+    observed_generation: int | None = Field(
+        default=None, description="The spec generation this condition was computed from."
+    )
 
 
 class StageProgress(ApiModel):
@@ -62,26 +64,38 @@ class StageProgress(ApiModel):
 class StageStatus(ApiModel):
     name: str = Field(description="Stage name.")
     type: StageType = Field(description="Stage type.")
-    phase: StagePhase = Field(default=StagePhase.pending, description="Pending, Running, Succeeded, Failed or Suspended.")
+    phase: StagePhase = Field(
+        default=StagePhase.pending, description="Pending, Running, Succeeded, Failed or Suspended."
+    )
     attempts: int = Field(default=0, description="Attempts started so far (1 on a first run).")
     ray_job: str | None = Field(default=None, description="Name of the RayJob running the current attempt.")
     start_time: str | None = Field(default=None, description="When the first attempt started.")
     completion_time: str | None = Field(default=None, description="When the stage succeeded or finally failed.")
-    checkpoint: str | None = Field(default=None, description="URI of the stage's output model once it succeeded; the next stage's input.")
-    last_checkpoint: str | None = Field(default=None, description="URI of the latest resumable checkpoint written while running.")
+    checkpoint: str | None = Field(
+        default=None, description="URI of the stage's output model once it succeeded; the next stage's input."
+    )
+    last_checkpoint: str | None = Field(
+        default=None, description="URI of the latest resumable checkpoint written while running."
+    )
     progress: StageProgress | None = Field(default=None, description="Step counter of the running attempt.")
-    metrics: dict[str, float] = Field(default_factory=dict, description="Evaluation metrics reported by the stage (e.g. eval_loss_after).")
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="Evaluation metrics reported by the stage (e.g. eval_loss_after)."
+    )
     message: str = Field(default="", description="Why the stage is in its phase.")
 
 
 class FineTuneJobStatus(ApiModel):
     phase: JobPhase = Field(default=JobPhase.pending, description="Pending, Running, Succeeded, Failed or Suspended.")
-    conditions: list[Condition] = Field(default_factory=list, description="Running, Succeeded, Failed and Suspended conditions.")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Running, Succeeded, Failed and Suspended conditions."
+    )
     observed_generation: int | None = Field(default=None, description="The spec generation last acted on.")
     current_stage: str | None = Field(default=None, description="The stage running now, or the one that failed.")
     progress: str | None = Field(default=None, description="Stages done out of the total, e.g. `2/4`.")
     start_time: str | None = Field(default=None, description="When the first stage started.")
-    suspended_seconds: int = Field(default=0, description="Seconds spent suspended after the first start; excluded from activeDeadlineSeconds.")
+    suspended_seconds: int = Field(
+        default=0, description="Seconds spent suspended after the first start; excluded from activeDeadlineSeconds."
+    )
     completion_time: str | None = Field(default=None, description="When the job succeeded or failed.")
     stages: list[StageStatus] = Field(default_factory=list, description="One entry per stage, in order.")
 
@@ -91,7 +105,14 @@ class FineTuneJobStatus(ApiModel):
                 return stage
         raise KeyError(name)
 
-    def set_condition(self, type_: ConditionType | str, status: bool | str, reason: str, message: str = "", generation: int | None = None) -> bool:
+    def set_condition(
+        self,
+        type_: ConditionType | str,
+        status: bool | str,
+        reason: str,
+        message: str = "",
+        generation: int | None = None,
+    ) -> bool:
         """Set one condition; lastTransitionTime moves only when `status` changes. Returns whether anything changed."""
         type_value = type_.value if isinstance(type_, ConditionType) else type_
         status_value = status if isinstance(status, str) else ("True" if status else "False")

@@ -22,7 +22,16 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO_ROOT / "charts" / "finetune-operator"
+SOURCE_ROOTS = tuple(REPO_ROOT / room for room in ("api", "operator", "trainer", "dev"))
 RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+
+
+def source_env(**extra: str) -> dict[str, str]:
+    """This process's environment with this checkout's packages first on PYTHONPATH, so subprocesses run this code."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, SOURCE_ROOTS), *filter(None, [env.get("PYTHONPATH")])])
+    env.update(extra)
+    return env
 
 
 def live_group_members(pgid: int) -> list[int]:
@@ -44,10 +53,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def install_chart_rbac(control_plane: Any, release: str, namespace: str, executor: str, watch_namespaces: list[str]) -> Path:
+def install_chart_rbac(
+    control_plane: Any, release: str, namespace: str, executor: str, watch_namespaces: list[str]
+) -> Path:
     """Apply the chart's ServiceAccount and RBAC (nothing else) and return a kubeconfig for that ServiceAccount."""
-    args = ["template", release, str(CHART_DIR), "--namespace", namespace, "--set", f"executor={executor}",
-            "--set", "peering.enabled=false"]
+    args = [
+        "template",
+        release,
+        str(CHART_DIR),
+        "--namespace",
+        namespace,
+        "--set",
+        f"executor={executor}",
+        "--set",
+        "peering.enabled=false",
+    ]
     if watch_namespaces:
         args += ["--set", "watchNamespaces={" + ",".join(watch_namespaces) + "}"]
     rendered = control_plane.helm(*args).stdout
@@ -68,27 +88,48 @@ def install_chart_rbac(control_plane: Any, release: str, namespace: str, executo
 class OperatorProcess:
     """`python -m finetune_operator run` as a subprocess (so it can be killed and restarted like a real Pod)."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path, executor: str = "kuberay", namespaces: tuple[str, ...] = (),
-                 state_dir: Path | None = None, env: dict[str, str] | None = None, cwd: Path | None = None):
+    def __init__(
+        self,
+        kubeconfig: Path,
+        log_path: Path,
+        executor: str = "kuberay",
+        namespaces: tuple[str, ...] = (),
+        state_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ):
         self.kubeconfig, self.log_path, self.executor = kubeconfig, log_path, executor
         self.namespaces, self.state_dir, self.cwd = namespaces, state_dir, cwd
-        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT / "operator"), str(REPO_ROOT / "trainer")]),
-                        **(env or {}))
+        self.env = source_env(**(env or {}))
         self.process: subprocess.Popen | None = None
         self.health_port = self.metrics_port = 0
 
     def start(self, timeout: float = 60.0) -> OperatorProcess:
         self.health_port, self.metrics_port = free_port(), free_port()
-        argv = [sys.executable, "-m", "finetune_operator", "run", "--executor", self.executor, "--standalone",
-                "--kubeconfig", str(self.kubeconfig), "--health-port", str(self.health_port), "--metrics-port", str(self.metrics_port)]
+        argv = [
+            sys.executable,
+            "-m",
+            "finetune_operator",
+            "run",
+            "--executor",
+            self.executor,
+            "--standalone",
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "--health-port",
+            str(self.health_port),
+            "--metrics-port",
+            str(self.metrics_port),
+        ]
         for namespace in self.namespaces:
             argv += ["--namespace", namespace]
         if self.state_dir is not None:
             argv += ["--state-dir", str(self.state_dir)]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            cwd=self.cwd)
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd
+            )
         deadline = time.monotonic() + timeout
         while not self._healthy():
             if self.process.poll() is not None:

@@ -7,7 +7,7 @@ Field names are camelCase on the wire (Kubernetes convention) and snake_case in 
 from __future__ import annotations
 
 import re
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -53,7 +53,9 @@ def _check_uri(uri: str, allowed: tuple[str, ...]) -> str:
         raise ValueError("must not be empty")
     scheme = uri_scheme(uri)
     if scheme not in allowed:
-        raise ValueError(f"unsupported scheme {scheme!r} in {uri!r}; expected one of {', '.join(s + '://' for s in allowed)} or a local path")
+        raise ValueError(
+            f"unsupported scheme {scheme!r} in {uri!r}; expected one of {', '.join(s + '://' for s in allowed)} or a local path"
+        )
     if scheme == "s3" and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", uri):
         raise ValueError(f"{uri!r} is not a valid s3://bucket/key URI")
     if scheme == "pvc" and not re.match(r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?$", uri):
@@ -61,7 +63,7 @@ def _check_uri(uri: str, allowed: tuple[str, ...]) -> str:
     return uri
 
 
-class StageType(str, Enum):
+class StageType(StrEnum):
     cpt = "cpt"
     sft = "sft"
     reward = "reward"
@@ -84,12 +86,16 @@ class ModelSpec(ApiModel):
         ),
         min_length=1,
     )
-    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) when `source` is a Hub id.")
+    revision: str | None = Field(
+        default=None, description="Hub revision (branch, tag or commit) when `source` is a Hub id."
+    )
     credentials_secret: str | None = Field(
         default=None,
         description="Name of a Secret in the job's namespace holding `HF_TOKEN` and/or `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`.",
     )
-    tokenizer: str | None = Field(default=None, description="Tokenizer source when it differs from `source` (same URI forms).")
+    tokenizer: str | None = Field(
+        default=None, description="Tokenizer source when it differs from `source` (same URI forms)."
+    )
     chat_template: str | None = Field(
         default=None,
         description="Chat template for `messages` data, used instead of the tokenizer's own: `chatml`, `llama3`, or a Jinja template string.",
@@ -116,10 +122,12 @@ class StorageSpec(ApiModel):
         default=None, description="Secret with `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` for `s3://` storage."
     )
     endpoint_url: str | None = Field(
-        default=None, description="S3-compatible endpoint (MinIO, Ceph, R2...) when not AWS; e.g. `http://minio.storage:9000`."
+        default=None,
+        description="S3-compatible endpoint (MinIO, Ceph, R2...) when not AWS; e.g. `http://minio.storage:9000`.",
     )
     retain_on_delete: bool = Field(
-        default=True, description="Keep checkpoints and models when the FineTuneJob is deleted (artifacts are never deleted unless this is false)."
+        default=True,
+        description="Keep checkpoints and models when the FineTuneJob is deleted (artifacts are never deleted unless this is false).",
     )
 
     @model_validator(mode="after")
@@ -139,20 +147,33 @@ class Toleration(ApiModel):
 
 
 class ResourcesSpec(ApiModel):
-    workers: int = Field(default=1, ge=1, le=1024, description="Number of Ray Train workers (one per GPU when `gpusPerWorker` is 1).")
+    workers: int = Field(
+        default=1, ge=1, le=1024, description="Number of Ray Train workers (one per GPU when `gpusPerWorker` is 1)."
+    )
     gpus_per_worker: int = Field(default=0, ge=0, le=16, description="GPUs per worker; 0 trains on CPU.")
     cpus_per_worker: int = Field(default=1, ge=1, le=512, description="CPU cores per worker.")
     memory_per_worker: str | None = Field(
-        default=None, description="Memory per worker as a Kubernetes quantity, e.g. `16Gi`.", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$"
+        default=None,
+        description="Memory per worker as a Kubernetes quantity, e.g. `16Gi`.",
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$",
     )
     gpu_resource_name: str = Field(default="nvidia.com/gpu", description="Extended resource name requested for GPUs.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the Ray pods must match.")
-    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for the Ray pods (e.g. for tainted GPU nodes).")
-    image: str | None = Field(default=None, description="Trainer image for the Ray pods; defaults to the operator's configured trainer image.")
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Tolerations for the Ray pods (e.g. for tainted GPU nodes)."
+    )
+    image: str | None = Field(
+        default=None, description="Trainer image for the Ray pods; defaults to the operator's configured trainer image."
+    )
 
 
 class DeepSpeedSpec(ApiModel):
-    zero_stage: int = Field(default=0, ge=0, le=3, description="ZeRO stage 0-3: 1 shards optimizer state, 2 adds gradients, 3 adds parameters.")
+    zero_stage: int = Field(
+        default=0,
+        ge=0,
+        le=3,
+        description="ZeRO stage 0-3: 1 shards optimizer state, 2 adds gradients, 3 adds parameters.",
+    )
     offload_optimizer: bool = Field(default=False, description="Offload optimizer state to CPU memory (ZeRO 1-3).")
     offload_params: bool = Field(default=False, description="Offload parameters to CPU memory (ZeRO 3 only).")
 
@@ -167,39 +188,61 @@ class DeepSpeedSpec(ApiModel):
 
 class PeftSpec(ApiModel):
     method: Literal["full", "lora", "qlora"] = Field(
-        default="lora", description="`full` trains every weight; `lora` trains low-rank adapters; `qlora` adds a 4-bit quantized base (GPU only)."
+        default="lora",
+        description="`full` trains every weight; `lora` trains low-rank adapters; `qlora` adds a 4-bit quantized base (GPU only).",
     )
     r: int = Field(default=8, ge=1, le=1024, description="LoRA rank.")
     alpha: int = Field(default=16, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
     target_modules: list[str] | None = Field(
-        default=None, description="Module names to adapt (e.g. `q_proj`, `v_proj`); default: all linear layers except the output head."
+        default=None,
+        description="Module names to adapt (e.g. `q_proj`, `v_proj`); default: all linear layers except the output head.",
     )
 
 
 class TrainingSpec(ApiModel):
     """Hyper-parameters. Set once under `spec.training`; a stage's `training` overrides field by field."""
 
-    epochs: float | None = Field(default=None, gt=0, description="Passes over the training split (default 1). Ignored when `maxSteps` is set.")
+    epochs: float | None = Field(
+        default=None, gt=0, description="Passes over the training split (default 1). Ignored when `maxSteps` is set."
+    )
     max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
-    learning_rate: float | None = Field(default=None, gt=0, description="Peak learning rate; the default depends on the stage type and PEFT method (e.g. 2e-4 LoRA / 2e-5 full for SFT, 1e-5 LoRA / 3e-6 full for PPO).")
+    learning_rate: float | None = Field(
+        default=None,
+        gt=0,
+        description="Peak learning rate; the default depends on the stage type and PEFT method (e.g. 2e-4 LoRA / 2e-5 full for SFT, 1e-5 LoRA / 3e-6 full for PPO).",
+    )
     batch_size: int | None = Field(default=None, ge=1, description="Per-worker micro-batch size (default 8).")
-    gradient_accumulation_steps: int | None = Field(default=None, ge=1, description="Micro-batches per optimizer step (default 1).")
-    max_length: int | None = Field(default=None, ge=8, description="Maximum tokens per sequence (default 512); CPT block size.")
-    packing: bool | None = Field(default=None, description="Pack several examples into each sequence (SFT; CPT always packs). Default false.")
-    warmup_ratio: float | None = Field(default=None, ge=0, lt=1, description="Fraction of steps spent warming up the learning rate (default 0.03).")
+    gradient_accumulation_steps: int | None = Field(
+        default=None, ge=1, description="Micro-batches per optimizer step (default 1)."
+    )
+    max_length: int | None = Field(
+        default=None, ge=8, description="Maximum tokens per sequence (default 512); CPT block size."
+    )
+    packing: bool | None = Field(
+        default=None, description="Pack several examples into each sequence (SFT; CPT always packs). Default false."
+    )
+    warmup_ratio: float | None = Field(
+        default=None, ge=0, lt=1, description="Fraction of steps spent warming up the learning rate (default 0.03)."
+    )
     weight_decay: float | None = Field(default=None, ge=0, description="AdamW weight decay (default 0).")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] | None = Field(
         default=None, description="Learning-rate schedule (default cosine)."
     )
-    gradient_checkpointing: bool | None = Field(default=None, description="Recompute activations to save memory (default false).")
+    gradient_checkpointing: bool | None = Field(
+        default=None, description="Recompute activations to save memory (default false)."
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] | None = Field(
         default=None, description="Compute precision; `auto` (default) is bf16 on GPU and fp32 on CPU."
     )
     seed: int | None = Field(default=None, description="Random seed for data order and initialisation (default 42).")
     logging_steps: int | None = Field(default=None, ge=1, description="Report progress every N steps (default 5).")
-    save_steps: int | None = Field(default=None, ge=1, description="Save a resumable checkpoint every N steps (default 50).")
-    save_total_limit: int | None = Field(default=None, ge=1, description="Keep at most this many intermediate checkpoints (default 2).")
+    save_steps: int | None = Field(
+        default=None, ge=1, description="Save a resumable checkpoint every N steps (default 50)."
+    )
+    save_total_limit: int | None = Field(
+        default=None, ge=1, description="Keep at most this many intermediate checkpoints (default 2)."
+    )
 
 
 TRAINING_DEFAULTS = TrainingSpec(
@@ -229,15 +272,23 @@ class DatasetSpec(ApiModel):
         min_length=1,
     )
     format: Literal["auto", "jsonl", "json", "parquet", "csv", "text", "arrow"] = Field(
-        default="auto", description="File format; `auto` picks by extension (a directory is read as `arrow`, i.e. save-to-disk)."
+        default="auto",
+        description="File format; `auto` picks by extension (a directory is read as `arrow`, i.e. save-to-disk).",
     )
-    validation_uri: str | None = Field(default=None, description="A separate validation file; when set, `validationSplit` is ignored.")
-    validation_split: float = Field(default=0.1, gt=0, lt=1, description="Fraction of the data held out for evaluation.")
+    validation_uri: str | None = Field(
+        default=None, description="A separate validation file; when set, `validationSplit` is ignored."
+    )
+    validation_split: float = Field(
+        default=0.1, gt=0, lt=1, description="Fraction of the data held out for evaluation."
+    )
     columns: dict[str, str] = Field(
-        default_factory=dict, description="Rename columns from the file's names to the stage's expected names, e.g. `{question: prompt}`."
+        default_factory=dict,
+        description="Rename columns from the file's names to the stage's expected names, e.g. `{question: prompt}`.",
     )
     max_samples: int | None = Field(default=None, ge=1, description="Use at most this many training examples.")
-    credentials_secret: str | None = Field(default=None, description="Secret with credentials for `s3://` or private Hub datasets.")
+    credentials_secret: str | None = Field(
+        default=None, description="Secret with credentials for `s3://` or private Hub datasets."
+    )
 
     @model_validator(mode="after")
     def _check_uris(self) -> DatasetSpec:
@@ -255,7 +306,9 @@ class SFTOptions(ApiModel):
             "`### Instruction`/`### Context`/`### Response` headings; `plain` concatenates prompt and completion; `auto` picks from the columns."
         ),
     )
-    completion_only_loss: bool = Field(default=True, description="Compute loss on completions (assistant turns) only, not on prompts.")
+    completion_only_loss: bool = Field(
+        default=True, description="Compute loss on completions (assistant turns) only, not on prompts."
+    )
 
 
 class GenerationEvalSpec(ApiModel):
@@ -265,15 +318,22 @@ class GenerationEvalSpec(ApiModel):
 
 class RewardOptions(ApiModel):
     min_reward_accuracy: float | None = Field(
-        default=None, ge=0, le=1, description="Quality gate: fail the pipeline here if held-out pairwise accuracy is below this."
+        default=None,
+        ge=0,
+        le=1,
+        description="Quality gate: fail the pipeline here if held-out pairwise accuracy is below this.",
     )
-    center_rewards_coefficient: float | None = Field(default=None, ge=0, description="Penalty pulling rewards towards zero mean.")
+    center_rewards_coefficient: float | None = Field(
+        default=None, ge=0, description="Penalty pulling rewards towards zero mean."
+    )
 
 
 class DPOOptions(ApiModel):
     beta: float = Field(default=0.1, gt=0, description="Strength of the implicit KL constraint to the reference model.")
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(default="sigmoid", description="DPO loss variant.")
-    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5, description="Assumed label-noise rate (conservative DPO).")
+    label_smoothing: float = Field(
+        default=0.0, ge=0, lt=0.5, description="Assumed label-noise rate (conservative DPO)."
+    )
 
 
 class KTOOptions(ApiModel):
@@ -283,24 +343,38 @@ class KTOOptions(ApiModel):
 
 
 class ORPOOptions(ApiModel):
-    beta: float = Field(default=0.1, gt=0, description="Weight of the odds-ratio preference term (lambda in the paper).")
+    beta: float = Field(
+        default=0.1, gt=0, description="Weight of the odds-ratio preference term (lambda in the paper)."
+    )
 
 
 class PPOOptions(ApiModel):
     """PPO with a learned reward model. Defaults follow TRL's PPOv2 unless noted."""
 
-    total_episodes: int | None = Field(default=None, ge=1, description="Prompts to roll out in total (default: one pass over the prompts, times `training.epochs`).")
+    total_episodes: int | None = Field(
+        default=None,
+        ge=1,
+        description="Prompts to roll out in total (default: one pass over the prompts, times `training.epochs`).",
+    )
     rollout_batch_size: int = Field(default=16, ge=1, description="Prompts per rollout (one PPO step).")
     mini_batches: int = Field(default=1, ge=1, description="Mini-batches each rollout is split into for updates.")
     ppo_epochs: int = Field(default=4, ge=1, description="Optimisation passes over each rollout (PPOv2: 4).")
     temperature: float = Field(default=0.7, gt=0, description="Sampling temperature (PPOv2: 0.7).")
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling threshold.")
     max_new_tokens: int = Field(default=53, ge=1, description="Response length limit (PPOv2: 53).")
-    missing_eos_penalty: float | None = Field(default=None, ge=0, description="Subtracted from the score of responses that never emit EOS.")
+    missing_eos_penalty: float | None = Field(
+        default=None, ge=0, description="Subtracted from the score of responses that never emit EOS."
+    )
     kl_coef: float = Field(default=0.05, ge=0, description="Initial KL penalty coefficient beta (PPOv2: 0.05).")
-    kl_estimator: Literal["k1", "k3"] = Field(default="k1", description="Per-token KL estimator: k1 = log ratio, k3 = unbiased low-variance.")
-    kl_clamp: float = Field(default=10.0, gt=0, description="Per-token KL estimates are clamped to +-this (OpenRLHF: 10).")
-    kl_target: float | None = Field(default=None, gt=0, description="Enables the adaptive KL controller with this target KL (Ziegler et al.).")
+    kl_estimator: Literal["k1", "k3"] = Field(
+        default="k1", description="Per-token KL estimator: k1 = log ratio, k3 = unbiased low-variance."
+    )
+    kl_clamp: float = Field(
+        default=10.0, gt=0, description="Per-token KL estimates are clamped to +-this (OpenRLHF: 10)."
+    )
+    kl_target: float | None = Field(
+        default=None, gt=0, description="Enables the adaptive KL controller with this target KL (Ziegler et al.)."
+    )
     kl_horizon: int = Field(default=10000, ge=1, description="Adaptive KL controller horizon in episodes.")
     gamma: float = Field(default=1.0, ge=0, le=1, description="GAE discount.")
     lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda.")
@@ -311,9 +385,12 @@ class PPOOptions(ApiModel):
     normalize_reward: bool = Field(default=False, description="Normalise scores with running mean/std.")
     whiten_rewards: bool = Field(default=False, description="Whiten per-token rewards before GAE.")
     value_init: Literal["reward", "policy"] = Field(
-        default="reward", description="Initialise the value model from the reward model (`reward`) or as a head on the policy (`policy`)."
+        default="reward",
+        description="Initialise the value model from the reward model (`reward`) or as a head on the policy (`policy`).",
     )
-    max_kl: float | None = Field(default=None, gt=0, description="Quality gate: abort the stage when the mean KL to the reference exceeds this.")
+    max_kl: float | None = Field(
+        default=None, gt=0, description="Quality gate: abort the stage when the mean KL to the reference exceeds this."
+    )
 
 
 class GRPOOptions(ApiModel):
@@ -326,7 +403,9 @@ class GRPOOptions(ApiModel):
 
 class StageSpec(ApiModel):
     name: str = Field(
-        description="Stage name, unique in the job (DNS-1123 label, at most 30 characters).", max_length=STAGE_NAME_MAX, pattern=DNS_LABEL
+        description="Stage name, unique in the job (DNS-1123 label, at most 30 characters).",
+        max_length=STAGE_NAME_MAX,
+        pattern=DNS_LABEL,
     )
     type: StageType = Field(description="What the stage trains: cpt, sft, reward, dpo, kto, orpo, ppo or grpo.")
     dataset: DatasetSpec = Field(description="The stage's data.")
@@ -341,7 +420,8 @@ class StageSpec(ApiModel):
     deepspeed: DeepSpeedSpec | None = Field(default=None, description="Overrides `spec.deepspeed` for this stage.")
     resources: ResourcesSpec | None = Field(default=None, description="Overrides `spec.resources` for this stage.")
     generation_eval: GenerationEvalSpec | None = Field(
-        default=None, description="cpt/sft: generate for held-out prompts and report ROUGE-L and BLEU against the references."
+        default=None,
+        description="cpt/sft: generate for held-out prompts and report ROUGE-L and BLEU against the references.",
     )
     sft: SFTOptions | None = Field(default=None, description="Options for `sft` stages.")
     reward: RewardOptions | None = Field(default=None, description="Options for `reward` stages.")
@@ -367,20 +447,32 @@ class FineTuneJobSpec(ApiModel):
     model: ModelSpec = Field(description="The base model the first stage starts from.")
     storage: StorageSpec = Field(description="Where checkpoints and stage outputs are written.")
     stages: list[StageSpec] = Field(
-        min_length=1, max_length=16, description="Stages run in order; each starts from the previous stage's output model."
+        min_length=1,
+        max_length=16,
+        description="Stages run in order; each starts from the previous stage's output model.",
     )
-    peft: PeftSpec = Field(default_factory=PeftSpec, description="Parameter-efficient fine-tuning settings for every stage.")
+    peft: PeftSpec = Field(
+        default_factory=PeftSpec, description="Parameter-efficient fine-tuning settings for every stage."
+    )
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, description="DeepSpeed settings for every stage.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Compute for every stage.")
-    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Hyper-parameters for every stage (a stage may override).")
+    training: TrainingSpec = Field(
+        default_factory=TrainingSpec, description="Hyper-parameters for every stage (a stage may override)."
+    )
     env_from_secrets: list[str] = Field(
-        default_factory=list, description="Secrets whose keys become environment variables of the trainer (e.g. WANDB_API_KEY)."
+        default_factory=list,
+        description="Secrets whose keys become environment variables of the trainer (e.g. WANDB_API_KEY).",
     )
     suspend: bool = Field(
-        default=False, description="Stop the running stage (checkpoints are kept) and start nothing; false resumes. Kueue sets this."
+        default=False,
+        description="Stop the running stage (checkpoints are kept) and start nothing; false resumes. Kueue sets this.",
     )
-    backoff_limit: int = Field(default=2, ge=0, le=100, description="Retries per stage; each retry resumes from the stage's latest checkpoint.")
-    active_deadline_seconds: int | None = Field(default=None, ge=1, description="Fail the job if it runs longer than this, suspended time excluded.")
+    backoff_limit: int = Field(
+        default=2, ge=0, le=100, description="Retries per stage; each retry resumes from the stage's latest checkpoint."
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="Fail the job if it runs longer than this, suspended time excluded."
+    )
     ttl_seconds_after_finished: int | None = Field(
         default=None, ge=0, description="Delete the FineTuneJob this many seconds after it succeeded or failed."
     )
@@ -399,7 +491,9 @@ class FineTuneJobSpec(ApiModel):
                         f"(earlier stages: {', '.join(seen) or 'none'})"
                     )
                 if source != StageType.reward.value:
-                    raise ValueError(f"stages[{index}].rewardFrom: stage {stage.reward_from!r} has type {source}, expected a reward stage")
+                    raise ValueError(
+                        f"stages[{index}].rewardFrom: stage {stage.reward_from!r} has type {source}, expected a reward stage"
+                    )
             seen[stage.name] = stage.type
         return self
 

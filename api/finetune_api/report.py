@@ -23,15 +23,22 @@ class StageReport(ApiModel):
     epoch: float | None = Field(default=None, description="Epochs done.")
     eta_seconds: float | None = Field(default=None, description="Estimated seconds left.")
     loss: float | None = Field(default=None, description="Latest training loss.")
-    metrics: dict[str, float] = Field(default_factory=dict, description="Evaluation metrics (final ones once Succeeded).")
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="Evaluation metrics (final ones once Succeeded)."
+    )
     checkpoint: str | None = Field(default=None, description="Final output model URI once Succeeded.")
     last_checkpoint: str | None = Field(default=None, description="Latest resumable checkpoint URI.")
-    reason: str = Field(default="", description="CamelCase reason when Failed (e.g. InvalidDataset, QualityGateFailed).")
+    reason: str = Field(
+        default="", description="CamelCase reason when Failed (e.g. InvalidDataset, QualityGateFailed)."
+    )
     message: str = Field(default="", description="Human-readable detail.")
     updated_at: str | None = Field(default=None, description="RFC 3339 time of this report.")
 
+
 # Failure reasons that no retry can fix: the operator fails the stage at once instead of retrying.
-PERMANENT_REASONS = frozenset({"InvalidConfig", "InvalidDataset", "InvalidModel", "QualityGateFailed", "KLLimitExceeded"})
+PERMANENT_REASONS = frozenset(
+    {"InvalidConfig", "InvalidDataset", "InvalidModel", "QualityGateFailed", "KLLimitExceeded"}
+)
 
 # Exit code of the stage entrypoint for a permanent failure (any other non-zero code is retryable).
 EXIT_PERMANENT_FAILURE = 3

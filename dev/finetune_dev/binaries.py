@@ -1,7 +1,7 @@
 """Build and cache the Kubernetes binaries the dev cluster runs.
 
 kube-apiserver, kubectl, etcd and helm are compiled from their own Go modules, pinned by the
-small modules under ``operator/tools/``, and fetched through the Go module proxy: no prebuilt
+small modules under ``dev/tools/``, and fetched through the Go module proxy: no prebuilt
 binary is downloaded from anywhere. KubeRay's RayJob and RayCluster CRDs are copied out of its
 pinned Go module.
 
@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(os.environ.get("FINETUNE_REPO_ROOT", Path(__file__).resolve().parents[3]))
-TOOLS_DIR = REPO_ROOT / "operator" / "tools"
+REPO_ROOT = Path(os.environ.get("FINETUNE_REPO_ROOT", Path(__file__).resolve().parents[2]))
+TOOLS_DIR = REPO_ROOT / "dev" / "tools"
 
 KUBERNETES_MODULE = "k8s.io/kubernetes"
 ETCD_MODULE = "go.etcd.io/etcd/server/v3"
@@ -150,9 +150,7 @@ def _go_env() -> dict[str, str]:
 
 
 def _run_go(go: str, args: list[str], module_dir: Path) -> str:
-    proc = subprocess.run(
-        [go, *args], cwd=module_dir, env=_go_env(), capture_output=True, text=True
-    )
+    proc = subprocess.run([go, *args], cwd=module_dir, env=_go_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise BuildError(f"`go {' '.join(args)}` in {module_dir} failed:\n{proc.stderr[-4000:]}")
     return proc.stdout
@@ -189,10 +187,14 @@ def _build_all(paths: Paths, go: str) -> None:
     ldflags = _version_ldflags(versions, helm_client_go.lstrip("v").split(".")[1])
     targets = [
         ("etcd", "etcd", ETCD_MODULE, versions.etcd, paths.etcd),
-        ("kubernetes", "kube-apiserver", f"{KUBERNETES_MODULE}/cmd/kube-apiserver",
-         versions.kubernetes, paths.kube_apiserver),
-        ("kubernetes", "kubectl", f"{KUBERNETES_MODULE}/cmd/kubectl", versions.kubernetes,
-         paths.kubectl),
+        (
+            "kubernetes",
+            "kube-apiserver",
+            f"{KUBERNETES_MODULE}/cmd/kube-apiserver",
+            versions.kubernetes,
+            paths.kube_apiserver,
+        ),
+        ("kubernetes", "kubectl", f"{KUBERNETES_MODULE}/cmd/kubectl", versions.kubernetes, paths.kubectl),
         ("helm", "helm", f"{HELM_MODULE}/cmd/helm", versions.helm, paths.helm),
     ]
     paths.bin_dir.mkdir(parents=True, exist_ok=True)
@@ -201,8 +203,7 @@ def _build_all(paths: Paths, go: str) -> None:
         _log(f"building {name} ({package} {version}) ...")
         partial = output.with_name(output.name + ".partial")
         flags = " ".join(["-s", "-w", *ldflags[tool]])
-        _run_go(go, ["build", "-trimpath", "-ldflags", flags, "-o", str(partial), package],
-                TOOLS_DIR / tool)
+        _run_go(go, ["build", "-trimpath", "-ldflags", flags, "-o", str(partial), package], TOOLS_DIR / tool)
         partial.replace(output)
         _log(f"built {name} in {time.monotonic() - started:.0f}s")
 
@@ -261,4 +262,3 @@ def _build_locked(paths: Paths, go: str) -> Paths:
         (paths.root / _COMPLETE_MARKER).write_text(f"{time.monotonic() - started:.0f}s\n")
         _log(f"binaries ready in {time.monotonic() - started:.0f}s")
     return paths
-

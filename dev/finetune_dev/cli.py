@@ -19,11 +19,14 @@ def main(argv: list[str] | None = None) -> None:
         "until interrupted. Each start is a fresh, empty cluster.",
     )
     parser.add_argument(
-        "--dir", type=Path, default=cache_dir() / "dev-cluster",
+        "--dir",
+        type=Path,
+        default=cache_dir() / "dev-cluster",
         help="state directory: kubeconfig, certificates, etcd data, logs (default: %(default)s)",
     )
     parser.add_argument(
-        "--build-only", action="store_true",
+        "--build-only",
+        action="store_true",
         help="only build (or find cached) binaries and KubeRay CRDs, print their paths, exit",
     )
     args = parser.parse_args(argv)
@@ -65,6 +68,7 @@ def _serve(state_dir: Path) -> None:
         while True:
             cluster.raise_if_exited()
             time.sleep(1)
+
 
 if __name__ == "__main__":
     main()

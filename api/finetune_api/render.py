@@ -30,14 +30,22 @@ PVC_MOUNT_ROOT = "/mnt/pvc"
 
 # Learning-rate defaults by (stage type, full vs adapter training), from TRL's and OpenRLHF's defaults.
 _DEFAULT_LR = {
-    ("cpt", "full"): 2e-5, ("cpt", "adapter"): 2e-4,
-    ("sft", "full"): 2e-5, ("sft", "adapter"): 2e-4,
-    ("reward", "full"): 1e-5, ("reward", "adapter"): 1e-4,
-    ("dpo", "full"): 1e-6, ("dpo", "adapter"): 5e-6,
-    ("kto", "full"): 1e-6, ("kto", "adapter"): 5e-6,
-    ("orpo", "full"): 8e-6, ("orpo", "adapter"): 5e-5,
-    ("ppo", "full"): 3e-6, ("ppo", "adapter"): 1e-5,
-    ("grpo", "full"): 1e-6, ("grpo", "adapter"): 1e-5,
+    ("cpt", "full"): 2e-5,
+    ("cpt", "adapter"): 2e-4,
+    ("sft", "full"): 2e-5,
+    ("sft", "adapter"): 2e-4,
+    ("reward", "full"): 1e-5,
+    ("reward", "adapter"): 1e-4,
+    ("dpo", "full"): 1e-6,
+    ("dpo", "adapter"): 5e-6,
+    ("kto", "full"): 1e-6,
+    ("kto", "adapter"): 5e-6,
+    ("orpo", "full"): 8e-6,
+    ("orpo", "adapter"): 5e-5,
+    ("ppo", "full"): 3e-6,
+    ("ppo", "adapter"): 1e-5,
+    ("grpo", "full"): 1e-6,
+    ("grpo", "adapter"): 1e-5,
 }
 
 
@@ -109,7 +117,9 @@ class StageConfig(ApiModel):
     attempt: int = Field(default=1, ge=1, description="Attempt number; >1 resumes from the latest checkpoint.")
 
 
-def render_stage(job_name: str, spec: FineTuneJobSpec, stage_name: str, namespace: str | None = None, attempt: int = 1) -> StageConfig:
+def render_stage(
+    job_name: str, spec: FineTuneJobSpec, stage_name: str, namespace: str | None = None, attempt: int = 1
+) -> StageConfig:
     """Render the frozen config of one stage. Inputs and outputs are derived from storage, so no prior state is needed."""
     index = next(i for i, s in enumerate(spec.stages) if s.name == stage_name)
     stage = spec.stages[index]

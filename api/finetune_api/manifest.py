@@ -83,7 +83,9 @@ def parse_manifest(text: str, source: str = "<manifest>") -> FineTuneJob:
         where = f"{source}:{mark.line + 1}" if mark else source
         raise ManifestError(source, [f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
     if not isinstance(data, dict):
-        raise ManifestError(source, [f"{source}:1: expected a FineTuneJob mapping with apiVersion, kind, metadata and spec"])
+        raise ManifestError(
+            source, [f"{source}:1: expected a FineTuneJob mapping with apiVersion, kind, metadata and spec"]
+        )
     try:
         return FineTuneJob.model_validate(data)
     except ValidationError as exc:

@@ -115,24 +115,49 @@ class _Pki:
         )
         self._write_cert(self.ca_cert, ca)
 
-        sans = [x509.DNSName(n) for n in (
-            "localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
-            "kubernetes.default.svc.cluster.local",
-        )] + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", KUBERNETES_SERVICE_IP)]
-        self._issue(ca, ca_key, self.serving_cert, self.serving_key, "kube-apiserver", None,
-                    ExtendedKeyUsageOID.SERVER_AUTH, sans)
+        sans = [
+            x509.DNSName(n)
+            for n in (
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            )
+        ] + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", KUBERNETES_SERVICE_IP)]
+        self._issue(
+            ca,
+            ca_key,
+            self.serving_cert,
+            self.serving_key,
+            "kube-apiserver",
+            None,
+            ExtendedKeyUsageOID.SERVER_AUTH,
+            sans,
+        )
         # The system:masters group is what makes this client a cluster admin under RBAC.
-        self._issue(ca, ca_key, self.admin_cert, self.admin_key, "finetune-dev-admin",
-                    "system:masters", ExtendedKeyUsageOID.CLIENT_AUTH, [])
+        self._issue(
+            ca,
+            ca_key,
+            self.admin_cert,
+            self.admin_key,
+            "finetune-dev-admin",
+            "system:masters",
+            ExtendedKeyUsageOID.CLIENT_AUTH,
+            [],
+        )
 
         sa_key = ec.generate_private_key(ec.SECP256R1())
         self._write_key(self.sa_key, sa_key)
-        self.sa_pub.write_bytes(sa_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        self.sa_pub.write_bytes(
+            sa_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
 
     @staticmethod
     def _builder(subject: x509.Name, issuer: x509.Name, public_key) -> x509.CertificateBuilder:
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         return (
             x509.CertificateBuilder()
             .subject_name(subject)
@@ -164,9 +189,11 @@ class _Pki:
 
     @staticmethod
     def _write_key(path: Path, key) -> None:
-        path.write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
         path.chmod(0o600)
 
 
@@ -205,10 +232,13 @@ class ControlPlane:
             self._pki.generate()
             etcd_url = self._start_etcd()
             self._start_apiserver(etcd_url)
-            self._write_kubeconfig(self.kubeconfig, {
-                "client-certificate-data": self._b64(self._pki.admin_cert),
-                "client-key-data": self._b64(self._pki.admin_key),
-            })
+            self._write_kubeconfig(
+                self.kubeconfig,
+                {
+                    "client-certificate-data": self._b64(self._pki.admin_cert),
+                    "client-key-data": self._b64(self._pki.admin_key),
+                },
+            )
             # No controller-manager runs to create it, and the ServiceAccount admission
             # plugin rejects Pods in a namespace whose `default` ServiceAccount is missing.
             self.create_namespace("default")
@@ -257,7 +287,10 @@ class ControlPlane:
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         with open(self.log_dir / f"{name}.log", "wb") as log:
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 # Own session: a Ctrl-C in the terminal reaches only us, and stop() shuts the
                 # components down in order.
                 start_new_session=True,
@@ -269,52 +302,56 @@ class ControlPlane:
     def _start_etcd(self) -> str:
         client_url = f"http://127.0.0.1:{_free_port()}"
         peer_url = f"http://127.0.0.1:{_free_port()}"
-        proc = self._spawn("etcd", [
-            str(self.binaries.etcd),
-            "--name=devcluster",
-            f"--data-dir={self.dir / 'etcd'}",
-            f"--listen-client-urls={client_url}",
-            f"--advertise-client-urls={client_url}",
-            f"--listen-peer-urls={peer_url}",
-            f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster=devcluster={peer_url}",
-            # Throwaway data: skipping fsync makes every write several times faster.
-            "--unsafe-no-fsync",
-            "--log-level=warn",
-        ])
+        proc = self._spawn(
+            "etcd",
+            [
+                str(self.binaries.etcd),
+                "--name=devcluster",
+                f"--data-dir={self.dir / 'etcd'}",
+                f"--listen-client-urls={client_url}",
+                f"--advertise-client-urls={client_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=devcluster={peer_url}",
+                # Throwaway data: skipping fsync makes every write several times faster.
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ],
+        )
         self._wait_ready("etcd", proc, lambda: self._http_ok(f"{client_url}/health"))
         return client_url
 
     def _start_apiserver(self, etcd_url: str) -> None:
         port = _free_port()
         pki = self._pki
-        proc = self._spawn("kube-apiserver", [
-            str(self.binaries.kube_apiserver),
-            f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            f"--secure-port={port}",
-            f"--cert-dir={self.dir / 'apiserver-certs'}",
-            f"--tls-cert-file={pki.serving_cert}",
-            f"--tls-private-key-file={pki.serving_key}",
-            f"--client-ca-file={pki.ca_cert}",
-            "--authorization-mode=RBAC",
-            f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
-            f"--service-account-key-file={pki.sa_pub}",
-            f"--service-account-signing-key-file={pki.sa_key}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--allow-privileged=true",
-            # The `kubernetes` Service's Endpoints may not point at loopback, and nothing here
-            # dials it: skip reconciling them instead of logging a validation error every 10s.
-            "--endpoint-reconciler-type=none",
-            "--v=1",
-        ])
+        proc = self._spawn(
+            "kube-apiserver",
+            [
+                str(self.binaries.kube_apiserver),
+                f"--etcd-servers={etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={port}",
+                f"--cert-dir={self.dir / 'apiserver-certs'}",
+                f"--tls-cert-file={pki.serving_cert}",
+                f"--tls-private-key-file={pki.serving_key}",
+                f"--client-ca-file={pki.ca_cert}",
+                "--authorization-mode=RBAC",
+                f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
+                f"--service-account-key-file={pki.sa_pub}",
+                f"--service-account-signing-key-file={pki.sa_key}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--allow-privileged=true",
+                # The `kubernetes` Service's Endpoints may not point at loopback, and nothing here
+                # dials it: skip reconciling them instead of logging a validation error every 10s.
+                "--endpoint-reconciler-type=none",
+                "--v=1",
+            ],
+        )
         self.url = f"https://127.0.0.1:{port}"
         self._admin_tls = ssl.create_default_context(cafile=str(pki.ca_cert))
         self._admin_tls.load_cert_chain(str(pki.admin_cert), str(pki.admin_key))
-        self._wait_ready(
-            "kube-apiserver", proc, lambda: self._http_ok(f"{self.url}/readyz", self._admin_tls)
-        )
+        self._wait_ready("kube-apiserver", proc, lambda: self._http_ok(f"{self.url}/readyz", self._admin_tls))
 
     @staticmethod
     def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
@@ -348,32 +385,47 @@ class ControlPlane:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "finetune-dev", "cluster": {
-                "server": self.url,
-                "certificate-authority-data": self._b64(self._pki.ca_cert),
-            }}],
+            "clusters": [
+                {
+                    "name": "finetune-dev",
+                    "cluster": {
+                        "server": self.url,
+                        "certificate-authority-data": self._b64(self._pki.ca_cert),
+                    },
+                }
+            ],
             "users": [{"name": "user", "user": user}],
-            "contexts": [{"name": "finetune-dev", "context": {
-                "cluster": "finetune-dev", "user": "user", "namespace": "default",
-            }}],
+            "contexts": [
+                {
+                    "name": "finetune-dev",
+                    "context": {
+                        "cluster": "finetune-dev",
+                        "user": "user",
+                        "namespace": "default",
+                    },
+                }
+            ],
             "current-context": "finetune-dev",
         }
         path.write_text(json.dumps(config, indent=2))
         path.chmod(0o600)
         return path
 
-    def service_account_kubeconfig(self, namespace: str, name: str,
-                                   expiration_seconds: int = 86400) -> Path:
+    def service_account_kubeconfig(self, namespace: str, name: str, expiration_seconds: int = 86400) -> Path:
         """A kubeconfig that authenticates as ServiceAccount `namespace/name` (which must exist).
 
         The token comes from the TokenRequest API, exactly as a Pod's projected token would, so
         a client using it has that ServiceAccount's RBAC permissions and nothing more.
         """
-        response = self.api("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token", {
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenRequest",
-            "spec": {"expirationSeconds": expiration_seconds},
-        })
+        response = self.api(
+            "POST",
+            f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token",
+            {
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenRequest",
+                "spec": {"expirationSeconds": expiration_seconds},
+            },
+        )
         path = self.dir / "kubeconfigs" / f"sa-{namespace}-{name}.yaml"
         path.parent.mkdir(exist_ok=True)
         return self._write_kubeconfig(path, {"token": response["status"]["token"]})
@@ -387,7 +439,10 @@ class ControlPlane:
         return proc
 
     def kubectl(
-        self, *args: str, kubeconfig: Path | str | None = None, input: str | None = None,
+        self,
+        *args: str,
+        kubeconfig: Path | str | None = None,
+        input: str | None = None,
         check: bool = True,
     ) -> subprocess.CompletedProcess:
         """Run the pinned kubectl, as cluster admin unless another `kubeconfig` is given."""
@@ -395,7 +450,10 @@ class ControlPlane:
         return self._run(argv, input, check)
 
     def helm(
-        self, *args: str, kubeconfig: Path | str | None = None, input: str | None = None,
+        self,
+        *args: str,
+        kubeconfig: Path | str | None = None,
+        input: str | None = None,
         check: bool = True,
     ) -> subprocess.CompletedProcess:
         """Run the pinned helm against this cluster, with its config and caches in the state dir."""
@@ -412,17 +470,26 @@ class ControlPlane:
     def apply(self, manifest: str, kubeconfig: Path | str | None = None) -> str:
         """Server-side apply a YAML/JSON manifest; returns kubectl's `-o name` output."""
         return self.kubectl(
-            "apply", "--server-side", "--force-conflicts", "-o", "name", "-f", "-",
-            kubeconfig=kubeconfig, input=manifest,
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-o",
+            "name",
+            "-f",
+            "-",
+            kubeconfig=kubeconfig,
+            input=manifest,
         ).stdout
 
     def create_namespace(self, name: str) -> None:
         """Create (idempotently) a namespace with its `default` ServiceAccount."""
-        self._server_side_apply(f"/api/v1/namespaces/{name}", {
-            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-        self._server_side_apply(f"/api/v1/namespaces/{name}/serviceaccounts/default", {
-            "apiVersion": "v1", "kind": "ServiceAccount",
-            "metadata": {"name": "default", "namespace": name}})
+        self._server_side_apply(
+            f"/api/v1/namespaces/{name}", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+        )
+        self._server_side_apply(
+            f"/api/v1/namespaces/{name}/serviceaccounts/default",
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": name}},
+        )
 
     def install_crds(self, paths: list[Path], timeout: float = 60.0) -> None:
         """Apply CRD files and wait until the apiserver serves them (Established)."""
@@ -431,9 +498,7 @@ class ControlPlane:
         # kubectl, not PyYAML: KubeRay's CRDs are 3 MB of YAML that Python parses slowly.
         # Server-side, because they are too large for client-side apply's annotation.
         files = [arg for path in paths for arg in ("-f", str(path))]
-        names = self.kubectl(
-            "apply", "--server-side", "--force-conflicts", "-o", "name", *files
-        ).stdout.split()
+        names = self.kubectl("apply", "--server-side", "--force-conflicts", "-o", "name", *files).stdout.split()
         # Not `kubectl wait` (it fails on a CRD whose status has no conditions yet), nor polling
         # the CRDs themselves (each GET of a KubeRay CRD serializes megabytes): the apiserver
         # lists a CRD's resource in discovery exactly when the CRD is Established.
@@ -462,11 +527,11 @@ class ControlPlane:
     # The control plane's own setup talks to the API directly: a kubectl process per step
     # would pay for startup and discovery each time, several seconds on a busy 2-core machine.
 
-    def api(self, method: str, path: str, body: dict | None = None,
-            content_type: str = "application/json") -> dict:
+    def api(self, method: str, path: str, body: dict | None = None, content_type: str = "application/json") -> dict:
         """One request to the apiserver as cluster admin; returns the decoded JSON response."""
         request = urllib.request.Request(
-            self.url + path, method=method,
+            self.url + path,
+            method=method,
             data=json.dumps(body).encode() if body is not None else None,
             headers={"Content-Type": content_type, "Accept": "application/json"},
         )
@@ -478,5 +543,9 @@ class ControlPlane:
 
     def _server_side_apply(self, path: str, obj: dict) -> dict:
         # JSON is YAML, so it is a valid apply-patch body; force takes over conflicting fields.
-        return self.api("PATCH", f"{path}?fieldManager=finetune-devcluster&force=true", obj,
-                        content_type="application/apply-patch+yaml")
+        return self.api(
+            "PATCH",
+            f"{path}?fieldManager=finetune-devcluster&force=true",
+            obj,
+            content_type="application/apply-patch+yaml",
+        )
