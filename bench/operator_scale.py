@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import kubernetes
+
 from finetune_dev import ControlPlane
 from finetune_dev.testing import OperatorProcess, install_chart_rbac
 from finetune_operator.kube import FINETUNEJOB, Kube

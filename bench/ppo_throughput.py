@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from finetune_api.render import render_stage
 from finetune_api.spec import FineTuneJobSpec
 from finetune_trainer import strategy

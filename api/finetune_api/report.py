@@ -35,10 +35,5 @@ class StageReport(ApiModel):
     updated_at: str | None = Field(default=None, description="RFC 3339 time of this report.")
 
 
-# Failure reasons that no retry can fix: the operator fails the stage at once instead of retrying.
-PERMANENT_REASONS = frozenset(
-    {"InvalidConfig", "InvalidDataset", "InvalidModel", "QualityGateFailed", "KLLimitExceeded"}
-)
-
 # Exit code of the stage entrypoint for a permanent failure (any other non-zero code is retryable).
 EXIT_PERMANENT_FAILURE = 3

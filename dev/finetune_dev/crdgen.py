@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
+
 from finetune_api.spec import DNS_LABEL, GROUP, KIND, PLURAL, RL_STAGES, VERSION, FineTuneJobSpec, StageSpec, StageType
 from finetune_api.status import FineTuneJobStatus
-from pydantic import BaseModel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = f"{GROUP}_{PLURAL}.yaml"

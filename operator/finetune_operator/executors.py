@@ -16,14 +16,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from finetune_api.pipeline import AttemptObservation, ChildState, JobRef, parse_time
+from finetune_api.reasons import Reason
 from finetune_api.render import StageConfig, rayjob_name, stage_root
 from finetune_api.report import EXIT_PERMANENT_FAILURE
 from finetune_api.spec import FineTuneJobSpec, uri_scheme
-
-from finetune_operator import builders, reasons
-from finetune_operator.builders import JobRef
+from finetune_operator import children
 from finetune_operator.kube import CONFIGMAP, RAYJOB, Kube
-from finetune_operator.reconcile import AttemptObservation, ChildState, parse_time
 from finetune_operator.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ def rayjob_observation(rayjob: dict[str, Any] | None) -> AttemptObservation:
         return AttemptObservation(
             ChildState.failed,
             f"KubeRay rejected the RayJob: {detail}",
-            reasons.RAYJOB_VALIDATION_FAILED,
+            Reason.RAYJOB_VALIDATION_FAILED,
             permanent=True,
             finished_at=ended,
         )
@@ -68,7 +67,7 @@ def rayjob_observation(rayjob: dict[str, Any] | None) -> AttemptObservation:
         message = f"RayJob {deployment.lower()}, Ray job {ray_status or 'status unknown'}" + (
             f": {detail}" if detail else ""
         )
-        return AttemptObservation(ChildState.failed, message, reasons.STAGE_FAILED, finished_at=ended)
+        return AttemptObservation(ChildState.failed, message, Reason.STAGE_FAILED, finished_at=ended)
     if deployment in ("Initializing", "Waiting", "Retrying"):
         return AttemptObservation(ChildState.initializing, detail or f"RayJob {deployment}")
     if deployment == "Running":
@@ -84,16 +83,16 @@ class _Base:
 
     def prepare(self, job: JobRef, spec: FineTuneJobSpec, config: StageConfig) -> None:
         """The trainer's ServiceAccount/Role/RoleBinding and the stage's report ConfigMap (idempotent)."""
-        for manifest in builders.trainer_rbac(job, spec):
+        for manifest in children.trainer_rbac(job, spec):
             self.kube.create_if_absent(manifest)
-        self.kube.create_if_absent(builders.report_configmap(job, config.stage.name))
+        self.kube.create_if_absent(children.report_configmap(job, config.stage.name))
 
     def delete_children(self, job: JobRef) -> None:
-        selector = builders.job_selector(job.name)
+        selector = children.job_selector(job.name)
         for kind in (RAYJOB, CONFIGMAP):
             for item in self.kube.list(kind, job.namespace, selector):
                 self.kube.delete(kind, job.namespace, item["metadata"]["name"])
-        name = builders.trainer_service_account_name(job.name)
+        name = children.trainer_service_account_name(job.name)
         for kind in (
             ("rbac.authorization.k8s.io/v1", "RoleBinding"),
             ("rbac.authorization.k8s.io/v1", "Role"),
@@ -107,7 +106,7 @@ class KubeRayExecutor(_Base):
 
     def start(self, job: JobRef, spec: FineTuneJobSpec, config: StageConfig) -> None:
         self.prepare(job, spec, config)
-        if self.kube.create_if_absent(builders.rayjob(job, spec, config, self.settings)):
+        if self.kube.create_if_absent(children.rayjob(job, spec, config, self.settings)):
             return
         name = rayjob_name(job.name, config.stage.name, config.attempt)
         existing = self.kube.get(RAYJOB, job.namespace, name) or {}
@@ -173,10 +172,10 @@ class LocalExecutor(_Base):
         for stale in ("pid", "exit_code", "suspended"):
             (directory / stale).unlink(missing_ok=True)
         token = self.kube.service_account_token(
-            job.namespace, builders.trainer_service_account_name(job.name), self.settings.local_token_seconds
+            job.namespace, children.trainer_service_account_name(job.name), self.settings.local_token_seconds
         )
         kubeconfig = self.kube.kubeconfig_for_token(token, directory / "kubeconfig", job.namespace)
-        command = builders.stage_command(config, python=self.settings.trainer_python, no_ray=True)
+        command = children.stage_command(config, python=self.settings.trainer_python, no_ray=True)
         # `$0` is the attempt directory: it makes the process recognisable in /proc for adoption.
         wrapper = [
             "/bin/sh",
@@ -220,7 +219,7 @@ class LocalExecutor(_Base):
             return AttemptObservation(
                 ChildState.failed,
                 f"trainer exited with code {code}: {_last_line(directory / 'stage.log')}",
-                reasons.STAGE_FAILED,
+                Reason.STAGE_FAILED,
                 permanent=code == EXIT_PERMANENT_FAILURE,
                 finished_at=finished,
             )

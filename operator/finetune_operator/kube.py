@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes
-from finetune_api.spec import GROUP, PLURAL, VERSION
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
+
+from finetune_api.spec import GROUP, PLURAL, VERSION
 
 # (apiVersion, kind) -> (API prefix, plural) for every kind the operator reads or writes.
 _RESOURCES = {

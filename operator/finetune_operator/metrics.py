@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from finetune_api.status import JobPhase
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from finetune_api.status import JobPhase
 
 
 class OperatorMetrics:

@@ -3,6 +3,7 @@
 import textwrap
 
 import pytest
+
 from finetune_api.manifest import ManifestError, parse_manifest
 from finetune_api.render import rayjob_name, render_stage, report_configmap_name, resolve_training
 from finetune_api.status import FineTuneJobStatus

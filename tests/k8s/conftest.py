@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from finetune_dev import ControlPlane, GoNotFoundError, ensure_binaries
 
 K8S_TESTS_DIR = Path(__file__).parent

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from finetune_dev import ControlPlane
 from finetune_dev.binaries import REPO_ROOT
 

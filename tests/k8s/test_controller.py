@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from finetune_api.reasons import Reason
 from finetune_api.render import StageConfig
 from finetune_api.report import StageReport
 from finetune_dev.testing import OperatorProcess, install_chart_rbac
-from finetune_operator import reasons
 from finetune_operator.kube import CONFIGMAP, FINETUNEJOB, RAYJOB, Kube
 
 RAYJOB_PHASES = {
@@ -147,7 +148,7 @@ def test_stages_chain_and_status_mirrors_the_report(harness: Harness):
     assert rendered_config(rayjob).input_model == "s3://models/base"
 
     harness.kuberay_sets("chain-sft-1", "running")
-    harness.wait_for_condition("chain", "Running", reason=reasons.STAGE_RUNNING)
+    harness.wait_for_condition("chain", "Running", reason=Reason.STAGE_RUNNING)
     harness.report(
         "chain",
         "sft",
@@ -213,10 +214,10 @@ def test_stages_chain_and_status_mirrors_the_report(harness: Harness):
     assert status["stages"][0]["metrics"]["eval_loss_after"] == 0.7
     reasons_seen = [e["reason"] for e in harness.events("chain")]
     for reason in (
-        reasons.STAGE_STARTING,
-        reasons.CHECKPOINT_SAVED,
-        reasons.STAGE_SUCCEEDED,
-        reasons.ALL_STAGES_SUCCEEDED,
+        Reason.STAGE_STARTING,
+        Reason.CHECKPOINT_SAVED,
+        Reason.STAGE_SUCCEEDED,
+        Reason.ALL_STAGES_SUCCEEDED,
     ):
         assert reason in reasons_seen
     assert 'finetune_operator_jobs{phase="Succeeded"} 1.0' in harness.operator.metrics()
@@ -232,11 +233,11 @@ def test_failures_retry_from_the_checkpoint_then_fail_after_backoff_limit(harnes
     second = harness.wait_for_rayjob("retry-sft-2")
     assert rendered_config(second).attempt == 2
     assert any(
-        e["reason"] == reasons.RETRYING_FROM_CHECKPOINT and "checkpoint-10" in e["message"]
+        e["reason"] == Reason.RETRYING_FROM_CHECKPOINT and "checkpoint-10" in e["message"]
         for e in harness.events("retry")
     )
     harness.kuberay_sets("retry-sft-2", "failed")
-    condition = harness.wait_for_condition("retry", "Failed", reason=reasons.BACKOFF_LIMIT_EXCEEDED)
+    condition = harness.wait_for_condition("retry", "Failed", reason=Reason.BACKOFF_LIMIT_EXCEEDED)
     assert "worker OOMKilled" in condition["message"]
     time.sleep(2)
     assert harness.rayjobs("retry") == ["retry-sft-1", "retry-sft-2"]
@@ -265,10 +266,10 @@ def test_suspend_and_resume(harness: Harness):
     harness.create(job_manifest("pause"))
     harness.wait_for_rayjob("pause-sft-1")
     harness.kuberay_sets("pause-sft-1", "running")
-    harness.wait_for_condition("pause", "Running", reason=reasons.STAGE_RUNNING)
+    harness.wait_for_condition("pause", "Running", reason=Reason.STAGE_RUNNING)
     harness.admin.patch(FINETUNEJOB, harness.namespace, "pause", {"spec": {"suspend": True}})
     harness.wait(lambda: harness.rayjob("pause-sft-1")["spec"].get("suspend") is True, "RayJob suspended")
-    harness.wait_for_condition("pause", "Suspended", reason=reasons.SUSPENDED)
+    harness.wait_for_condition("pause", "Suspended", reason=Reason.SUSPENDED)
     assert harness.status("pause")["phase"] == "Suspended"
     harness.admin.patch(
         RAYJOB, harness.namespace, "pause-sft-1", {"status": {"jobDeploymentStatus": "Suspended"}}, subresource="status"
@@ -276,7 +277,7 @@ def test_suspend_and_resume(harness: Harness):
 
     harness.admin.patch(FINETUNEJOB, harness.namespace, "pause", {"spec": {"suspend": False}})
     harness.wait(lambda: harness.rayjob("pause-sft-1")["spec"].get("suspend") is False, "RayJob resumed")
-    harness.wait_for_condition("pause", "Suspended", status="False", reason=reasons.RESUMED)
+    harness.wait_for_condition("pause", "Suspended", status="False", reason=Reason.RESUMED)
     assert harness.rayjobs("pause") == ["pause-sft-1"]
 
 
@@ -310,7 +311,7 @@ def test_deadline_fails_the_job_and_deletes_the_running_rayjob(harness: Harness)
     harness.create(job_manifest("late", activeDeadlineSeconds=2))
     harness.wait_for_rayjob("late-sft-1")
     harness.kuberay_sets("late-sft-1", "running")
-    harness.wait_for_condition("late", "Failed", reason=reasons.DEADLINE_EXCEEDED)
+    harness.wait_for_condition("late", "Failed", reason=Reason.DEADLINE_EXCEEDED)
     harness.wait(lambda: harness.rayjob("late-sft-1") is None, "the running RayJob to be deleted")
 
 
@@ -318,7 +319,7 @@ def test_operator_restart_mid_stage_duplicates_nothing(harness: Harness):
     harness.create(job_manifest("restart"))
     harness.wait_for_rayjob("restart-sft-1")
     harness.kuberay_sets("restart-sft-1", "running")
-    harness.wait_for_condition("restart", "Running", reason=reasons.STAGE_RUNNING)
+    harness.wait_for_condition("restart", "Running", reason=Reason.STAGE_RUNNING)
     harness.operator.kill()
     harness.kuberay_sets("restart-sft-1", "succeeded")
     harness.report("restart", "sft", phase="Succeeded", attempt=1, checkpoint="s3://runs/restart/sft/model")
@@ -327,7 +328,7 @@ def test_operator_restart_mid_stage_duplicates_nothing(harness: Harness):
     harness.kuberay_sets("restart-dpo-1", "running")
     harness.operator.kill()
     harness.operator.start()
-    harness.wait_for_condition("restart", "Running", reason=reasons.STAGE_RUNNING)
+    harness.wait_for_condition("restart", "Running", reason=Reason.STAGE_RUNNING)
     time.sleep(2)
     assert harness.rayjobs("restart") == ["restart-dpo-1", "restart-sft-1"]
     assert [s["attempts"] for s in harness.status("restart")["stages"]] == [1, 1]
@@ -335,7 +336,7 @@ def test_operator_restart_mid_stage_duplicates_nothing(harness: Harness):
 
 def test_a_missing_secret_is_named_and_waited_for(harness: Harness):
     harness.create(job_manifest("creds", model={"source": "s3://models/base", "credentialsSecret": "model-creds"}))
-    condition = harness.wait_for_condition("creds", "Running", status="False", reason=reasons.SECRET_NOT_FOUND)
+    condition = harness.wait_for_condition("creds", "Running", status="False", reason=Reason.SECRET_NOT_FOUND)
     assert "spec.model.credentialsSecret" in condition["message"] and "'model-creds'" in condition["message"]
     assert harness.rayjobs("creds") == []
     harness.admin.create(
@@ -356,6 +357,6 @@ def test_a_missing_secret_is_named_and_waited_for(harness: Harness):
 
 def test_an_invalid_uri_fails_with_invalid_spec(harness: Harness):
     harness.create(job_manifest("badsrc", model={"source": "ftp://models/base"}))
-    condition = harness.wait_for_condition("badsrc", "Failed", reason=reasons.INVALID_SPEC)
+    condition = harness.wait_for_condition("badsrc", "Failed", reason=Reason.INVALID_SPEC)
     assert condition["message"].startswith("spec.model: unsupported scheme 'ftp'")
     assert harness.rayjobs("badsrc") == []

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from finetune_dev import ControlPlane
 from finetune_dev.binaries import REPO_ROOT
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from finetune_dev.testing import REPO_ROOT, OperatorProcess, install_chart_rbac, live_group_members, source_env
 from finetune_operator.kube import FINETUNEJOB, Kube
 

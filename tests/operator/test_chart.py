@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from finetune_dev.crdgen import REPO_ROOT
 
 pytestmark = pytest.mark.unit

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from finetune_api.manifest import ManifestError, load_manifest
 from finetune_api.spec import PeftSpec, ResourcesSpec, StageType
 from finetune_dev import crdgen

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import kubernetes
 import pytest
+
+from finetune_api.pipeline import ChildState
+from finetune_api.reasons import Reason
 from finetune_api.render import render_stage
 from finetune_api.spec import FineTuneJobSpec
 from finetune_dev.testing import live_group_members
-from finetune_operator import reasons
 from finetune_operator.executors import LocalExecutor, delete_artifacts, rayjob_observation
 from finetune_operator.kube import Kube
-from finetune_operator.reconcile import ChildState
 from finetune_operator.settings import Settings
 
 pytestmark = pytest.mark.unit
@@ -75,7 +76,7 @@ def test_absent_suspended_and_failure_details():
     assert (invalid.state, invalid.permanent, invalid.reason) == (
         ChildState.failed,
         True,
-        reasons.RAYJOB_VALIDATION_FAILED,
+        Reason.RAYJOB_VALIDATION_FAILED,
     )
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from finetune_operator.__main__ import build_parser
-from finetune_operator.handlers import merge_patch, replica_priority
+from finetune_operator.controller import merge_patch
+from finetune_operator.handlers import replica_priority
 from finetune_operator.settings import from_env
 
 pytestmark = pytest.mark.unit

@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from stage_helpers import DATA, job_spec
+
 from finetune_api.render import StageConfig, render_stage
 from finetune_api.report import StageReport
-from stage_helpers import DATA, job_spec
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import yaml
+
 from finetune_api.spec import FineTuneJobSpec
 from finetune_dev.testing import source_env
 

@@ -6,11 +6,12 @@ import sys
 
 import pytest
 import yaml
+from stage_helpers import DATA, FAST_TRAINING, job_spec, run_cli, source_env, write_manifest
+
 from finetune_api.render import render_stage
 from finetune_api.report import EXIT_PERMANENT_FAILURE
 from finetune_api.spec import FineTuneJob
 from finetune_api.status import FineTuneJobStatus
-from stage_helpers import DATA, FAST_TRAINING, job_spec, run_cli, source_env, write_manifest
 
 
 def pipeline_spec(model, storage, stages, **training):

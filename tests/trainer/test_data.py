@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+
 from finetune_trainer.data import load_stage_data
 from finetune_trainer.errors import DataValidationError
 

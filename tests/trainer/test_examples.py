@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from finetune_dev.testing import source_env
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]

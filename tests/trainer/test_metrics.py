@@ -1,6 +1,7 @@
 """ROUGE-L (own LCS) and sacreBLEU corpus BLEU against hand-computed golden values."""
 
 import pytest
+
 from finetune_trainer.metrics import corpus_bleu, mean_rouge_l, rouge_l
 
 pytestmark = pytest.mark.unit

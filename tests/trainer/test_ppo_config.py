@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from finetune_api.manifest import ManifestError, parse_manifest
 from finetune_api.render import render_stage
 from finetune_api.spec import FineTuneJobSpec, PPOOptions, TrainingSpec

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from finetune_api.render import StageConfig, render_stage
 from finetune_api.report import StageReport
 from finetune_api.spec import FineTuneJobSpec

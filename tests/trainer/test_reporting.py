@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from finetune_api.report import REPORT_KEY, StageReport
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.recipes import RECIPES

@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from finetune_trainer import storage
 from stage_helpers import DATA, source_env
+
+from finetune_trainer import storage
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from finetune_trainer.rl import core
 from finetune_trainer.rl.kl import KLController, RunningMoments
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from finetune_api.render import StageConfig, render_stage
 from finetune_api.spec import FineTuneJobSpec, ResourcesSpec
 from finetune_trainer.errors import ConfigError, KLLimitError
@@ -307,10 +308,11 @@ def test_grpo_raises_the_reward_model_score(toy, tmp_path):
 def test_reward_scores_agree_with_and_without_retokenizing(toy):
     """The same (prompt, response) scored from the policy's token ids and from re-tokenized text gives the same score,
     so the score is read at the same (last) token in both paths, eos included only when the response finished."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     from finetune_trainer.rl.core import contains_stop, truncate_after_stop
     from finetune_trainer.rl.models import TokenScorer, freeze
     from finetune_trainer.rl.rollout import RewardScorer, encode_prompts
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(toy.reward)
     other = AutoTokenizer.from_pretrained(toy.reward)

@@ -5,8 +5,9 @@ import json
 
 import boto3
 import pytest
-from finetune_trainer import storage
 from stage_helpers import DATA, FAST_TRAINING, job_spec, run_cli, write_manifest
+
+from finetune_trainer import storage
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
 

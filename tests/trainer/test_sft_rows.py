@@ -1,6 +1,7 @@
 """How SFT rows become TRL rows: prompt/completion, alpaca headings, chat messages, forced templates."""
 
 import pytest
+
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.recipes.sft import generation_pairs, to_trl_rows
 

@@ -1,6 +1,7 @@
 """Storage URIs: local, pvc:// (mapped under FINETUNE_PVC_ROOT) and s3:// against moto's S3 server."""
 
 import pytest
+
 from finetune_trainer import storage
 
 pytestmark = pytest.mark.unit

@@ -1,6 +1,7 @@
 """DeepSpeed config generation and precision choice (golden values)."""
 
 import pytest
+
 from finetune_api.spec import DeepSpeedSpec
 from finetune_trainer import strategy
 
@@ -74,8 +75,9 @@ def test_single_process_env_fills_what_deepspeed_needs(monkeypatch):
 
 
 def test_training_args_carry_the_deepspeed_config_and_cpu_precision(render, tmp_path):
-    from finetune_trainer.recipes.context import StageContext
     from transformers import TrainingArguments
+
+    from finetune_trainer.recipes.context import StageContext
 
     config = render(
         {"type": "cpt", "dataset": {"uri": "examples/data/domain.txt"}},

@@ -18,7 +18,6 @@ from typing import Any
 
 from finetune_api.render import StageConfig
 from finetune_api.spec import DatasetSpec, uri_scheme
-
 from finetune_trainer import storage
 from finetune_trainer.errors import DataValidationError
 

@@ -1,16 +1,18 @@
 """Stage failures with a machine-readable reason.
 
 `permanent` failures (bad data, bad model, failed quality gate) are not retried by the operator; the stage entrypoint
-exits with EXIT_PERMANENT_FAILURE for them. Reasons are CamelCase and listed in finetune_api.report.PERMANENT_REASONS.
+exits with EXIT_PERMANENT_FAILURE for them. Reasons come from finetune_api.reasons.Reason; the permanent ones are in its PERMANENT set.
 """
 
 from __future__ import annotations
+
+from finetune_api.reasons import Reason
 
 
 class StageError(Exception):
     """A stage failed for a known reason."""
 
-    reason: str = "StageFailed"
+    reason: str = Reason.STAGE_FAILED
     permanent: bool = False
 
     def __init__(self, message: str, *, reason: str | None = None, permanent: bool | None = None):
@@ -24,33 +26,33 @@ class StageError(Exception):
 class ConfigError(StageError):
     """The rendered stage configuration cannot be run (e.g. an option the recipe does not support)."""
 
-    reason = "InvalidConfig"
+    reason = Reason.INVALID_CONFIG
     permanent = True
 
 
 class DataValidationError(StageError):
     """The dataset is missing, unreadable or lacks the columns the stage needs."""
 
-    reason = "InvalidDataset"
+    reason = Reason.INVALID_DATASET
     permanent = True
 
 
 class ModelLoadError(StageError):
     """The model or tokenizer cannot be loaded from its URI."""
 
-    reason = "InvalidModel"
+    reason = Reason.INVALID_MODEL
     permanent = True
 
 
 class QualityGateError(StageError):
     """A trained model failed a configured quality gate (e.g. reward accuracy below the minimum)."""
 
-    reason = "QualityGateFailed"
+    reason = Reason.QUALITY_GATE_FAILED
     permanent = True
 
 
 class KLLimitError(StageError):
     """RL training drifted further from the reference model than the configured KL limit."""
 
-    reason = "KLLimitExceeded"
+    reason = Reason.KL_LIMIT_EXCEEDED
     permanent = True

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from finetune_api.spec import ModelSpec, PeftSpec, uri_scheme
-
 from finetune_trainer import storage
 from finetune_trainer.chat_templates import resolve_chat_template
 from finetune_trainer.errors import ConfigError, ModelLoadError

@@ -12,7 +12,6 @@ from typing import Any
 
 from finetune_api.render import StageConfig
 from finetune_api.report import StageReport
-
 from finetune_trainer import strategy
 from finetune_trainer.reporting import Reporter
 

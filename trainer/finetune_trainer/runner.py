@@ -17,7 +17,6 @@ from finetune_api.render import StageConfig, join_uri, render_stage, stage_root
 from finetune_api.report import EXIT_PERMANENT_FAILURE, StageReport
 from finetune_api.spec import FineTuneJob
 from finetune_api.status import ConditionType, FineTuneJobStatus, JobPhase, StagePhase, StageStatus, now_rfc3339
-
 from finetune_trainer import storage, strategy
 from finetune_trainer.errors import StageError
 from finetune_trainer.recipes import RECIPES

@@ -11,10 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from finetune_api.render import StageConfig
-from finetune_api.report import EXIT_PERMANENT_FAILURE, StageReport
 from pydantic import ValidationError
 
+from finetune_api.render import StageConfig
+from finetune_api.report import EXIT_PERMANENT_FAILURE, StageReport
 from finetune_trainer.errors import StageError
 from finetune_trainer.reporting import ConsoleReporter, TeeReporter, reporter_from_url
 

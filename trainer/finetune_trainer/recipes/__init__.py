@@ -10,7 +10,6 @@ from collections.abc import Iterator, Mapping
 from types import ModuleType
 
 from finetune_api.spec import StageType
-
 from finetune_trainer.errors import ConfigError
 
 

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune_api.render import StageConfig, join_uri
 from transformers import set_seed
 
+from finetune_api.render import StageConfig, join_uri
 from finetune_trainer import modeling, storage, strategy
 from finetune_trainer.data import StageData, load_stage_data
 from finetune_trainer.reporting import ReportChannel, Reporter, progress_callback

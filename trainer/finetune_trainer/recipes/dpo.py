@@ -12,9 +12,9 @@ Held-out metrics come from TRL's evaluation (implicit reward r = beta * log(pi /
 
 from __future__ import annotations
 
-from finetune_api.spec import DPOOptions
 from trl import DPOConfig, DPOTrainer
 
+from finetune_api.spec import DPOOptions
 from finetune_trainer.recipes.context import StageContext
 from finetune_trainer.recipes.evaluation import preference_metrics
 

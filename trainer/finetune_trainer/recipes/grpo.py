@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from finetune_api.spec import GRPOOptions
 from trl import GRPOConfig, GRPOTrainer
 
+from finetune_api.spec import GRPOOptions
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.recipes.context import StageContext
 from finetune_trainer.rl.loop import FIRST_LAST_FRACTION

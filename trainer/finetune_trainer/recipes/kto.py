@@ -15,9 +15,9 @@ with the implicit reward r = beta * log(pi / pi_ref) of each held-out completion
 from __future__ import annotations
 
 import torch
-from finetune_api.spec import KTOOptions
 from trl import KTOConfig, KTOTrainer, extract_prompt, unpair_preference_dataset
 
+from finetune_api.spec import KTOOptions
 from finetune_trainer.errors import ConfigError, DataValidationError
 from finetune_trainer.recipes.context import StageContext
 

@@ -12,9 +12,9 @@ a completion under the policy (there is no reference):
 
 from __future__ import annotations
 
-from finetune_api.spec import ORPOOptions
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
+from finetune_api.spec import ORPOOptions
 from finetune_trainer.recipes.context import StageContext
 from finetune_trainer.recipes.evaluation import eval_loss_before, preference_metrics
 

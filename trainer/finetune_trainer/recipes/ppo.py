@@ -17,8 +17,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from finetune_api.spec import PPOOptions
 
+from finetune_api.spec import PPOOptions
 from finetune_trainer import strategy
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.recipes.context import StageContext

@@ -13,9 +13,9 @@ saved model is merged, so AutoModelForSequenceClassification loads it directly.
 from __future__ import annotations
 
 import torch
-from finetune_api.spec import RewardOptions
 from trl import RewardConfig, RewardTrainer
 
+from finetune_api.spec import RewardOptions
 from finetune_trainer.errors import DataValidationError, QualityGateError
 from finetune_trainer.recipes.context import StageContext
 from finetune_trainer.recipes.evaluation import eval_loss_before

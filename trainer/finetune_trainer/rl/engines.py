@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from finetune_api.spec import TrainingSpec
 from torch import nn
 from transformers import get_scheduler
+
+from finetune_api.spec import TrainingSpec
 
 MAX_GRAD_NORM = 1.0  # transformers' TrainingArguments default, which PPOv2 inherits
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from finetune_api.spec import PPOOptions, TrainingSpec
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from finetune_api.spec import PPOOptions, TrainingSpec
 from finetune_trainer.errors import ConfigError, KLLimitError
 from finetune_trainer.rl import core
 from finetune_trainer.rl.engines import Engine

@@ -6,10 +6,10 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
-from finetune_api.spec import PPOOptions
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from finetune_api.spec import PPOOptions
 from finetune_trainer.rl import core
 from finetune_trainer.rl.models import TokenScorer, position_ids_for, same_tokenizer
 

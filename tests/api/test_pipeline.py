@@ -5,9 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from finetune_api.report import StageReport
-from finetune_operator import reasons
-from finetune_operator.reconcile import (
+
+from finetune_api.pipeline import (
     AttemptObservation,
     ChildState,
     DeleteJob,
@@ -17,6 +16,8 @@ from finetune_operator.reconcile import (
     StopAttempt,
     reconcile,
 )
+from finetune_api.reasons import Reason
+from finetune_api.report import StageReport
 
 pytestmark = pytest.mark.unit
 
@@ -58,7 +59,7 @@ def reasons_of(decision):
 
 
 def failed(at: datetime | None = None, message: str = "worker died", permanent: bool = False):
-    return AttemptObservation(ChildState.failed, message, reasons.STAGE_FAILED, permanent=permanent, finished_at=at)
+    return AttemptObservation(ChildState.failed, message, Reason.STAGE_FAILED, permanent=permanent, finished_at=at)
 
 
 def succeeded_report(attempt: int, checkpoint: str, **metrics: float) -> StageReport:
@@ -91,8 +92,8 @@ def test_first_pass_starts_the_first_stage(sim):
     assert sim.stage("sft").ray_job == "demo-sft-1"
     assert status.start_time == "2026-03-01T12:00:00Z"
     running = sim.condition("Running")
-    assert (running.status, running.reason) == ("True", reasons.STAGE_STARTING)
-    assert reasons_of(decision) == [reasons.STAGE_STARTING]
+    assert (running.status, running.reason) == ("True", Reason.STAGE_STARTING)
+    assert reasons_of(decision) == [Reason.STAGE_STARTING]
 
 
 def test_restart_recreates_a_missing_child_without_a_new_attempt_and_adopts_a_live_one(sim):
@@ -107,7 +108,7 @@ def test_cluster_initializing_surfaces_kuberays_message(sim):
     sim.step()
     sim.step(AttemptObservation(ChildState.initializing, "ErrImagePull: trainer:9.9 not found"))
     running = sim.condition("Running")
-    assert running.reason == reasons.CLUSTER_INITIALIZING
+    assert running.reason == Reason.CLUSTER_INITIALIZING
     assert "ErrImagePull: trainer:9.9 not found" in running.message
     assert sim.stage("sft").phase == "Running"
 
@@ -135,8 +136,8 @@ def test_report_is_mirrored_and_each_checkpoint_announced_once(sim):
     )
     assert stage.metrics == {"eval_loss_before": 2.5, "loss": 1.25}
     assert stage.last_checkpoint == "s3://runs/demo/sft/checkpoints/checkpoint-5"
-    assert reasons_of(decision) == [reasons.CHECKPOINT_SAVED]
-    assert sim.condition("Running").reason == reasons.STAGE_RUNNING and "step 5/20" in sim.condition("Running").message
+    assert reasons_of(decision) == [Reason.CHECKPOINT_SAVED]
+    assert sim.condition("Running").reason == Reason.STAGE_RUNNING and "step 5/20" in sim.condition("Running").message
     assert sim.step(RUNNING, report).events == []
 
 
@@ -149,7 +150,7 @@ def test_success_chains_into_the_next_stage_from_the_previous_output(sim):
     [config] = starts(decision)
     assert (config.stage.name, config.attempt, config.input_model) == ("reward", 1, "s3://runs/demo/sft/model")
     assert (sim.status.current_stage, sim.status.progress) == ("reward", "1/3")
-    assert reasons_of(decision) == [reasons.STAGE_SUCCEEDED, reasons.STAGE_STARTING]
+    assert reasons_of(decision) == [Reason.STAGE_SUCCEEDED, Reason.STAGE_STARTING]
 
 
 def test_a_rayjob_that_succeeded_without_a_report_uses_the_rendered_output(sim):
@@ -172,9 +173,9 @@ def test_all_stages_succeeded_and_a_finished_job_never_reruns(sim):
     assert (status.phase, status.progress, status.current_stage) == ("Succeeded", "3/3", None)
     assert status.completion_time == "2026-03-01T12:03:00Z"
     succeeded, running = sim.condition("Succeeded"), sim.condition("Running")
-    assert (succeeded.status, succeeded.reason) == ("True", reasons.ALL_STAGES_SUCCEEDED)
+    assert (succeeded.status, succeeded.reason) == ("True", Reason.ALL_STAGES_SUCCEEDED)
     assert "s3://runs/demo/dpo/model" in succeeded.message
-    assert (running.status, running.reason) == ("False", reasons.ALL_STAGES_SUCCEEDED)
+    assert (running.status, running.reason) == ("False", Reason.ALL_STAGES_SUCCEEDED)
     # Children gone (e.g. cleaned up by someone): still nothing to do.
     sim.advance(3600)
     decision = sim.step(AttemptObservation(ChildState.absent))
@@ -191,7 +192,7 @@ def test_failures_retry_with_growing_backoff_from_the_checkpoint_then_fail(sim):
         decision = sim.step(failed(at=sim.now))
         assert starts(decision) == []
         running = sim.condition("Running")
-        assert (running.status, running.reason) == ("True", reasons.RETRYING_FROM_CHECKPOINT)
+        assert (running.status, running.reason) == ("True", Reason.RETRYING_FROM_CHECKPOINT)
         assert "checkpoint-10" in running.message
         delays.append(decision.requeue_after)
         sim.advance(decision.requeue_after - 1)
@@ -206,7 +207,7 @@ def test_failures_retry_with_growing_backoff_from_the_checkpoint_then_fail(sim):
     assert starts(decision) == []
     assert sim.status.phase == "Failed" and sim.stage("sft").phase == "Failed"
     condition = sim.condition("Failed")
-    assert (condition.status, condition.reason) == ("True", reasons.BACKOFF_LIMIT_EXCEEDED)
+    assert (condition.status, condition.reason) == ("True", Reason.BACKOFF_LIMIT_EXCEEDED)
     assert "OOMKilled" in condition.message and "backoffLimit=2" in condition.message
     assert sim.status.current_stage == "sft"
 
@@ -230,7 +231,7 @@ def test_exit_code_three_fails_at_once(sim):
     sim.step()
     decision = sim.step(failed(at=sim.now, message="trainer exited with code 3", permanent=True))
     assert starts(decision) == [] and sim.status.phase == "Failed"
-    assert sim.condition("Failed").reason == reasons.STAGE_FAILED
+    assert sim.condition("Failed").reason == Reason.STAGE_FAILED
 
 
 def test_a_stale_report_of_an_earlier_attempt_decides_nothing(sim):
@@ -256,7 +257,7 @@ def test_suspend_stops_the_attempt_and_resume_continues_the_same_attempt(sim):
     suspended = sim.condition("Suspended")
     assert (suspended.status, suspended.reason, suspended.last_transition_time) == (
         "True",
-        reasons.SUSPENDED,
+        Reason.SUSPENDED,
         "2026-03-01T12:00:30Z",
     )
     assert "checkpoint-10" in suspended.message
@@ -268,10 +269,10 @@ def test_suspend_stops_the_attempt_and_resume_continues_the_same_attempt(sim):
     decision = sim.step(AttemptObservation(ChildState.suspended))
     [config] = starts(decision)
     assert config.attempt == 1
-    assert sim.condition("Suspended").status == "False" and sim.condition("Suspended").reason == reasons.RESUMED
+    assert sim.condition("Suspended").status == "False" and sim.condition("Suspended").reason == Reason.RESUMED
     assert sim.status.phase == "Running"
     assert sim.status.suspended_seconds == 100
-    assert reasons.RESUMED in reasons_of(decision)
+    assert Reason.RESUMED in reasons_of(decision)
 
 
 def test_a_job_created_suspended_starts_nothing_until_resumed(job, sample_spec):
@@ -304,7 +305,7 @@ def test_deadline_excludes_suspended_time(job, sample_spec):
     decision = sim.step(RUNNING)
     assert decision.actions == [StopAttempt("sft", 1, suspend=False)]
     condition = sim.condition("Failed")
-    assert (condition.reason, sim.status.phase) == (reasons.DEADLINE_EXCEEDED, "Failed")
+    assert (condition.reason, sim.status.phase) == (Reason.DEADLINE_EXCEEDED, "Failed")
     assert "activeDeadlineSeconds=100" in condition.message
 
 
@@ -328,7 +329,7 @@ def test_lasttransitiontime_moves_only_when_the_status_changes(sim):
     sim.advance(5)
     sim.step(RUNNING)
     running = sim.condition("Running")
-    assert running.reason == reasons.STAGE_RUNNING and running.last_transition_time == first
+    assert running.reason == Reason.STAGE_RUNNING and running.last_transition_time == first
     sim.advance(5)
     sim.step(RUNNING, StageReport(phase="Failed", attempt=1, reason="InvalidDataset", message="bad row"))
     assert sim.condition("Running").last_transition_time == "2026-03-01T12:00:15Z"
@@ -340,10 +341,10 @@ def test_missing_secret_waits_names_the_field_and_rechecks(sim):
     decision = sim.step(missing=missing)
     assert decision.actions == [] and decision.requeue_after == 15
     running = sim.condition("Running")
-    assert (running.status, running.reason) == ("False", reasons.SECRET_NOT_FOUND)
+    assert (running.status, running.reason) == ("False", Reason.SECRET_NOT_FOUND)
     assert "spec.model.credentialsSecret" in running.message and "'model-creds'" in running.message
     assert sim.status.phase == "Pending"
-    assert reasons_of(decision) == [reasons.SECRET_NOT_FOUND]
+    assert reasons_of(decision) == [Reason.SECRET_NOT_FOUND]
     assert sim.step(missing=missing).events == []
     assert [c.attempt for c in starts(sim.step())] == [1]
 
@@ -353,7 +354,7 @@ def test_an_invalid_spec_fails_with_the_field_path(sim):
     decision = sim.step()
     assert decision.actions == []
     condition = sim.condition("Failed")
-    assert (condition.status, condition.reason, sim.status.phase) == ("True", reasons.INVALID_SPEC, "Failed")
+    assert (condition.status, condition.reason, sim.status.phase) == ("True", Reason.INVALID_SPEC, "Failed")
     assert condition.message.startswith("spec.model: unsupported scheme 'ftp'")
 
 
@@ -373,7 +374,7 @@ def test_the_stage_list_cannot_change_after_the_start(sim):
     sim.spec["stages"] = sim.spec["stages"][:2]
     sim.step(RUNNING)
     condition = sim.condition("Failed")
-    assert condition.reason == reasons.INVALID_SPEC and condition.message.startswith("spec.stages:")
+    assert condition.reason == Reason.INVALID_SPEC and condition.message.startswith("spec.stages:")
 
 
 def test_inputs_are_not_modified(job, sample_spec):

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import shlex
 import socket
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from finetune_api.pipeline import JobRef
 from finetune_api.render import PVC_MOUNT_ROOT, StageConfig, rayjob_name, report_configmap_name
 from finetune_api.spec import API_VERSION, KIND, FineTuneJobSpec, uri_scheme
-
 from finetune_operator.settings import Settings
 
 MANAGED_BY = "finetune-operator"
@@ -28,32 +27,6 @@ KUEUE_LABELS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
 # Non-root uid/gid of the Ray images' `ray` user; fsGroup makes mounted volumes writable for it.
 TRAINER_UID = 1000
 STAGE_MODULE = "finetune_trainer.stage"
-
-
-@dataclass(frozen=True)
-class JobRef:
-    """The identity of a FineTuneJob, as children and Events refer to it."""
-
-    name: str
-    namespace: str
-    uid: str
-    generation: int = 1
-    labels: dict[str, str] = field(default_factory=dict)
-    annotations: dict[str, str] = field(default_factory=dict)
-    resource_version: str | None = None
-
-    @classmethod
-    def from_body(cls, body: dict[str, Any]) -> JobRef:
-        meta = body["metadata"]
-        return cls(
-            name=meta["name"],
-            namespace=meta["namespace"],
-            uid=meta["uid"],
-            generation=meta.get("generation", 1),
-            labels=dict(meta.get("labels") or {}),
-            annotations=dict(meta.get("annotations") or {}),
-            resource_version=meta.get("resourceVersion"),
-        )
 
 
 def child_labels(job: JobRef, stage: str | None = None, attempt: int | None = None) -> dict[str, str]:

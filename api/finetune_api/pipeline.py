@@ -13,9 +13,12 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from pydantic import ValidationError
+
 from finetune_api.manifest import describe_error, field_path
+from finetune_api.reasons import PERMANENT, Reason
 from finetune_api.render import StageConfig, rayjob_name, render_stage, stage_output_uri
-from finetune_api.report import PERMANENT_REASONS, StageReport
+from finetune_api.report import StageReport
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import (
     FINISHED_PHASES,
@@ -26,10 +29,6 @@ from finetune_api.status import (
     StageProgress,
     StageStatus,
 )
-from pydantic import ValidationError
-
-from finetune_operator import reasons
-from finetune_operator.builders import JobRef
 
 RUNNING, SUCCEEDED, FAILED, SUSPENDED = (
     ConditionType.running,
@@ -37,6 +36,32 @@ RUNNING, SUCCEEDED, FAILED, SUSPENDED = (
     ConditionType.failed,
     ConditionType.suspended,
 )
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """The identity of a FineTuneJob, as children and Events refer to it."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int = 1
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    resource_version: str | None = None
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> JobRef:
+        meta = body["metadata"]
+        return cls(
+            name=meta["name"],
+            namespace=meta["namespace"],
+            uid=meta["uid"],
+            generation=meta.get("generation", 1),
+            labels=dict(meta.get("labels") or {}),
+            annotations=dict(meta.get("annotations") or {}),
+            resource_version=meta.get("resourceVersion"),
+        )
 
 
 class ChildState(StrEnum):
@@ -193,11 +218,11 @@ class _Machine:
         try:
             spec = FineTuneJobSpec.model_validate(spec_raw)
         except ValidationError as exc:
-            self.fail(reasons.INVALID_SPEC, describe_validation_error(exc))
+            self.fail(Reason.INVALID_SPEC, describe_validation_error(exc))
             return self.decision
         problem = self.sync_stage_list(spec)
         if problem:
-            self.fail(reasons.INVALID_SPEC, problem)
+            self.fail(Reason.INVALID_SPEC, problem)
             return self.decision
         self.spec = spec
         self.resume_if_unsuspended()
@@ -235,10 +260,8 @@ class _Machine:
         if self.status.start_time:
             since = max(parse_time(suspended.last_transition_time), parse_time(self.status.start_time))
             self.status.suspended_seconds += round(max((self.now - since).total_seconds(), 0.0))
-        self.condition(
-            SUSPENDED, False, reasons.RESUMED, "spec.suspend is false: continuing from the latest checkpoint"
-        )
-        self.decision.event(reasons.RESUMED, "resumed: continuing from the latest checkpoint")
+        self.condition(SUSPENDED, False, Reason.RESUMED, "spec.suspend is false: continuing from the latest checkpoint")
+        self.decision.event(Reason.RESUMED, "resumed: continuing from the latest checkpoint")
 
     def active_seconds(self) -> float:
         started = parse_time(self.status.start_time)
@@ -262,7 +285,7 @@ class _Machine:
             if stage.attempts and self.obs.attempt.state in LIVE_STATES:
                 self.decision.actions.append(StopAttempt(stage.name, stage.attempts, suspend=False))
         self.fail(
-            reasons.DEADLINE_EXCEEDED,
+            Reason.DEADLINE_EXCEEDED,
             f"the job was active for {active:.0f}s, more than activeDeadlineSeconds={limit} (suspended time excluded)",
             index if index < len(self.status.stages) else None,
         )
@@ -287,9 +310,9 @@ class _Machine:
         final = status.stages[-1].checkpoint if status.stages else None
         message = f"all {len(status.stages)} stages succeeded; final model: {final}"
         status.phase, status.completion_time, status.current_stage = JobPhase.succeeded.value, timestamp(self.now), None
-        self.condition(SUCCEEDED, True, reasons.ALL_STAGES_SUCCEEDED, message)
-        self.condition(RUNNING, False, reasons.ALL_STAGES_SUCCEEDED, message)
-        self.decision.event(reasons.ALL_STAGES_SUCCEEDED, message)
+        self.condition(SUCCEEDED, True, Reason.ALL_STAGES_SUCCEEDED, message)
+        self.condition(RUNNING, False, Reason.ALL_STAGES_SUCCEEDED, message)
+        self.decision.event(Reason.ALL_STAGES_SUCCEEDED, message)
         self.expire()
 
     def expire(self) -> None:
@@ -345,7 +368,7 @@ class _Machine:
             return
         if report.last_checkpoint and report.last_checkpoint != stage.last_checkpoint:
             stage.last_checkpoint = report.last_checkpoint
-            self.decision.event(reasons.CHECKPOINT_SAVED, f"stage {stage.name}: checkpoint {report.last_checkpoint}")
+            self.decision.event(Reason.CHECKPOINT_SAVED, f"stage {stage.name}: checkpoint {report.last_checkpoint}")
         if report.attempt != attempt:
             return
         stage.progress = StageProgress(
@@ -362,13 +385,13 @@ class _Machine:
         if (report and report.phase == "Succeeded") or child.state == ChildState.succeeded:
             return "succeeded"
         reported_failure = report is not None and report.phase == "Failed" and bool(report.reason)
-        if reported_failure and report.reason in PERMANENT_REASONS:
+        if reported_failure and report.reason in PERMANENT:
             return report.reason, report.message or report.reason, True
         if child.state != ChildState.failed:
             return None
-        reason = report.reason if reported_failure else (child.reason or reasons.STAGE_FAILED)
+        reason = report.reason if reported_failure else (child.reason or Reason.STAGE_FAILED)
         message = (report.message if reported_failure and report.message else child.message) or "the attempt failed"
-        return reason, message, child.permanent or reason in PERMANENT_REASONS
+        return reason, message, child.permanent or reason in PERMANENT
 
     def stage_succeeded(self, index: int) -> None:
         stage = self.status.stages[index]
@@ -380,7 +403,7 @@ class _Machine:
         stage.message = f"succeeded after {stage.attempts} attempt(s); model: {stage.checkpoint}"
         shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(stage.metrics.items()) if k != "loss")
         self.decision.event(
-            reasons.STAGE_SUCCEEDED,
+            Reason.STAGE_SUCCEEDED,
             f"stage {stage.name} succeeded: {stage.checkpoint}" + (f" ({shown})" if shown else ""),
         )
 
@@ -392,7 +415,7 @@ class _Machine:
             return False
         if attempt > self.spec.backoff_limit:
             self.fail(
-                reasons.BACKOFF_LIMIT_EXCEEDED,
+                Reason.BACKOFF_LIMIT_EXCEEDED,
                 f"attempt {attempt} failed and backoffLimit={self.spec.backoff_limit} retries are used up; last error: {message}",
                 index,
             )
@@ -409,10 +432,10 @@ class _Machine:
             stage.message = text
             if (
                 self.status.condition(RUNNING) is None
-                or self.status.condition(RUNNING).reason != reasons.RETRYING_FROM_CHECKPOINT
+                or self.status.condition(RUNNING).reason != Reason.RETRYING_FROM_CHECKPOINT
             ):
-                self.decision.event(reasons.RETRYING_FROM_CHECKPOINT, f"stage {stage.name}: {text}", warning=True)
-            self.condition(RUNNING, True, reasons.RETRYING_FROM_CHECKPOINT, f"stage {stage.name}: {text}")
+                self.decision.event(Reason.RETRYING_FROM_CHECKPOINT, f"stage {stage.name}: {text}", warning=True)
+            self.condition(RUNNING, True, Reason.RETRYING_FROM_CHECKPOINT, f"stage {stage.name}: {text}")
             self.decision.wake_in(wait)
             return False
         self.start(index, attempt + 1)
@@ -429,9 +452,9 @@ class _Machine:
             message = "spec.suspend is true: nothing runs until it is false"
         stage.message = message
         self.status.phase = JobPhase.suspended.value
-        if self.condition(SUSPENDED, True, reasons.SUSPENDED, message):
-            self.decision.event(reasons.SUSPENDED, message)
-        self.condition(RUNNING, False, reasons.SUSPENDED, message)
+        if self.condition(SUSPENDED, True, Reason.SUSPENDED, message):
+            self.decision.event(Reason.SUSPENDED, message)
+        self.condition(RUNNING, False, Reason.SUSPENDED, message)
 
     def start(self, index: int, attempt: int) -> None:
         stage, spec = self.status.stages[index], self.spec
@@ -452,9 +475,9 @@ class _Machine:
         origin = f"resuming from {stage.last_checkpoint}" if stage.last_checkpoint else f"from {config.input_model}"
         message = f"stage {stage.name} ({index + 1}/{len(spec.stages)}) attempt {attempt} starting, {origin}"
         stage.message = message
-        self.condition(RUNNING, True, reasons.STAGE_STARTING, message)
+        self.condition(RUNNING, True, Reason.STAGE_STARTING, message)
         if new_attempt:
-            self.decision.event(reasons.STAGE_STARTING, message)
+            self.decision.event(Reason.STAGE_STARTING, message)
 
     def wait_for_secrets(self, stage: StageStatus) -> None:
         missing = "; ".join(
@@ -466,9 +489,9 @@ class _Machine:
         if self.status.phase != JobPhase.suspended.value and not stage.attempts:
             self.status.phase = JobPhase.pending.value
         running = self.status.condition(RUNNING)
-        if running is None or running.reason != reasons.SECRET_NOT_FOUND:
-            self.decision.event(reasons.SECRET_NOT_FOUND, message, warning=True)
-        self.condition(RUNNING, False, reasons.SECRET_NOT_FOUND, message)
+        if running is None or running.reason != Reason.SECRET_NOT_FOUND:
+            self.decision.event(Reason.SECRET_NOT_FOUND, message, warning=True)
+        self.condition(RUNNING, False, Reason.SECRET_NOT_FOUND, message)
         self.decision.wake_in(self.policy.secret_recheck_seconds)
 
     def mark_running(self, index: int) -> None:
@@ -476,18 +499,18 @@ class _Machine:
         where = f"stage {stage.name} ({index + 1}/{len(self.spec.stages)}) attempt {stage.attempts}"
         if child.state == ChildState.initializing:
             reason, message = (
-                reasons.CLUSTER_INITIALIZING,
+                Reason.CLUSTER_INITIALIZING,
                 f"{where}: Ray cluster initializing: {child.message or 'waiting for pods'}",
             )
         elif child.state == ChildState.starting:
             reason, message = (
-                reasons.STAGE_STARTING,
+                Reason.STAGE_STARTING,
                 f"{where}: {child.message or 'waiting for the executor to pick it up'}",
             )
         else:
             progress = stage.progress
             steps = f" step {progress.step}/{progress.total_steps}" if progress and progress.total_steps else ""
-            reason, message = reasons.STAGE_RUNNING, f"{where} running{steps}"
+            reason, message = Reason.STAGE_RUNNING, f"{where} running{steps}"
         stage.phase, stage.message = StagePhase.running.value, message
         self.status.phase = JobPhase.running.value
         self.condition(RUNNING, True, reason, message)

@@ -7,9 +7,10 @@ import shlex
 from datetime import UTC, datetime
 
 import pytest
+
 from finetune_api.render import StageConfig, render_stage
 from finetune_api.spec import FineTuneJobSpec
-from finetune_operator import builders
+from finetune_operator import children
 from finetune_operator.settings import Settings
 
 pytestmark = pytest.mark.unit
@@ -22,7 +23,7 @@ def make_rayjob(job, sample_spec):
     def make(stage: str = "reward", attempt: int = 2, **spec_changes):
         spec = FineTuneJobSpec.model_validate(sample_spec(**spec_changes))
         config = render_stage(job.name, spec, stage, namespace=job.namespace, attempt=attempt)
-        return builders.rayjob(job, spec, config, SETTINGS), config
+        return children.rayjob(job, spec, config, SETTINGS), config
 
     return make
 
@@ -131,7 +132,7 @@ def test_pods_run_as_non_root_without_privileges(make_rayjob):
 
 def test_trainer_role_allows_only_get_and_patch_of_the_jobs_report_configmaps(job, sample_spec):
     spec = FineTuneJobSpec.model_validate(sample_spec())
-    account, role, binding = builders.trainer_rbac(job, spec)
+    account, role, binding = children.trainer_rbac(job, spec)
     assert (account["kind"], account["metadata"]["name"]) == ("ServiceAccount", "demo-trainer")
     assert role["kind"] == "Role"
     assert role["rules"] == [
@@ -150,7 +151,7 @@ def test_trainer_role_allows_only_get_and_patch_of_the_jobs_report_configmaps(jo
 
 
 def test_report_configmap_is_empty_and_owned(job):
-    configmap = builders.report_configmap(job, "sft")
+    configmap = children.report_configmap(job, "sft")
     assert configmap["metadata"]["name"] == "demo-sft-report"
     assert configmap["metadata"]["labels"]["finetune.dev/stage"] == "sft"
     assert configmap["data"] == {}
@@ -158,13 +159,13 @@ def test_report_configmap_is_empty_and_owned(job):
 
 def test_referenced_secrets_name_their_fields(sample_spec):
     spec = FineTuneJobSpec.model_validate(sample_spec())
-    assert builders.referenced_secrets(spec) == [
+    assert children.referenced_secrets(spec) == [
         ("spec.model.credentialsSecret", "model-creds"),
         ("spec.storage.credentialsSecret", "s3-creds"),
         ("spec.stages[1].dataset.credentialsSecret", "data-creds"),
         ("spec.envFromSecrets[0]", "wandb"),
     ]
-    assert ("spec.stages[1].dataset.credentialsSecret", "data-creds") not in builders.referenced_secrets(
+    assert ("spec.stages[1].dataset.credentialsSecret", "data-creds") not in children.referenced_secrets(
         spec, stage_index=0
     )
 
@@ -172,13 +173,13 @@ def test_referenced_secrets_name_their_fields(sample_spec):
 def test_local_command_adds_no_ray(job, sample_spec):
     spec = FineTuneJobSpec.model_validate(sample_spec())
     config = render_stage(job.name, spec, "sft", namespace=job.namespace)
-    argv = builders.stage_command(config, python="/venv/bin/python", no_ray=True)
+    argv = children.stage_command(config, python="/venv/bin/python", no_ray=True)
     assert argv[0] == "/venv/bin/python" and argv[-1] == "--no-ray"
     assert json.loads(argv[argv.index("--config-json") + 1])["jobName"] == "demo"
 
 
 def test_event_refers_to_the_job(job):
-    event = builders.event(
+    event = children.event(
         job,
         "Warning",
         "SecretNotFound",

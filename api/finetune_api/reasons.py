@@ -1,0 +1,65 @@
+"""Condition and Event reasons: the one vocabulary of status, Events, the trainer's reports and
+docs/troubleshooting.md. `PERMANENT` lists the failures that no retry can fix."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    # The current stage is being started: its RayJob (or local process) was just created.
+    STAGE_STARTING = "StageStarting"
+    # The stage's Ray cluster is coming up (KubeRay: Initializing/Waiting); the message carries KubeRay's.
+    CLUSTER_INITIALIZING = "ClusterInitializing"
+    # The stage's trainer is running.
+    STAGE_RUNNING = "StageRunning"
+    # A stage finished and wrote its output model.
+    STAGE_SUCCEEDED = "StageSucceeded"
+    # Every stage succeeded.
+    ALL_STAGES_SUCCEEDED = "AllStagesSucceeded"
+    # A stage attempt failed; alone it means a failure that was not retried further for another reason.
+    STAGE_FAILED = "StageFailed"
+    # A stage failed `backoffLimit + 1` times.
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    # An attempt failed and the next one will resume from the stage's latest checkpoint.
+    RETRYING_FROM_CHECKPOINT = "RetryingFromCheckpoint"
+    # A resumable checkpoint was saved (Event only).
+    CHECKPOINT_SAVED = "CheckpointSaved"
+    # `spec.suspend` is true: nothing runs, checkpoints are kept.
+    SUSPENDED = "Suspended"
+    # `spec.suspend` went back to false.
+    RESUMED = "Resumed"
+    # The job ran longer than `activeDeadlineSeconds` (suspended time excluded).
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    # A Secret the spec names does not exist (yet); re-checked periodically.
+    SECRET_NOT_FOUND = "SecretNotFound"
+    # The spec fails validation (e.g. an unknown URI scheme) or changed in a way a started job cannot follow.
+    INVALID_SPEC = "InvalidSpec"
+    # KubeRay rejected the RayJob it was given (its `ValidationFailed` deployment status).
+    RAYJOB_VALIDATION_FAILED = "RayJobValidationFailed"
+    # Reported by the trainer; permanent (see PERMANENT).
+    QUALITY_GATE_FAILED = "QualityGateFailed"
+    KL_LIMIT_EXCEEDED = "KLLimitExceeded"
+    INVALID_DATASET = "InvalidDataset"
+    INVALID_MODEL = "InvalidModel"
+    INVALID_CONFIG = "InvalidConfig"
+    # The job is waiting for its first stage to start.
+    PENDING = "Pending"
+    # The FineTuneJob was deleted `ttlSecondsAfterFinished` after finishing (Event only).
+    TTL_EXPIRED = "TTLExpired"
+    # Finalizer work on deletion (Events only): children could not be deleted (retried); artifacts removed on request.
+    CLEANUP_FAILED = "CleanupFailed"
+    ARTIFACTS_DELETED = "ArtifactsDeleted"
+
+
+# Failures that no retry can fix: the operator fails the stage at once, and the stage entrypoint exits with
+# EXIT_PERMANENT_FAILURE for them.
+PERMANENT = frozenset(
+    {
+        Reason.INVALID_CONFIG,
+        Reason.INVALID_DATASET,
+        Reason.INVALID_MODEL,
+        Reason.QUALITY_GATE_FAILED,
+        Reason.KL_LIMIT_EXCEEDED,
+    }
+)
