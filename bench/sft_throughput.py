@@ -76,7 +76,7 @@ def bare_trl(model_dir: Path, out: Path, steps: int, batch_size: int, max_length
 def our_stage(model_dir: Path, out: Path, steps: int, batch_size: int, max_length: int, packing: bool) -> dict:
     from finetune_api.render import render_stage
     from finetune_api.spec import FineTuneJobSpec
-    from finetune_trainer.runner import run_stage
+    from finetune_trainer.stage import run_stage
 
     spec = FineTuneJobSpec.model_validate(
         {

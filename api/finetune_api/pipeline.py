@@ -9,7 +9,7 @@ crash or an operator restart reaches the same decisions: nothing is started twic
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -29,6 +29,7 @@ from finetune_api.status import (
     StageProgress,
     StageStatus,
 )
+from finetune_api.timeutil import parse_time, timestamp
 
 RUNNING, SUCCEEDED, FAILED, SUSPENDED = (
     ConditionType.running,
@@ -147,14 +148,6 @@ class Decision:
 
     def event(self, reason: str, message: str, warning: bool = False) -> None:
         self.events.append(Event("Warning" if warning else "Normal", reason, message))
-
-
-def timestamp(now: datetime) -> str:
-    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def describe_validation_error(exc: ValidationError) -> str:

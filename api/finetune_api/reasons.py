@@ -17,6 +17,10 @@ class Reason(StrEnum):
     STAGE_SUCCEEDED = "StageSucceeded"
     # Every stage succeeded.
     ALL_STAGES_SUCCEEDED = "AllStagesSucceeded"
+    # The trainer stopped on an unexpected error (retried from the latest checkpoint).
+    TRAINING_FAILED = "TrainingFailed"
+    # The trainer was interrupted (SIGINT/SIGTERM); the next attempt resumes from the latest checkpoint.
+    INTERRUPTED = "Interrupted"
     # A stage attempt failed; alone it means a failure that was not retried further for another reason.
     STAGE_FAILED = "StageFailed"
     # A stage failed `backoffLimit + 1` times.

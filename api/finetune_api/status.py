@@ -5,12 +5,12 @@ Kubernetes conventions: `conditions` with type/status/reason/message/lastTransit
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from enum import StrEnum
 
 from pydantic import Field
 
 from finetune_api.spec import ApiModel, StageType
+from finetune_api.timeutil import now_rfc3339
 
 
 class JobPhase(StrEnum):
@@ -37,10 +37,6 @@ class ConditionType(StrEnum):
     succeeded = "Succeeded"
     failed = "Failed"
     suspended = "Suspended"
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 class Condition(ApiModel):

@@ -16,11 +16,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from finetune_api.pipeline import AttemptObservation, ChildState, JobRef, parse_time
+from finetune_api.pipeline import AttemptObservation, ChildState, JobRef
 from finetune_api.reasons import Reason
 from finetune_api.render import StageConfig, rayjob_name, stage_root
 from finetune_api.report import EXIT_PERMANENT_FAILURE
 from finetune_api.spec import FineTuneJobSpec, uri_scheme
+from finetune_api.timeutil import parse_time
 from finetune_operator import children
 from finetune_operator.kube import CONFIGMAP, RAYJOB, Kube
 from finetune_operator.settings import Settings

@@ -45,7 +45,7 @@ def render(tmp_path, tiny_model_dir):
 def run_in_process(tmp_path):
     """Run a stage in this process (no Ray); returns (metrics, final StageReport)."""
     from finetune_trainer.reporting import FileReporter
-    from finetune_trainer.runner import run_stage
+    from finetune_trainer.stage import run_stage
 
     def _run(config: StageConfig) -> tuple[dict[str, float], StageReport]:
         report_file = tmp_path / f"{config.stage.name}-report.json"

@@ -17,7 +17,7 @@ from finetune_api.report import StageReport
 from finetune_api.spec import FineTuneJobSpec
 from finetune_trainer.errors import ConfigError, DataValidationError, QualityGateError
 from finetune_trainer.reporting import FileReporter
-from finetune_trainer.runner import run_stage
+from finetune_trainer.stage import run_stage
 from finetune_trainer.tiny_model import write_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]

@@ -20,7 +20,7 @@ from finetune_api.spec import FineTuneJobSpec, ResourcesSpec
 from finetune_trainer.errors import ConfigError, KLLimitError
 from finetune_trainer.reporting import FileReporter
 from finetune_trainer.rl import loop as ppo_loop
-from finetune_trainer.runner import run_stage
+from finetune_trainer.stage import run_stage
 from finetune_trainer.tiny_model import write_tiny_model
 
 pytestmark = pytest.mark.train

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"finetune tiny-model: {exc}")
         print(f"wrote tiny model and tokenizer to {out}")
     elif args.command == "run":
-        from finetune_trainer.runner import run_manifest
+        from finetune_trainer.pipeline import run_manifest
 
         sys.exit(run_manifest(args.manifest, args.status_file, use_ray=not args.no_ray))
     elif args.command == "stage":

@@ -1,12 +1,16 @@
 """Run one stage's recipe on Ray Train workers (TorchTrainer), one worker per `resources.workers`.
 
 Ray Train sets up the torch.distributed process group (gloo on CPU, NCCL on GPU) and the RANK/WORLD_SIZE/... variables
-that DeepSpeed and the HF Trainer read. Rank 0 hands its final metrics back through a small actor.
+that DeepSpeed and the HF Trainer read. Every worker ends with `ray.train.report()` (a barrier); rank 0's carries the
+stage's final metrics and report, which `Result.metrics` hands back. Ray Train V2 keeps only metrics that come with a
+checkpoint (`_build_result` in ray/train/v2/_internal/execution/controller/controller.py), so rank 0 attaches a small one.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +18,11 @@ from finetune_api.render import StageConfig
 from finetune_api.report import StageReport
 from finetune_trainer import strategy
 from finetune_trainer.reporting import Reporter
+from finetune_trainer.worker import execute_stage
 
 
 def _train_loop(loop_config: dict[str, Any]) -> None:
-    import ray
     import ray.train
-
-    from finetune_trainer.runner import execute_stage
 
     # Ray starts workers in its own session directory; relative data and model paths mean the launcher's directory.
     os.chdir(loop_config["cwd"])
@@ -34,25 +36,13 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         local_rank=context.get_local_rank(),
         work_dir=Path(loop_config["work_dir"]),
     )
-    if context.get_world_rank() == 0:
-        ray.get(loop_config["results"].put.remote(metrics, report.to_wire()))
-
-
-def _results_actor():
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class Results:
-        def __init__(self):
-            self.value = None
-
-        def put(self, metrics, report):
-            self.value = (metrics, report)
-
-        def get(self):
-            return self.value
-
-    return Results.remote()
+    if context.get_world_rank() != 0:
+        ray.train.report({})
+        return
+    final = {"metrics": json.dumps(metrics), "report": json.dumps(report.to_wire())}
+    with tempfile.TemporaryDirectory() as directory:
+        Path(directory, "report.json").write_text(final["report"])
+        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
 def run_on_ray(config: StageConfig, reporter: Reporter | None, work_dir: Path) -> tuple[dict[str, float], StageReport]:
@@ -72,7 +62,6 @@ def run_on_ray(config: StageConfig, reporter: Reporter | None, work_dir: Path) -
         )
         ray.init(address=address, log_to_driver=True, configure_logging=False, **local)
     try:
-        results = _results_actor()
         gpus = resources.gpus_per_worker if strategy.use_gpu(resources) else 0
         trainer = TorchTrainer(
             _train_loop,
@@ -80,7 +69,6 @@ def run_on_ray(config: StageConfig, reporter: Reporter | None, work_dir: Path) -
                 "config": config.model_dump_json(),
                 "reporter": reporter,
                 "work_dir": str(work_dir),
-                "results": results,
                 "cwd": os.getcwd(),
             },
             scaling_config=ScalingConfig(
@@ -96,9 +84,8 @@ def run_on_ray(config: StageConfig, reporter: Reporter | None, work_dir: Path) -
                 failure_config=FailureConfig(max_failures=0),
             ),
         )
-        trainer.fit()
-        metrics, report = ray.get(results.get.remote())
-        return metrics, StageReport.model_validate(report)
+        result = trainer.fit()
+        return json.loads(result.metrics["metrics"]), StageReport.model_validate_json(result.metrics["report"])
     finally:
         if started_here:
             ray.shutdown()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from finetune_api.report import REPORT_KEY, StageReport
-from finetune_api.status import now_rfc3339
+from finetune_api.timeutil import now_rfc3339
 
 
 class Reporter(Protocol):
