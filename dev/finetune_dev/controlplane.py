@@ -66,7 +66,7 @@ def default_crds(binaries: Paths) -> list[Path]:
     return [*binaries.kuberay_crds, *repo_crds]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -300,8 +300,8 @@ class ControlPlane:
         return proc
 
     def _start_etcd(self) -> str:
-        client_url = f"http://127.0.0.1:{_free_port()}"
-        peer_url = f"http://127.0.0.1:{_free_port()}"
+        client_url = f"http://127.0.0.1:{free_port()}"
+        peer_url = f"http://127.0.0.1:{free_port()}"
         proc = self._spawn(
             "etcd",
             [
@@ -322,7 +322,7 @@ class ControlPlane:
         return client_url
 
     def _start_apiserver(self, etcd_url: str) -> None:
-        port = _free_port()
+        port = free_port()
         pki = self._pki
         proc = self._spawn(
             "kube-apiserver",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from finetune_dev.controlplane import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO_ROOT / "charts" / "finetune-operator"
@@ -45,12 +46,6 @@ def live_group_members(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             members.append(int(stat.parent.name))
     return members
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def install_chart_rbac(
@@ -97,9 +92,10 @@ class OperatorProcess:
         state_dir: Path | None = None,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        python: str = sys.executable,
     ):
         self.kubeconfig, self.log_path, self.executor = kubeconfig, log_path, executor
-        self.namespaces, self.state_dir, self.cwd = namespaces, state_dir, cwd
+        self.namespaces, self.state_dir, self.cwd, self.python = namespaces, state_dir, cwd, python
         self.env = source_env(**(env or {}))
         self.process: subprocess.Popen | None = None
         self.health_port = self.metrics_port = 0
@@ -107,7 +103,7 @@ class OperatorProcess:
     def start(self, timeout: float = 60.0) -> OperatorProcess:
         self.health_port, self.metrics_port = free_port(), free_port()
         argv = [
-            sys.executable,
+            self.python,
             "-m",
             "finetune_operator",
             "run",

@@ -58,13 +58,11 @@ def run_in_process(tmp_path):
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on loopback; yields its endpoint URL. Credentials are dummies moto accepts."""
-    import socket
-
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from finetune_dev.testing import free_port
+
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"

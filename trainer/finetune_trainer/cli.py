@@ -1,4 +1,4 @@
-"""`finetune` command line: run a manifest locally, build the tiny example model, run one stage, start a dev cluster."""
+"""`finetune` command line: run a manifest locally, build the tiny example model, run one stage."""
 
 from __future__ import annotations
 
@@ -25,24 +25,13 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("out_dir", help="directory to write the model and tokenizer to")
     tiny.add_argument("--data-dir", default="examples/data", help="text/JSONL files to train the tokenizer on")
 
-    stage = commands.add_parser("stage", help="run one rendered stage (the operator's RayJob entrypoint)")
-    source = stage.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", help="path to a StageConfig JSON file")
-    source.add_argument("--config-json", help="StageConfig JSON")
-    stage.add_argument("--report", required=True, help="configmap://NAMESPACE/NAME or file:///PATH")
-    stage.add_argument("--no-ray", action="store_true", help="train in this process instead of Ray Train workers")
+    from finetune_trainer import stage
 
-    commands.add_parser("dev-cluster", help="start a local Kubernetes control plane for the operator")
+    stage.add_arguments(commands.add_parser("stage", help="run one rendered stage (the operator's RayJob entrypoint)"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["dev-cluster"]:
-        # The dev cluster has its own options; hand them over untouched.
-        from finetune_dev.cli import main as devcluster_main
-
-        sys.exit(devcluster_main(argv[1:]))
     args = _parser().parse_args(argv)
     if args.command == "tiny-model":
         from finetune_trainer.tiny_model import write_tiny_model
@@ -57,6 +46,6 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(run_manifest(args.manifest, args.status_file, use_ray=not args.no_ray))
     elif args.command == "stage":
-        from finetune_trainer.stage import run_from_args
+        from finetune_trainer import stage
 
-        sys.exit(run_from_args(args.config, args.config_json, args.report, use_ray=not args.no_ray))
+        sys.exit(stage.main(args))

@@ -8,6 +8,7 @@ process, or on Ray Train workers (`ray_launcher`); both run the same per-rank co
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import sys
@@ -24,7 +25,6 @@ from finetune_trainer import strategy
 from finetune_trainer.errors import StageError
 from finetune_trainer.recipes import RECIPES
 from finetune_trainer.reporting import ConsoleReporter, ReportChannel, Reporter, TeeReporter, reporter_from_url
-from finetune_trainer.worker import execute_stage
 
 
 def uses_ray(config: StageConfig, use_ray: bool) -> bool:
@@ -70,6 +70,9 @@ def run_stage(config: StageConfig, reporter: Reporter | None, use_ray: bool) -> 
 
             metrics, report = run_on_ray(config, reporter, work_dir)
         else:
+            # The worker pulls in torch, transformers and peft: only a stage that trains here pays for them.
+            from finetune_trainer.worker import execute_stage
+
             if config.deepspeed.zero_stage > 0:
                 strategy.single_process_env()  # DeepSpeed wants a (one-process) process group
             metrics, report = execute_stage(config, reporter, rank=0, world_size=1, local_rank=0, work_dir=work_dir)
@@ -115,7 +118,20 @@ def run_from_args(config_path: str | None, config_json: str | None, report_url: 
     return 0
 
 
-if __name__ == "__main__":
-    from finetune_trainer.cli import main
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The entrypoint's options, shared by `finetune stage` and `python -m finetune_trainer.stage`."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="path to a StageConfig JSON file")
+    source.add_argument("--config-json", help="StageConfig JSON")
+    parser.add_argument("--report", required=True, help="configmap://NAMESPACE/NAME or file:///PATH")
+    parser.add_argument("--no-ray", action="store_true", help="train in this process instead of Ray Train workers")
 
-    main(["stage", *sys.argv[1:]])
+
+def main(args: argparse.Namespace) -> int:
+    return run_from_args(args.config, args.config_json, args.report, use_ray=not args.no_ray)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m finetune_trainer.stage", description="Run one rendered stage.")
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

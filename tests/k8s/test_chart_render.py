@@ -12,7 +12,8 @@ import yaml
 
 from finetune_dev.crdgen import REPO_ROOT
 
-pytestmark = pytest.mark.unit
+# Needs helm, which the k8s tier builds.
+pytestmark = pytest.mark.k8s
 
 CHART = REPO_ROOT / "charts" / "finetune-operator"
 NAMESPACE = "ops"
