@@ -3,7 +3,7 @@
 Runs the real `ppo` recipe loop (one process, no Ray) on a locally built tiny Llama policy, with an untrained reward
 model of the same shape (its scores are meaningless; only the cost matters here). Example, from the repository root:
 
-    PYTHONPATH=operator:trainer DS_ACCELERATOR=cpu python bench/ppo_throughput.py --steps 8 --rollout 16 --max-new-tokens 32
+    DS_ACCELERATOR=cpu .venv/bin/python bench/ppo_throughput.py --steps 8 --rollout 16 --max-new-tokens 32
 
 `scoring` covers the no-grad forward passes after generation: policy and reference log-probs, values and reward.
 """

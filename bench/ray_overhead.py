@@ -1,6 +1,6 @@
 """Ray start-up overhead per stage: time to the first training step, Ray Train (2 workers) vs one plain process.
 
-    PYTHONPATH=operator:trainer DS_ACCELERATOR=cpu python bench/ray_overhead.py [--steps 10]
+    DS_ACCELERATOR=cpu .venv/bin/python bench/ray_overhead.py [--steps 10]
 
 Runs the stage entrypoint (`python -m finetune_trainer.stage`, exactly what `finetune run` and the operator run) on a
 tiny SFT stage and timestamps its output: process start -> first progress line -> exit.
@@ -57,11 +57,7 @@ def timed_stage(config_json: str, report: Path, use_ray: bool) -> tuple[float, f
     ]
     if not use_ray:
         command.append("--no-ray")
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer")]),
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     started = time.perf_counter()
     first_step = None
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:

@@ -1,6 +1,6 @@
 """SFT training throughput: our sft stage vs a bare TRL SFTTrainer script, and packing vs padding.
 
-    PYTHONPATH=operator:trainer DS_ACCELERATOR=cpu python bench/sft_throughput.py [--steps 60] [--repeats 2]
+    DS_ACCELERATOR=cpu .venv/bin/python bench/sft_throughput.py [--steps 60] [--repeats 2]
 
 Same tiny model, data (examples/data/instruct.jsonl), batch size, sequence length and steps in every run. Tokens/s is
 TRL's `num_tokens` (non-padding tokens seen) divided by the wall time of `trainer.train()`, timed the same way for both
