@@ -1,4 +1,4 @@
-"""A stage killed mid-run (SIGKILL after its first checkpoint) resumes from that checkpoint when restarted."""
+"""Resume: a stage killed mid-run (SIGKILL) continues from its checkpoint; Ctrl-C suspends `finetune run`, which resumes."""
 
 import json
 import re
@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from stage_helpers import DATA, source_env
+from stage_helpers import DATA, job_spec, source_env, write_manifest
 
 from finetune_trainer import storage
 
@@ -62,3 +62,34 @@ def test_sigkilled_stage_resumes_from_its_latest_checkpoint(render, tmp_path):
     assert state["global_step"] == 60
     # The log history spans both runs: the first run's early steps survived the restart.
     assert min(entry["step"] for entry in state["log_history"] if "loss" in entry) <= killed_at
+
+
+def test_ctrl_c_suspends_finetune_run_and_running_it_again_resumes(tmp_path, tiny_model_dir):
+    storage_dir = tmp_path / "out"
+    stages = [{"name": "domain", "type": "cpt", "dataset": {"uri": str(DATA / "domain.txt")}}]
+    spec = job_spec(
+        tiny_model_dir, storage_dir, stages, training={"maxSteps": 60, "saveSteps": 5, "learningRate": 1e-3}
+    )
+    manifest = write_manifest(tmp_path / "job.yaml", spec.model_dump(by_alias=True, exclude_none=True, mode="json"))
+    command = [sys.executable, "-m", "finetune_trainer", "run", str(manifest), "--no-ray"]
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(command, env=source_env(), stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    checkpoints = storage_dir / "domain" / "checkpoints"
+    while not (checkpoints.is_dir() and any(checkpoints.iterdir())) and time.monotonic() < deadline:
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.2)
+    first.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    assert first.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()[-3000:]
+    status = json.loads((storage_dir / "status.json").read_text())
+    suspended = {c["type"]: c for c in status["conditions"]}["Suspended"]
+    assert status["phase"] == "Suspended" and (suspended["status"], suspended["reason"]) == ("True", "Suspended")
+    assert status["stages"][0]["phase"] == "Suspended" and status["stages"][0]["attempts"] == 1
+
+    second = subprocess.run(command, env=source_env(), capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "Resumed: resumed: continuing from the latest checkpoint" in second.stdout
+    assert "resuming from" in second.stdout
+    final = json.loads((storage_dir / "status.json").read_text())
+    conditions = {c["type"]: (c["status"], c["reason"]) for c in final["conditions"]}
+    assert final["phase"] == "Succeeded" and conditions["Suspended"] == ("False", "Resumed")
