@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from finetune_api.version import version
 from finetune_operator.settings import EXECUTORS, from_env
 
 
@@ -15,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finetune-operator", description="Kubernetes operator for FineTuneJob pipelines."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the controller (settings also from FINETUNE_* environment variables)")
     run.add_argument(

@@ -126,3 +126,26 @@ def test_run_cpt_then_sft_writes_status_and_rerun_skips_finished_stages(tmp_path
     assert "step " not in rerun.stdout
     again = FineTuneJobStatus.model_validate(json.loads(status_file.read_text()))
     assert [s.attempts for s in again.stages] == [1, 1] and again.phase == "Succeeded"
+
+
+def test_version_and_status_commands(tmp_path):
+    from finetune_api.version import version
+
+    assert run_cli("--version", timeout=60).stdout.strip() == f"finetune {version()}"
+    status = FineTuneJobStatus.model_validate(
+        {
+            "phase": "Failed",
+            "progress": "1/2",
+            "conditions": [{"type": "Failed", "status": "True", "reason": "InvalidDataset", "message": "line 3"}],
+            "stages": [
+                {"name": "domain", "type": "cpt", "phase": "Succeeded", "metrics": {"eval_loss_after": 1.5}},
+                {"name": "instruct", "type": "sft", "phase": "Failed"},
+            ],
+        }
+    )
+    (tmp_path / "status.json").write_text(status.model_dump_json(by_alias=True))
+    shown = run_cli("status", str(tmp_path), timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines()[0] == "Failed 1/2: InvalidDataset: line 3"
+    assert "domain    cpt   Succeeded" in shown.stdout and "eval_loss_after=1.5" in shown.stdout
+    assert run_cli("status", str(tmp_path / "absent"), timeout=60).returncode == 2

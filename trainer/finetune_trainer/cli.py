@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from finetune_api.version import version
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finetune", description="Kubernetes-native LLM fine-tuning, runnable locally."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run every stage of a FineTuneJob manifest on this machine")
@@ -18,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
         "--status-file", help="where to write the FineTuneJobStatus JSON (default: <storage.uri>/status.json)"
     )
     run.add_argument("--no-ray", action="store_true", help="train in this process instead of Ray Train workers")
+
+    status = commands.add_parser("status", help="print the stage table of a run from its status file")
+    status.add_argument("path", help="a status.json, or the storage directory that holds it")
 
     tiny = commands.add_parser(
         "tiny-model", help="build a tiny random-init Llama model and a BPE tokenizer trained on example data"
@@ -45,7 +52,35 @@ def main(argv: list[str] | None = None) -> None:
         from finetune_trainer.pipeline import run_manifest
 
         sys.exit(run_manifest(args.manifest, args.status_file, use_ray=not args.no_ray))
+    elif args.command == "status":
+        sys.exit(_print_status(Path(args.path)))
     elif args.command == "stage":
         from finetune_trainer import stage
 
         sys.exit(stage.main(args))
+
+
+def _print_status(path: Path) -> int:
+    from finetune_api.status import FineTuneJobStatus
+    from finetune_trainer.pipeline import print_table
+
+    path = path / "status.json" if path.is_dir() else path
+    try:
+        status = FineTuneJobStatus.model_validate_json(path.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"finetune status: cannot read {path}: {exc}", file=sys.stderr)
+        return 2
+    condition = next(
+        (
+            c
+            for c in status.conditions
+            if c.type in ("Failed", "Succeeded", "Running", "Suspended") and c.status == "True"
+        ),
+        None,
+    )
+    print(
+        f"{status.phase or 'Pending'} {status.progress or ''}".rstrip()
+        + (f": {condition.reason}: {condition.message}" if condition else "")
+    )
+    print_table(status)
+    return 0
