@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
         "--status-file", help="where to write the FineTuneJobStatus JSON (default: <storage.uri>/status.json)"
     )
     run.add_argument("--no-ray", action="store_true", help="train in this process instead of Ray Train workers")
+    run.add_argument(
+        "--verbose", "-v", action="store_true", help="also show the stage processes' output (always in stage.log)"
+    )
 
     status = commands.add_parser("status", help="print the stage table of a run from its status file")
     status.add_argument("path", help="a status.json, or the storage directory that holds it")
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "run":
         from finetune_trainer.pipeline import run_manifest
 
-        sys.exit(run_manifest(args.manifest, args.status_file, use_ray=not args.no_ray))
+        sys.exit(run_manifest(args.manifest, args.status_file, use_ray=not args.no_ray, verbose=args.verbose))
     elif args.command == "status":
         sys.exit(_print_status(Path(args.path)))
     elif args.command == "stage":

@@ -4,15 +4,19 @@ Each pass observes the current stage's process and report file, asks `finetune_a
 does it, and writes the status file: the same decisions, reasons, retries with backoff and status document as the
 operator. Every attempt is a `finetune stage` child process (a clean interpreter each time, the operator's entrypoint).
 Ctrl-C suspends the pipeline as `spec.suspend` would; running it again resumes from the latest checkpoint.
+A stage process's own output goes to its `stage.log` (and to the terminal too with `--verbose`); the terminal shows
+the pipeline's progress (`display.py`) and, when an attempt fails, the end of its log.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,12 +42,15 @@ from finetune_api.spec import FineTuneJob, FineTuneJobSpec
 from finetune_api.status import FINISHED_PHASES, ConditionType, FineTuneJobStatus, JobPhase, StagePhase, StageStatus
 from finetune_api.timeutil import seconds_between
 from finetune_trainer import storage
+from finetune_trainer.display import make_display, tail
 from finetune_trainer.reporting import format_duration
 
 # Exit codes of `finetune run` (docs/trainer.md): a retryable failure is one a re-run may fix (it resumes).
 EXIT_SUCCEEDED, EXIT_RETRYABLE, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 # How often a running attempt is looked at when nothing else is due (a child's exit ends the wait at once).
 POLL_SECONDS = 1.0
+# Lines of a failed attempt's log shown on the terminal.
+FAILURE_LOG_LINES = 50
 
 # Shown first in the summary table when present; other metrics fill the remaining columns alphabetically.
 _TABLE_METRICS = (
@@ -73,15 +80,21 @@ class _Attempt:
 class ProcessExecutor:
     """Runs each attempt as `finetune stage` in a child process; its report goes to a file the loop reads."""
 
-    def __init__(self, job: FineTuneJob, status_path: Path, use_ray: bool):
-        self.job, self.status_path, self.use_ray = job, status_path, use_ray
+    def __init__(self, job: FineTuneJob, status_path: Path, use_ray: bool, verbose: bool = False):
+        self.job, self.status_path, self.use_ray, self.verbose = job, status_path, use_ray, verbose
         self.current: _Attempt | None = None
 
-    def report_path(self, stage: str) -> Path:
+    def _stage_file(self, stage: str, name: str) -> Path:
         """Beside the stage's outputs, or beside the status file when storage is remote (S3)."""
         if storage.is_remote(self.job.spec.storage.uri):
-            return self.status_path.parent / f"{stage}.report.json"
-        return storage.local_path(stage_root(self.job.spec.storage, stage)) / "report.json"
+            return self.status_path.parent / f"{stage}.{name}"
+        return storage.local_path(stage_root(self.job.spec.storage, stage)) / name
+
+    def report_path(self, stage: str) -> Path:
+        return self._stage_file(stage, "report.json")
+
+    def log_path(self, stage: str) -> Path:
+        return self._stage_file(stage, "stage.log")
 
     def start(self, config: StageConfig) -> None:
         if self.current and (self.current.stage, self.current.attempt) == (config.stage.name, config.attempt):
@@ -93,8 +106,18 @@ class ProcessExecutor:
         config_file.write_text(config.model_dump_json())
         command = [sys.executable, "-m", "finetune_trainer.stage", "--config", str(config_file)]
         command += ["--report", f"file://{report}", *([] if self.use_ray else ["--no-ray"])]
+        log = self.log_path(config.stage.name).open("ab")
+        log.write(f"==== attempt {config.attempt}: {' '.join(command)}\n".encode())
+        log.flush()
         # Its own process group: Ctrl-C reaches the loop alone, which then stops the attempt as a suspend would.
-        process = subprocess.Popen(command, env=_child_env(), start_new_session=True)
+        output = subprocess.PIPE if self.verbose else log
+        process = subprocess.Popen(
+            command, env=_child_env(), stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        if self.verbose:
+            threading.Thread(target=_tee, args=(process.stdout, log), daemon=True).start()
+        else:
+            log.close()
         self.current = _Attempt(config.stage.name, config.attempt, process)
 
     def observe(self, stage: str, attempt: int) -> tuple[AttemptObservation, StageReport | None]:
@@ -143,6 +166,16 @@ class ProcessExecutor:
             self.current.process.wait(timeout=seconds)
         except subprocess.TimeoutExpired:
             pass
+
+
+def _tee(source, log) -> None:
+    """Copy the child's output to its log and to the terminal (`--verbose`)."""
+    with source, log:
+        for line in iter(source.readline, b""):
+            log.write(line)
+            log.flush()
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
 
 
 def _child_env() -> dict[str, str]:
@@ -227,11 +260,13 @@ def print_table(status: FineTuneJobStatus) -> None:
 class LocalPipeline:
     """observe -> reconcile -> execute, until the job is finished."""
 
-    def __init__(self, job: FineTuneJob, status_path: Path, use_ray: bool):
+    def __init__(self, job: FineTuneJob, status_path: Path, use_ray: bool, verbose: bool = False):
         self.job, self.status_path = job, status_path
         self.ref = JobRef(name=job.metadata.name, namespace=job.metadata.namespace or "default", uid="local")
         self.spec_raw = job.spec.model_dump(by_alias=True, exclude_none=True, mode="json")
-        self.executor = ProcessExecutor(job, status_path, use_ray)
+        self.executor = ProcessExecutor(job, status_path, use_ray, verbose)
+        self.display = make_display()
+        self.failures_shown: set[tuple[str, int]] = set()
         self.policy = Policy(
             retry_base_seconds=float(os.environ.get("FINETUNE_RETRY_BASE_SECONDS", Policy.retry_base_seconds)),
             retry_max_seconds=float(os.environ.get("FINETUNE_RETRY_MAX_SECONDS", Policy.retry_max_seconds)),
@@ -239,6 +274,7 @@ class LocalPipeline:
         self.status = _previous_status(status_path, job) or FineTuneJobStatus()
 
     def observe(self) -> Observations:
+        self.report: StageReport | None = None
         target = attempt_to_observe(self.job.spec, self.status)
         if target is None:
             return Observations()
@@ -247,7 +283,23 @@ class LocalPipeline:
         if index >= len(self.status.stages) or not self.status.stages[index].attempts:
             return Observations()
         child, report = self.executor.observe(stage, attempt)
+        self.report = report
+        if child.state == ChildState.failed and (stage, attempt) not in self.failures_shown:
+            self.failures_shown.add((stage, attempt))
+            self.show_log_tail(stage, attempt)
         return Observations(attempt=child, report=report)
+
+    def show_log_tail(self, stage: str, attempt: int) -> None:
+        log = self.executor.log_path(stage)
+        try:
+            with log.open(errors="replace") as lines:
+                shown = tail(lines, FAILURE_LOG_LINES)
+        except OSError:
+            shown = []
+        width = shutil.get_terminal_size().columns
+        print(f"---- {stage} attempt {attempt} failed; the end of {log} ----", file=sys.stderr)
+        print("\n".join(line[:width] for line in shown), file=sys.stderr)
+        print("----", file=sys.stderr, flush=True)
 
     def step(self, spec_raw: dict) -> Decision:
         decision = reconcile(self.ref, spec_raw, self.status, self.observe(), datetime.now(UTC), self.policy)
@@ -260,11 +312,9 @@ class LocalPipeline:
             _write_status(self.status_path, decision.status)
         self.status = decision.status
         for event in decision.events:
-            print(
-                f"{event.reason}: {event.message}",
-                file=sys.stderr if event.type == "Warning" else sys.stdout,
-                flush=True,
-            )
+            self.display.event(event.reason, event.message, warning=event.type == "Warning")
+        current = self.executor.current
+        self.display.update(self.status, current.stage if current else None, self.report if current else None)
         return decision
 
     def run(self) -> int:
@@ -272,12 +322,13 @@ class LocalPipeline:
             for stage in self.status.stages:
                 print(f"[{stage.name}] already succeeded; output {stage.checkpoint}", flush=True)
         try:
-            while True:
-                decision = self.step(self.spec_raw)
-                if self.status.phase in FINISHED_PHASES:
-                    break
-                wait = POLL_SECONDS if decision.requeue_after is None else min(decision.requeue_after, POLL_SECONDS)
-                self.executor.wait(wait)
+            with self.display:
+                while True:
+                    decision = self.step(self.spec_raw)
+                    if self.status.phase in FINISHED_PHASES:
+                        break
+                    wait = POLL_SECONDS if decision.requeue_after is None else min(decision.requeue_after, POLL_SECONDS)
+                    self.executor.wait(wait)
         except KeyboardInterrupt:
             # What `spec.suspend: true` does to a running job: stop the attempt, keep its checkpoints.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -303,11 +354,11 @@ class LocalPipeline:
         return EXIT_RETRYABLE
 
 
-def run_manifest(path: str, status_file: str | None, use_ray: bool) -> int:
+def run_manifest(path: str, status_file: str | None, use_ray: bool, verbose: bool = False) -> int:
     try:
         job = load_manifest(path)
     except ManifestError as exc:
         print(exc, file=sys.stderr)
         return EXIT_INVALID
     status_path = Path(status_file) if status_file else default_status_file(job)
-    return LocalPipeline(job, status_path, use_ray).run()
+    return LocalPipeline(job, status_path, use_ray, verbose).run()
