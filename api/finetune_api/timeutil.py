@@ -22,3 +22,15 @@ def seconds_between(start: str | None, end: str | None) -> float | None:
     if not start or not end:
         return None
     return (parse_time(end) - parse_time(start)).total_seconds()
+
+
+def format_duration(seconds: float | None) -> str:
+    """`m:ss`, or `h:mm:ss` from an hour on; `-` when unknown."""
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _print_status(path: Path) -> int:
     from finetune_api.status import FineTuneJobStatus
-    from finetune_trainer.pipeline import print_table
+    from finetune_api.table import print_table, summary_line
 
     path = path / "status.json" if path.is_dir() else path
     try:
@@ -73,17 +73,6 @@ def _print_status(path: Path) -> int:
     except (OSError, ValueError) as exc:
         print(f"finetune status: cannot read {path}: {exc}", file=sys.stderr)
         return 2
-    condition = next(
-        (
-            c
-            for c in status.conditions
-            if c.type in ("Failed", "Succeeded", "Running", "Suspended") and c.status == "True"
-        ),
-        None,
-    )
-    print(
-        f"{status.phase or 'Pending'} {status.progress or ''}".rstrip()
-        + (f": {condition.reason}: {condition.message}" if condition else "")
-    )
+    print(summary_line(status))
     print_table(status)
     return 0

@@ -13,8 +13,8 @@ from collections.abc import Iterable
 
 from finetune_api.report import StageReport
 from finetune_api.status import FineTuneJobStatus, StagePhase
-from finetune_api.timeutil import seconds_between
-from finetune_trainer.reporting import format_duration, format_report
+from finetune_api.timeutil import format_duration, seconds_between
+from finetune_trainer.reporting import format_report
 
 # Off a terminal (pods, CI, pipes), at most one progress line per stage this often.
 PLAIN_INTERVAL_SECONDS = 10.0

@@ -40,10 +40,9 @@ from finetune_api.render import StageConfig, join_uri, render_stage, stage_root
 from finetune_api.report import EXIT_PERMANENT_FAILURE, StageReport
 from finetune_api.spec import FineTuneJob, FineTuneJobSpec
 from finetune_api.status import FINISHED_PHASES, ConditionType, FineTuneJobStatus, JobPhase, StagePhase, StageStatus
-from finetune_api.timeutil import seconds_between
+from finetune_api.table import print_table
 from finetune_trainer import storage
 from finetune_trainer.display import make_display, tail
-from finetune_trainer.reporting import format_duration
 
 # Exit codes of `finetune run` (docs/trainer.md): a retryable failure is one a re-run may fix (it resumes).
 EXIT_SUCCEEDED, EXIT_RETRYABLE, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -51,23 +50,6 @@ EXIT_SUCCEEDED, EXIT_RETRYABLE, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 POLL_SECONDS = 1.0
 # Lines of a failed attempt's log shown on the terminal.
 FAILURE_LOG_LINES = 50
-
-# Shown first in the summary table when present; other metrics fill the remaining columns alphabetically.
-_TABLE_METRICS = (
-    "eval_loss_before",
-    "eval_loss_after",
-    "perplexity_after",
-    "rougeL",
-    "bleu",
-    "eval_accuracy",
-    "eval_margin",
-    "eval_reward_accuracy",
-    "eval_reward_margin",
-    "reward_mean_first",
-    "reward_mean_last",
-    "kl_mean",
-)
-_TABLE_METRIC_COUNT = 5
 
 
 @dataclass
@@ -235,26 +217,6 @@ def _write_status(path: Path, status: FineTuneJobStatus) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(status.to_wire(), indent=2) + "\n")
     partial.replace(path)
-
-
-def _metrics_cell(metrics: dict[str, float]) -> str:
-    shown = [k for k in _TABLE_METRICS if k in metrics]
-    shown += [k for k in sorted(metrics) if k not in shown and not k.startswith(("perplexity_", "train_"))]
-    return " ".join(f"{k}={metrics[k]:.4g}" for k in shown[:_TABLE_METRIC_COUNT]) or "-"
-
-
-def print_table(status: FineTuneJobStatus) -> None:
-    rows = [("STAGE", "TYPE", "PHASE", "DURATION", "METRICS", "CHECKPOINT")]
-    for stage in status.stages:
-        duration = seconds_between(stage.start_time, stage.completion_time)
-        checkpoint = stage.checkpoint or stage.last_checkpoint or "-"
-        rows.append(
-            (stage.name, stage.type, stage.phase, format_duration(duration), _metrics_cell(stage.metrics), checkpoint)
-        )
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    print()
-    for row in rows:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 class LocalPipeline:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from finetune_api.report import REPORT_KEY, StageReport
-from finetune_api.timeutil import now_rfc3339
+from finetune_api.timeutil import format_duration, now_rfc3339
 
 
 class Reporter(Protocol):
@@ -131,17 +131,6 @@ class TeeReporter:
     def publish(self, report: StageReport, *, urgent: bool = False) -> None:
         for reporter in self.reporters:
             reporter.publish(report, urgent=urgent)
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(round(seconds))
-    return (
-        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-        if seconds >= 3600
-        else f"{seconds // 60}:{seconds % 60:02d}"
-    )
 
 
 def format_report(stage: str, report: StageReport) -> str:
