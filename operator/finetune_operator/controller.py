@@ -139,6 +139,7 @@ class Controller:
             self.kube.delete(FINETUNEJOB, job.namespace, job.name)
 
     def post_event(self, job: JobRef, type_: str, reason: str, message: str) -> None:
+        self.metrics.events.labels(type=type_, reason=reason).inc()
         try:
             self.kube.create(children.event(job, type_, reason, message, datetime.now(UTC)))
         except ApiException as exc:
@@ -154,8 +155,11 @@ class Controller:
         current = known if known is not None else FineTuneJobStatus.model_validate(body.get("status") or {})
         observations = self.observe(job, spec_raw, current)
         decision = reconcile(job, spec_raw, current, observations, datetime.now(UTC), self.policy)
+        new_attempt = any(event.reason == Reason.STAGE_STARTING for event in decision.events)
         for action in decision.actions:
             self.execute(job, spec_raw, action)
+            if new_attempt and isinstance(action, StartAttempt):
+                self.metrics.stage_attempts.labels(type=action.config.stage.type).inc()
         if any(isinstance(action, DeleteJob) for action in decision.actions):
             return None, current
         stored = known.to_wire() if known is not None else (body.get("status") or {})
@@ -209,6 +213,7 @@ class Controller:
                 try:
                     started = time.monotonic()
                     delay, known = await asyncio.to_thread(self.reconcile_once, snapshot, known)
+                    self.metrics.reconcile_seconds.observe(time.monotonic() - started)
                     self.metrics.reconciles.labels(result="ok").inc()
                     logger.debug(
                         "reconciled in %.3fs: phase %s, next pass in %s s",

@@ -1,7 +1,7 @@
 """`kubectl finetune`: a kubectl plugin (the executable `kubectl-finetune`) for FineTuneJobs.
 
-    kubectl finetune status NAME [-n NS]            the stage table `finetune run` prints, from the resource's status
-    kubectl finetune logs NAME [--stage S] [-n NS]  the driver log of a stage's latest RayJob (the current stage's by default)
+kubectl finetune status NAME [-n NS]            the stage table `finetune run` prints, from the resource's status
+kubectl finetune logs NAME [--stage S] [-n NS]  the driver log of a stage's latest RayJob (the current stage's by default)
 """
 
 from __future__ import annotations

@@ -235,3 +235,33 @@ def test_crds_ship_with_the_chart(helm: Path, tmp_path: Path):
         if d and d["kind"] == "CustomResourceDefinition"
     }
     assert crds == {"finetunejobs.finetune.dev", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+
+
+def test_grafana_dashboard_charts_only_metrics_the_operator_exports(helm: Path, tmp_path: Path):
+    import re
+
+    from prometheus_client import generate_latest
+
+    from finetune_operator.metrics import OperatorMetrics
+
+    assert by_kind(render(helm, tmp_path), "ConfigMap") == []
+    values = {"metrics": {"grafanaDashboard": {"enabled": True}}}
+    (configmap,) = by_kind(render(helm, tmp_path, values), "ConfigMap")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(configmap["data"]["finetune-operator.json"])
+    expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert len(dashboard["panels"]) >= 6 and all(expressions)
+
+    metrics = OperatorMetrics()  # every labelled series once, so that each one shows in the exposition
+    metrics.reconciles.labels(result="ok").inc()
+    metrics.errors.labels(kind="ApiException").inc()
+    metrics.stage_attempts.labels(type="sft").inc()
+    metrics.events.labels(type="Normal", reason="StageSucceeded").inc()
+    metrics.reconcile_seconds.observe(0.1)
+    exported = {
+        line.split("{")[0].split(" ")[0]
+        for line in generate_latest(metrics.registry).decode().splitlines()
+        if line and not line.startswith("#")
+    }
+    charted = {name for expr in expressions for name in re.findall(r"\bfinetune_operator_\w+", expr)}
+    assert charted and charted <= exported, charted - exported
