@@ -37,6 +37,7 @@ RUNNING, SUCCEEDED, FAILED, SUSPENDED = (
     ConditionType.failed,
     ConditionType.suspended,
 )
+READY, RECONCILING, STALLED = ConditionType.ready, ConditionType.reconciling, ConditionType.stalled
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,33 @@ class _Machine:
             self.succeed()
         status.progress = f"{sum(s.phase == StagePhase.succeeded.value for s in status.stages)}/{len(spec.stages)}"
         return self.decision
+
+    def summarise(self) -> None:
+        """kstatus's conditions from the phase: Ready once every stage succeeded, Reconciling while work is under way
+        (starting, running, retrying, waiting for Secrets), Stalled once the job failed. A suspended job is none of
+        these: it is where its spec asks it to be."""
+        phase, status = self.status.phase, self.status
+        running = status.condition(RUNNING)
+        reason = running.reason if running else Reason.PENDING
+        message = running.message if running else "waiting for the first pass"
+        if phase == JobPhase.succeeded.value:
+            done = status.condition(SUCCEEDED)
+            self.condition(READY, True, done.reason, done.message)
+            self.condition(RECONCILING, False, done.reason, "")
+            self.condition(STALLED, False, done.reason, "")
+        elif phase == JobPhase.failed.value:
+            failed = status.condition(FAILED)
+            self.condition(STALLED, True, failed.reason, failed.message)
+            self.condition(READY, False, failed.reason, failed.message)
+            self.condition(RECONCILING, False, failed.reason, "")
+        elif phase == JobPhase.suspended.value:
+            self.condition(READY, False, Reason.SUSPENDED, message)
+            self.condition(RECONCILING, False, Reason.SUSPENDED, message)
+            self.condition(STALLED, False, Reason.SUSPENDED, "")
+        else:
+            self.condition(READY, False, reason, message)
+            self.condition(RECONCILING, True, reason, message)
+            self.condition(STALLED, False, reason, "")
 
     # -- job level ------------------------------------------------------------------------------
 
@@ -522,4 +550,7 @@ def reconcile(
         current = status.model_copy(deep=True)
     else:
         current = FineTuneJobStatus.model_validate(status or {})
-    return _Machine(job, current, observations, now, policy).run(spec)
+    machine = _Machine(job, current, observations, now, policy)
+    decision = machine.run(spec)
+    machine.summarise()
+    return decision

@@ -37,10 +37,16 @@ class ConditionType(StrEnum):
     succeeded = "Succeeded"
     failed = "Failed"
     suspended = "Suspended"
+    # kstatus's summary (sigs.k8s.io/cli-utils/pkg/kstatus), read by Flux, Argo CD and `kubectl wait` as they are.
+    ready = "Ready"
+    reconciling = "Reconciling"
+    stalled = "Stalled"
 
 
 class Condition(ApiModel):
-    type: str = Field(description="Condition type: Running, Succeeded, Failed or Suspended.")
+    type: str = Field(
+        description="Condition type: Running, Succeeded, Failed, Suspended, and kstatus's Ready, Reconciling, Stalled."
+    )
     status: str = Field(description="True, False or Unknown.", pattern="^(True|False|Unknown)$")
     reason: str = Field(default="", description="CamelCase reason, stable for machines (see docs/troubleshooting.md).")
     message: str = Field(default="", description="Human-readable detail.")

@@ -383,3 +383,46 @@ def test_inputs_are_not_modified(job, sample_spec):
     before = status.status.model_copy(deep=True)
     reconcile(job, status.spec, status.status, Observations(RUNNING, succeeded_report(1, "x")), T0, POLICY)
     assert status.status == before
+
+
+def kstatus(sim) -> dict[str, tuple[str, str]]:
+    return {t: (sim.condition(t).status, sim.condition(t).reason) for t in ("Ready", "Reconciling", "Stalled")}
+
+
+def test_kstatus_conditions_follow_the_phase(job, sample_spec):
+    """What Flux's and Argo CD's kstatus reading needs: Reconciling while work is under way, Ready at the end,
+    Stalled on failure, none of them true while suspended."""
+    running = Sim(job, sample_spec())
+    running.step()
+    assert kstatus(running) == {
+        "Ready": ("False", Reason.STAGE_STARTING),
+        "Reconciling": ("True", Reason.STAGE_STARTING),
+        "Stalled": ("False", Reason.STAGE_STARTING),
+    }
+    running.step(RUNNING)
+    assert kstatus(running)["Reconciling"] == ("True", Reason.STAGE_RUNNING)
+    running.spec["suspend"] = True
+    running.step(RUNNING)
+    assert {t: s for t, (s, _) in kstatus(running).items()} == {
+        "Ready": "False",
+        "Reconciling": "False",
+        "Stalled": "False",
+    }
+
+    done = _run_to_success(Sim(job, sample_spec()))
+    assert kstatus(done) == {
+        "Ready": ("True", Reason.ALL_STAGES_SUCCEEDED),
+        "Reconciling": ("False", Reason.ALL_STAGES_SUCCEEDED),
+        "Stalled": ("False", Reason.ALL_STAGES_SUCCEEDED),
+    }
+    assert done.condition("Ready").observed_generation == job.generation
+
+    broken = Sim(job, sample_spec())
+    broken.step()
+    broken.step(RUNNING, StageReport(phase="Failed", attempt=1, reason="QualityGateFailed", message="too low"))
+    assert kstatus(broken) == {
+        "Ready": ("False", "QualityGateFailed"),
+        "Reconciling": ("False", "QualityGateFailed"),
+        "Stalled": ("True", "QualityGateFailed"),
+    }
+    assert "too low" in broken.condition("Stalled").message

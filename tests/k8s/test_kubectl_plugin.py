@@ -72,3 +72,42 @@ def test_logs_follow_the_stage_rayjob_submitter():
     assert logs_command(status, "ml", "tune")[2] == "job/demo-tune-1"
     with pytest.raises(SystemExit, match="no stage 'rm'"):
         logs_command(status, "ml", "rm")
+
+
+def test_the_documented_wait_recipe_returns_on_failure_and_on_success(control_plane, namespace):
+    """docs/walkthrough.md: wait for completionTime (set on success and on failure alike), then read the phase;
+    `--for=condition=Ready` and `--for=condition=Stalled` are the kstatus-style alternatives."""
+    admin = Kube.connect(str(control_plane.kubeconfig))
+    for name, phase, ready, stalled in (("ok", "Succeeded", "True", "False"), ("bad", "Failed", "False", "True")):
+        admin.create(
+            {
+                "apiVersion": "finetune.dev/v1alpha1",
+                "kind": "FineTuneJob",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {
+                    "model": {"source": "s3://models/base"},
+                    "storage": {"uri": "s3://runs/x"},
+                    "stages": [{"name": "tune", "type": "sft", "dataset": {"uri": "s3://data/a.jsonl"}}],
+                },
+            }
+        )
+        conditions = [
+            {"type": "Ready", "status": ready, "reason": "X", "message": ""},
+            {"type": "Stalled", "status": stalled, "reason": "X", "message": ""},
+        ]
+        admin.patch_job_status(
+            namespace, name, {"phase": phase, "completionTime": "2026-12-01T10:00:00Z", "conditions": conditions}
+        )
+        waited = control_plane.kubectl(
+            "wait", f"ftj/{name}", "-n", namespace, "--for=jsonpath={.status.completionTime}", "--timeout=20s"
+        )
+        assert waited.returncode == 0
+        got = control_plane.kubectl("get", f"ftj/{name}", "-n", namespace, "-o", "jsonpath={.status.phase}")
+        assert got.stdout == phase
+        verdict = "Ready" if phase == "Succeeded" else "Stalled"
+        assert (
+            control_plane.kubectl(
+                "wait", f"ftj/{name}", "-n", namespace, f"--for=condition={verdict}", "--timeout=20s"
+            ).returncode
+            == 0
+        )

@@ -99,6 +99,9 @@ def test_run_cpt_then_sft_writes_status_and_rerun_skips_finished_stages(tmp_path
     assert {c.type: (c.status, c.reason) for c in status.conditions} == {
         "Running": ("False", "AllStagesSucceeded"),
         "Succeeded": ("True", "AllStagesSucceeded"),
+        "Ready": ("True", "AllStagesSucceeded"),
+        "Reconciling": ("False", "AllStagesSucceeded"),
+        "Stalled": ("False", "AllStagesSucceeded"),
     }
     for stage, name in zip(wire["stages"], ["domain", "instruct"]):
         assert set(stage) >= {
