@@ -449,7 +449,11 @@ class _Machine:
         if self.now < retry_at:
             wait = (retry_at - self.now).total_seconds()
             resume = stage.last_checkpoint or "the stage's start (no checkpoint yet)"
-            text = f"attempt {attempt} failed ({reason}: {message}); attempt {attempt + 1} resumes from {resume} in {wait:.0f}s"
+            # An absolute time, not a countdown: the message stays the same from pass to pass, so waiting writes nothing.
+            text = (
+                f"attempt {attempt} failed ({reason}: {message}); "
+                f"attempt {attempt + 1} resumes from {resume} at {timestamp(retry_at)}"
+            )
             stage.message = text
             if (
                 self.status.condition(RUNNING) is None

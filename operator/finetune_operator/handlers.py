@@ -61,8 +61,10 @@ def make_registry(controller: Controller) -> kopf.OperatorRegistry:
             controller.metrics.errors.labels(kind="cleanup").inc()
             raise kopf.TemporaryError(f"cleanup of children failed: {exc.reason}", delay=ERROR_RETRY_SECONDS) from exc
 
+    # The event handlers are coroutines: they run on the event loop, where asyncio.Event.set() is safe (a plain
+    # function would run in kopf's thread pool).
     @kopf.on.event(GROUP, VERSION, PLURAL, id="job-changed", registry=registry)
-    def job_changed(event: kopf.RawEvent, name: str, namespace: str, meta: kopf.Meta, **_: Any) -> None:
+    async def job_changed(event: kopf.RawEvent, name: str, namespace: str, meta: kopf.Meta, **_: Any) -> None:
         # Our own status writes also produce events; only spec changes (a new generation) need a pass.
         key = (namespace, name)
         generation = meta.get("generation")
@@ -72,12 +74,12 @@ def make_registry(controller: Controller) -> kopf.OperatorRegistry:
 
     # Children are created by the daemon itself, which knows what it created: only later changes need a pass.
     @kopf.on.event("ray.io", "v1", "rayjobs", id="rayjob-changed", labels=children, registry=registry)
-    def rayjob_changed(event: kopf.RawEvent, namespace: str, labels: kopf.Labels, **_: Any) -> None:
+    async def rayjob_changed(event: kopf.RawEvent, namespace: str, labels: kopf.Labels, **_: Any) -> None:
         if event.get("type") in ("MODIFIED", "DELETED"):
             controller.wakeups.wake((namespace, labels[JOB_LABEL]))
 
     @kopf.on.event("v1", "configmaps", id="report-changed", labels=children, registry=registry)
-    def report_changed(event: kopf.RawEvent, namespace: str, labels: kopf.Labels, **_: Any) -> None:
+    async def report_changed(event: kopf.RawEvent, namespace: str, labels: kopf.Labels, **_: Any) -> None:
         if event.get("type") in ("MODIFIED", "DELETED"):
             controller.wakeups.wake((namespace, labels[JOB_LABEL]))
 

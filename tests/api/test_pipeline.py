@@ -426,3 +426,14 @@ def test_kstatus_conditions_follow_the_phase(job, sample_spec):
         "Stalled": ("True", "QualityGateFailed"),
     }
     assert "too low" in broken.condition("Stalled").message
+
+
+def test_waiting_for_a_retry_changes_nothing_from_pass_to_pass(sim):
+    """A backoff's message names when the next attempt starts, not how long is left: no status write while waiting."""
+    sim.step()
+    sim.step(failed(at=T0))
+    waiting = sim.status.to_wire()
+    assert "resumes from the stage's start (no checkpoint yet) at 2026-03-01T12:00:10Z" in sim.stage("sft").message
+    sim.advance(5)
+    decision = sim.step(failed(at=T0))
+    assert decision.status.to_wire() == waiting and decision.events == [] and decision.actions == []
