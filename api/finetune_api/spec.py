@@ -243,6 +243,11 @@ class TrainingSpec(ApiModel):
     save_total_limit: int | None = Field(
         default=None, ge=1, description="Keep at most this many intermediate checkpoints (default 2)."
     )
+    min_improvement: float | None = Field(
+        default=None,
+        description="Quality gate: fail the stage (QualityGateFailed, output not written) unless the held-out loss "
+        "drops by at least this much (eval_loss_before - eval_loss_after). Unset: no gate.",
+    )
 
 
 TRAINING_DEFAULTS = TrainingSpec(

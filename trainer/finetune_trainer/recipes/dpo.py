@@ -46,5 +46,5 @@ def run(ctx: StageContext) -> dict[str, float]:
     trainer.train(resume_from_checkpoint=ctx.resume_checkpoint())
 
     metrics = preference_metrics(ctx, trainer)
-    ctx.save_final(trainer.model, tokenizer)
+    ctx.save_final(trainer.model, tokenizer, metrics)
     return metrics

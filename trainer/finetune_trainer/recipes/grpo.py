@@ -65,7 +65,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     ctx.log(
         "GRPO done: reward {reward_mean_first:.3f} -> {reward_mean_last:.3f}, kl_mean {kl_mean:.4f}".format(**metrics)
     )
-    ctx.save_final(trainer.model, tokenizer)
+    ctx.save_final(trainer.model, tokenizer, metrics)
     return metrics
 
 

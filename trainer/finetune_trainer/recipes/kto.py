@@ -63,7 +63,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     if labels.any() and not labels.all():  # a margin needs both kinds of completion among the held-out rows
         metrics["eval_reward_margin"] = (rewards[labels].mean() - rewards[~labels].mean()).item()
     ctx.log(f"held-out rewards: {', '.join(f'{key} {value:.3f}' for key, value in metrics.items())}")
-    ctx.save_final(trainer.model, tokenizer)
+    ctx.save_final(trainer.model, tokenizer, metrics)
     return metrics
 
 

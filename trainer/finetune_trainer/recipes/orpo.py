@@ -37,5 +37,5 @@ def run(ctx: StageContext) -> dict[str, float]:
     trainer.train(resume_from_checkpoint=ctx.resume_checkpoint())
 
     metrics = {**preference_metrics(ctx, trainer), "eval_loss_before": eval_loss_before(trainer)}
-    ctx.save_final(trainer.model, tokenizer)
+    ctx.save_final(trainer.model, tokenizer, metrics)
     return metrics

@@ -17,6 +17,7 @@ from trl import RewardConfig, RewardTrainer
 
 from finetune_api.spec import RewardOptions
 from finetune_trainer.errors import DataValidationError, QualityGateError
+from finetune_trainer.recipes import guards
 from finetune_trainer.recipes.context import StageContext
 from finetune_trainer.recipes.evaluation import eval_loss_before
 
@@ -58,8 +59,9 @@ def run(ctx: StageContext) -> dict[str, float]:
     ctx.log(
         f"held-out pairs: {len(margins)}, accuracy {metrics['eval_accuracy']:.3f}, margin {metrics['eval_margin']:.3f}"
     )
+    guards.check_metrics(ctx.config, metrics)  # a diverged model fails as such, not as a low accuracy
     check_quality_gate(ctx, options, metrics["eval_accuracy"])
-    ctx.save_final(trainer.model, tokenizer)
+    ctx.save_final(trainer.model, tokenizer, metrics)
     return metrics
 
 

@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from finetune_api.spec import PPOOptions, TrainingSpec
 from finetune_trainer.errors import ConfigError, KLLimitError
+from finetune_trainer.recipes.guards import diverged, non_finite
 from finetune_trainer.rl import core
 from finetune_trainer.rl.engines import Engine
 from finetune_trainer.rl.kl import KLController, RunningMoments
@@ -315,6 +316,10 @@ class PPOLoop:
                 )
             local_stats = self.optimise(rollout, state.step)
             stats = dict(zip(local_stats, self.global_mean(list(local_stats.values()))))
+            bad = non_finite({**stats, "score": score, "kl": kl})  # global means: every rank fails together
+            if bad:
+                found = ", ".join(f"{key} {value}" for key, value in sorted(bad.items()))
+                raise diverged(self.stage, self.training.learning_rate, f"{found} at PPO step {state.step + 1}")
             state.kl.update(kl, options.rollout_batch_size)
             state.score_history.append(score)
             state.kl_history.append(kl)
