@@ -109,7 +109,7 @@ class StageContext:
             "warmup_steps": training.warmup_ratio,  # a float below 1 is a ratio of the total steps
             "weight_decay": training.weight_decay,
             "per_device_train_batch_size": training.batch_size,
-            "per_device_eval_batch_size": training.batch_size,
+            "per_device_eval_batch_size": training.eval_batch_size or training.batch_size,
             "gradient_accumulation_steps": training.gradient_accumulation_steps,
             "num_train_epochs": training.epochs,
             "max_steps": training.max_steps or -1,
