@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 
 from finetune_trainer.metrics import corpus_bleu, mean_rouge_l
+from finetune_trainer.modeling import stop_token_ids
 from finetune_trainer.recipes.context import StageContext
 
 
@@ -117,7 +118,7 @@ def generation_metrics(
                     max_new_tokens=spec.max_new_tokens,
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
+                    eos_token_id=stop_token_ids(tokenizer, model),
                 )
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             predictions.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
