@@ -274,6 +274,23 @@ def test_held_out_preference_metrics_do_not_depend_on_the_eval_batch_size(tiny_m
         assert other["eval_reward_margin"] == pytest.approx(first["eval_reward_margin"], abs=1e-5), results
 
 
+@pytest.mark.train
+@pytest.mark.parametrize("stage_type", ["reward", "dpo"])
+def test_a_max_length_that_drops_every_row_fails_before_training(tiny_model, tmp_path, stage_type):
+    # Reward drops pairs longer than maxLength; DPO drops pairs whose prompt alone fills it.
+    data = tmp_path / "long-prompts.jsonl"
+    with data.open("w") as out:
+        for line in PREFS.read_text().splitlines():
+            pair = json.loads(line)
+            out.write(json.dumps({**pair, "prompt": "Think it over carefully. " * 4 + pair["prompt"]}) + "\n")
+    stage = {"type": stage_type, "dataset": {"uri": str(data)}}
+    config = stage_config(tmp_path, tiny_model, stage, training={"maxLength": 16})
+    with pytest.raises(DataValidationError) as failure:
+        run(config, tmp_path)
+    assert "none of the 180 training rows is left once tokenized to training.maxLength 16" in str(failure.value)
+    assert failure.value.permanent and not Path(config.checkpoint_dir).exists()
+
+
 # ---- bad input ------------------------------------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from trl import DPOConfig, DPOTrainer
 
 from finetune_api.spec import DPOOptions
+from finetune_trainer.recipes import guards
 from finetune_trainer.recipes.context import StageContext
 from finetune_trainer.recipes.evaluation import (
     completion_logps,
@@ -50,6 +51,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         processing_class=tokenizer,
         callbacks=ctx.callbacks(),
     )
+    guards.check_rows_left(ctx.config, trainer, len(data.train), len(data.eval))
     trainer.train(resume_from_checkpoint=ctx.resume_checkpoint())
 
     metrics = {

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from finetune_api.render import StageConfig
-from finetune_trainer.errors import QualityGateError, TrainingDivergedError
+from finetune_trainer.errors import DataValidationError, QualityGateError, TrainingDivergedError
 
 
 def non_finite(values: dict[str, float]) -> dict[str, float]:
@@ -93,6 +93,22 @@ def check_improvement(config: StageConfig, metrics: dict[str, float]) -> None:
             f"{before - after:.4f}, below training.minImprovement {required:g}; the model was not saved as the stage "
             "output (checkpoints are kept)"
         )
+
+
+def check_rows_left(config: StageConfig, trainer, train_rows: int, held_out_rows: int) -> None:
+    """Fail before training when tokenization left no rows: TRL's trainers drop rows that do not fit
+    `training.maxLength` (reward: a pair longer than it; DPO, KTO: a prompt that fills it; SFT: no completion token
+    left)."""
+    for name, dataset, before in (
+        ("training", trainer.train_dataset, train_rows),
+        ("held-out", trainer.eval_dataset, held_out_rows),
+    ):
+        if dataset is not None and len(dataset) == 0:
+            raise DataValidationError(
+                f"stage {config.stage.name!r}: {config.stage.dataset.uri}: none of the {before} {name} rows is left "
+                f"once tokenized to training.maxLength {config.training.max_length} tokens (each is too long, or its "
+                "prompt leaves no room for the completion); raise training.maxLength or shorten the rows"
+            )
 
 
 def divergence_callback(config: StageConfig, loss_scaling: bool):

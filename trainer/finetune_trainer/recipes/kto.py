@@ -20,6 +20,7 @@ from trl import KTOConfig, KTOTrainer, extract_prompt, unpair_preference_dataset
 
 from finetune_api.spec import KTOOptions
 from finetune_trainer.errors import ConfigError, DataValidationError
+from finetune_trainer.recipes import guards
 from finetune_trainer.recipes.context import StageContext
 from finetune_trainer.recipes.evaluation import completion_logps, eval_loss, eval_loss_before, gather_held_out
 
@@ -54,6 +55,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         processing_class=tokenizer,
         callbacks=ctx.callbacks(),
     )
+    guards.check_rows_left(ctx.config, trainer, len(train), len(held_out))
     trainer.train(resume_from_checkpoint=ctx.resume_checkpoint())
 
     rewards, labels = held_out_rewards(trainer)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 from finetune_api.spec import ORPOOptions
+from finetune_trainer.recipes import guards
 from finetune_trainer.recipes.context import StageContext
 from finetune_trainer.recipes.evaluation import eval_loss, eval_loss_before, gather_held_out, pair_metrics
 
@@ -34,6 +35,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         processing_class=tokenizer,
         callbacks=ctx.callbacks(),
     )
+    guards.check_rows_left(ctx.config, trainer, len(data.train), len(data.eval))
     trainer.train(resume_from_checkpoint=ctx.resume_checkpoint())
 
     metrics = {

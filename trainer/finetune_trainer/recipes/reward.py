@@ -16,7 +16,7 @@ import torch
 from trl import RewardConfig, RewardTrainer
 
 from finetune_api.spec import RewardOptions
-from finetune_trainer.errors import DataValidationError, QualityGateError
+from finetune_trainer.errors import QualityGateError
 from finetune_trainer.recipes import guards
 from finetune_trainer.recipes.context import StageContext
 from finetune_trainer.recipes.evaluation import eval_loss_before, gather_held_out, pair_metrics
@@ -41,12 +41,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         processing_class=tokenizer,
         callbacks=ctx.callbacks(),
     )
-    if len(trainer.eval_dataset) == 0:
-        # RewardTrainer drops pairs longer than max_length; without held-out pairs there is no accuracy to gate on.
-        raise DataValidationError(
-            f"stage {ctx.config.stage.name!r}: every held-out pair is longer than training.maxLength "
-            f"({args.max_length} tokens); expected at least one held-out pair to evaluate the reward model on"
-        )
+    guards.check_rows_left(ctx.config, trainer, len(data.train), len(data.eval))
     trainer.train(resume_from_checkpoint=ctx.resume_checkpoint())
 
     chosen, rejected = held_out_scores(trainer)

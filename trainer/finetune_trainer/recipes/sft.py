@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from finetune_trainer.errors import ConfigError
+from finetune_trainer.recipes import guards
 from finetune_trainer.recipes.context import StageContext
 from finetune_trainer.recipes.evaluation import eval_loss, eval_loss_before, generation_metrics, loss_metrics
 
@@ -111,6 +112,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         processing_class=tokenizer,
         callbacks=ctx.callbacks(),
     )
+    guards.check_rows_left(ctx.config, trainer, len(train), len(held_out))
     output = trainer.train(resume_from_checkpoint=ctx.resume_checkpoint())
     metrics = loss_metrics(eval_loss_before(trainer), eval_loss(trainer), output)
     if ctx.config.stage.generation_eval is not None:
