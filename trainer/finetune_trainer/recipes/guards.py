@@ -13,6 +13,7 @@ from pathlib import Path
 
 from finetune_api.render import StageConfig
 from finetune_trainer.errors import DataValidationError, QualityGateError, TrainingDivergedError
+from finetune_trainer.metrics import STAGE_METRICS
 
 
 def non_finite(values: dict[str, float]) -> dict[str, float]:
@@ -62,7 +63,10 @@ def _diverged(config: StageConfig, what: str) -> TrainingDivergedError:
 
 
 def check_metrics(config: StageConfig, metrics: dict[str, float]) -> None:
-    """Fail the stage when a final metric is NaN/inf."""
+    """Fail the stage when a final metric is NaN/inf; a recipe that leaves out one of its schema's metrics is a bug."""
+    missing = [key for key in STAGE_METRICS[config.stage.type] if key not in metrics]
+    if missing:
+        raise RuntimeError(f"the {config.stage.type} recipe reported no {', '.join(missing)} (see docs/trainer.md)")
     bad = non_finite(metrics)
     if bad:
         raise _diverged(config, "held-out metrics " + ", ".join(f"{key}={value}" for key, value in sorted(bad.items())))

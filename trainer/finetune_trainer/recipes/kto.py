@@ -8,7 +8,7 @@ Reference model: as in DPO, a frozen zero-update copy of the adapter with LoRA, 
 Held-out metrics come from our own pass over every held-out row once, because TRL logs only per-batch reward means:
 with the implicit reward r = beta * log(pi / pi_ref) of each held-out completion,
   eval_reward_accuracy  fraction of completions whose r has the sign of their label (> 0 desirable, < 0 undesirable)
-  eval_reward_margin    mean r over desirable completions minus mean r over undesirable ones (when both are held out)
+  eval_reward_margin    mean r over desirable completions minus mean r over undesirable ones (both must be held out)
   eval_loss_before      TRL's KTO loss on the held-out rows for the input model
   eval_loss_after       the same loss after training
 """
@@ -37,6 +37,13 @@ def run(ctx: StageContext) -> dict[str, float]:
     data = ctx.data(ACCEPTED_COLUMNS)
     train = unpaired(ctx, data.train).shuffle(seed=ctx.config.training.seed)
     held_out = unpaired(ctx, data.eval)
+    if len(set(held_out["label"])) < 2:
+        # The held-out reward margin compares desirable with undesirable completions.
+        raise DataValidationError(
+            f"stage {ctx.config.stage.name!r}: {ctx.config.stage.dataset.uri}: every held-out row is labelled "
+            f"{held_out['label'][0]}; expected both desirable and undesirable rows held out (a larger "
+            "dataset.validationSplit, or dataset.validationUri)"
+        )
     tokenizer = ctx.tokenizer()
     policy = ctx.causal_lm()
     reference = ctx.causal_lm(trainable=False) if ctx.config.peft.method == "full" else None
@@ -61,11 +68,10 @@ def run(ctx: StageContext) -> dict[str, float]:
     rewards, labels = held_out_rewards(trainer)
     metrics = {
         "eval_reward_accuracy": ((rewards > 0) == labels).float().mean().item(),
+        "eval_reward_margin": (rewards[labels].mean() - rewards[~labels].mean()).item(),
         "eval_loss_before": eval_loss_before(trainer),
         "eval_loss_after": eval_loss(trainer),
     }
-    if labels.any() and not labels.all():  # a margin needs both kinds of completion among the held-out rows
-        metrics["eval_reward_margin"] = (rewards[labels].mean() - rewards[~labels].mean()).item()
     ctx.log(f"held-out rewards: {', '.join(f'{key} {value:.3f}' for key, value in metrics.items())}")
     ctx.save_final(trainer.model, tokenizer, metrics)
     return metrics
