@@ -47,6 +47,11 @@ class Reason(StrEnum):
     INVALID_DATASET = "InvalidDataset"
     INVALID_MODEL = "InvalidModel"
     INVALID_CONFIG = "InvalidConfig"
+    # A training or held-out loss, or a weight, became NaN/inf (e.g. a learning rate far too high); retrying the same
+    # settings diverges again, so it is permanent. The last good checkpoint is kept.
+    TRAINING_DIVERGED = "TrainingDiverged"
+    # The API server refused a status patch (Event, and a `StatusUpdated=False` condition); the message carries why.
+    STATUS_PATCH_REFUSED = "StatusPatchRefused"
     # The job is waiting for its first stage to start.
     PENDING = "Pending"
     # The FineTuneJob was deleted `ttlSecondsAfterFinished` after finishing (Event only).
@@ -65,5 +70,6 @@ PERMANENT = frozenset(
         Reason.INVALID_MODEL,
         Reason.QUALITY_GATE_FAILED,
         Reason.KL_LIMIT_EXCEEDED,
+        Reason.TRAINING_DIVERGED,
     }
 )

@@ -6,13 +6,29 @@ or into a file locally. The operator reads it and mirrors it into FineTuneJob.st
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field, PlainSerializer
 
 from finetune_api.spec import ApiModel
 
 REPORT_KEY = "report.json"
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is None or math.isfinite(value) else None
+
+
+def _finite_only(metrics: dict[str, float]) -> dict[str, float]:
+    return {key: value for key, value in metrics.items() if math.isfinite(value)}
+
+
+# JSON has no NaN or infinity: the API server refuses a status patch carrying one. Non-finite numbers are dropped both
+# when a report is read (a report written by an older trainer) and when it is written (fields assigned in place skip
+# validation).
+FiniteOrNone = Annotated[float | None, AfterValidator(_finite_or_none), PlainSerializer(_finite_or_none)]
+FiniteMetrics = Annotated[dict[str, float], AfterValidator(_finite_only), PlainSerializer(_finite_only)]
 
 
 class StageReport(ApiModel):
@@ -20,11 +36,12 @@ class StageReport(ApiModel):
     attempt: int = Field(default=1, description="Attempt that wrote this report.")
     step: int = Field(default=0, description="Optimizer steps done.")
     total_steps: int = Field(default=0, description="Optimizer steps planned.")
-    epoch: float | None = Field(default=None, description="Epochs done.")
-    eta_seconds: float | None = Field(default=None, description="Estimated seconds left.")
-    loss: float | None = Field(default=None, description="Latest training loss.")
-    metrics: dict[str, float] = Field(
-        default_factory=dict, description="Evaluation metrics (final ones once Succeeded)."
+    epoch: FiniteOrNone = Field(default=None, description="Epochs done.")
+    eta_seconds: FiniteOrNone = Field(default=None, description="Estimated seconds left.")
+    loss: FiniteOrNone = Field(default=None, description="Latest training loss (absent when not finite).")
+    metrics: FiniteMetrics = Field(
+        default_factory=dict,
+        description="Evaluation metrics (final ones once Succeeded); non-finite values are left out.",
     )
     checkpoint: str | None = Field(default=None, description="Final output model URI once Succeeded.")
     last_checkpoint: str | None = Field(default=None, description="Latest resumable checkpoint URI.")

@@ -213,6 +213,9 @@ class TrainingSpec(ApiModel):
         description="Peak learning rate; the default depends on the stage type and PEFT method (e.g. 2e-4 LoRA / 2e-5 full for SFT, 1e-5 LoRA / 3e-6 full for PPO).",
     )
     batch_size: int | None = Field(default=None, ge=1, description="Per-worker micro-batch size (default 8).")
+    eval_batch_size: int | None = Field(
+        default=None, ge=1, description="Per-worker batch size of held-out evaluation (default: `batchSize`)."
+    )
     gradient_accumulation_steps: int | None = Field(
         default=None, ge=1, description="Micro-batches per optimizer step (default 1)."
     )
@@ -242,6 +245,11 @@ class TrainingSpec(ApiModel):
     )
     save_total_limit: int | None = Field(
         default=None, ge=1, description="Keep at most this many intermediate checkpoints (default 2)."
+    )
+    min_improvement: float | None = Field(
+        default=None,
+        description="Quality gate: fail the stage (QualityGateFailed, output not written) unless the held-out loss "
+        "drops by at least this much (eval_loss_before - eval_loss_after). Unset: no gate.",
     )
 
 

@@ -45,6 +45,8 @@ from finetune_operator.settings import Settings
 log = logging.getLogger(__name__)
 
 ERROR_RETRY_SECONDS = 5.0
+# Condition set to False while the API server refuses the operator's status patches; the next accepted patch drops it.
+STATUS_UPDATED = "StatusUpdated"
 
 
 def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -82,6 +84,8 @@ class Controller:
         self.policy = Policy(settings.retry_base_seconds, settings.retry_max_seconds, settings.secret_recheck_seconds)
         self.wakeups = Wakeups()
         self.failures_seen: dict[tuple[str, str, int], datetime] = {}
+        # job uid -> the API server's answer to its last refused status patch, while refusals last
+        self.refused_patches: dict[str, str] = {}
 
     # -- one reconcile pass ----------------------------------------------------------------------
 
@@ -146,6 +150,23 @@ class Controller:
             # Events are best effort: a failure to post one must not stop the reconcile.
             log.warning("%s/%s: could not post event %s: %s", job.namespace, job.name, reason, exc.reason)
 
+    def status_patch_refused(self, job: JobRef, stored: dict[str, Any], exc: ApiException) -> None:
+        """A refused status patch leaves the status frozen: say why with a Warning Event and a `StatusUpdated=False`
+        condition, sent in a patch that carries nothing else. Both once per distinct refusal, not on every pass."""
+        detail = f"{exc.status} {exc.reason}: {str(exc.body or '').strip()[:500]}"
+        if self.refused_patches.get(job.uid) == detail:
+            return
+        self.refused_patches[job.uid] = detail
+        self.post_event(
+            job, "Warning", Reason.STATUS_PATCH_REFUSED, f"the API server refused a status update: {detail}"
+        )
+        status = FineTuneJobStatus.model_validate(stored)
+        status.set_condition(STATUS_UPDATED, False, Reason.STATUS_PATCH_REFUSED, detail)
+        try:
+            self.kube.patch_job_status(job.namespace, job.name, {"conditions": status.to_wire()["conditions"]})
+        except ApiException as again:
+            log.warning("%s/%s: the condition patch was refused too: %s", job.namespace, job.name, again.reason)
+
     def reconcile_once(
         self, body: dict[str, Any], known: FineTuneJobStatus | None
     ) -> tuple[float | None, FineTuneJobStatus]:
@@ -163,9 +184,17 @@ class Controller:
         if any(isinstance(action, DeleteJob) for action in decision.actions):
             return None, current
         stored = known.to_wire() if known is not None else (body.get("status") or {})
+        # A patch that goes through ends a refusal: the condition saying so is dropped.
+        decision.status.conditions = [c for c in decision.status.conditions if c.type != STATUS_UPDATED]
         patch = merge_patch(stored, decision.status.to_wire())
         if patch:
-            self.kube.patch_job_status(job.namespace, job.name, patch)
+            try:
+                self.kube.patch_job_status(job.namespace, job.name, patch)
+                self.refused_patches.pop(job.uid, None)
+            except ApiException as exc:
+                if exc.status not in (404, 409):  # gone or conflicting: not a refusal of what the patch says
+                    self.status_patch_refused(job, stored, exc)
+                raise
         for event in decision.events:
             self.post_event(job, event.type, event.reason, event.message)
         self.metrics.observe_phase(job.uid, decision.status.phase)
@@ -181,6 +210,7 @@ class Controller:
         self.metrics.observe_phase(job.uid, None)
         for key in [key for key in self.failures_seen if key[0] == job.uid]:
             del self.failures_seen[key]
+        self.refused_patches.pop(job.uid, None)
         try:
             self.executor.cleanup(job)
         except ApiException as exc:

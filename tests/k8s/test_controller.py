@@ -360,3 +360,91 @@ def test_an_invalid_uri_fails_with_invalid_spec(harness: Harness):
     condition = harness.wait_for_condition("badsrc", "Failed", reason=Reason.INVALID_SPEC)
     assert condition["message"].startswith("spec.model: unsupported scheme 'ftp'")
     assert harness.rayjobs("badsrc") == []
+
+
+def test_a_report_with_nan_written_by_an_older_trainer_does_not_freeze_the_status(harness: Harness):
+    harness.create(job_manifest("nan"))
+    harness.wait_for_rayjob("nan-sft-1")
+    text = '{"phase": "Running", "attempt": 1, "step": 3, "totalSteps": 9, "loss": NaN, "metrics": {"x": Infinity}}'
+    harness.trainer("nan").patch(CONFIGMAP, harness.namespace, "nan-sft-report", {"data": {"report.json": text}})
+    stage = harness.wait(
+        lambda: (s := harness.status("nan")["stages"][0]).get("progress", {}).get("step") == 3 and s,
+        "progress of a report with NaN mirrored into status",
+    )
+    assert "loss" not in stage.get("metrics", {}) and "x" not in stage.get("metrics", {})
+
+
+def test_a_refused_status_update_shows_as_a_warning_event_and_a_condition(harness: Harness, tmp_path: Path):
+    # An admission policy stands for any reason the API server has to refuse the operator's status patch: here it
+    # refuses every status that marks a stage Succeeded.
+    name = f"refuse-succeeded-{harness.namespace}"
+    policy = [
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": name},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {
+                    "resourceRules": [
+                        {
+                            "apiGroups": ["finetune.dev"],
+                            "apiVersions": ["*"],
+                            "operations": ["UPDATE"],
+                            "resources": ["finetunejobs/status"],
+                        }
+                    ]
+                },
+                "validations": [
+                    {
+                        "expression": "!has(object.status.stages) || object.status.stages.all(s, s.phase != 'Succeeded')",
+                        "message": "stages may not succeed here",
+                        "reason": "Invalid",
+                    }
+                ],
+            },
+        },
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": name},
+            "spec": {
+                "policyName": name,
+                "validationActions": ["Deny"],
+                "matchResources": {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": harness.namespace}}
+                },
+            },
+        },
+    ]
+    policy_file = tmp_path / "policy.json"
+    policy_file.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": policy}))
+    harness.control_plane.kubectl("apply", "-f", str(policy_file))
+    try:
+        harness.create(job_manifest("refused"))
+        harness.wait_for_rayjob("refused-sft-1")
+        harness.report("refused", "sft", phase="Succeeded", attempt=1, checkpoint="s3://runs/refused/sft/model")
+        harness.kuberay_sets("refused-sft-1", "succeeded")
+        condition = harness.wait(
+            lambda: (
+                harness.condition("refused", "StatusUpdated").get("reason") == Reason.STATUS_PATCH_REFUSED
+                and harness.condition("refused", "StatusUpdated")
+            ),
+            "a StatusUpdated=False condition",
+            timeout=60,  # the policy takes effect some seconds after it is created
+        )
+        assert condition["status"] == "False"
+        assert "stages may not succeed here" in condition["message"]
+        warnings = harness.wait(
+            lambda: [e for e in harness.events("refused") if e["reason"] == Reason.STATUS_PATCH_REFUSED],
+            "a StatusPatchRefused Event",
+        )
+        assert warnings[0]["type"] == "Warning" and "stages may not succeed here" in warnings[0]["message"]
+        time.sleep(3)  # further refused passes post no further Events
+        assert len([e for e in harness.events("refused") if e["reason"] == Reason.STATUS_PATCH_REFUSED]) == 1
+    finally:
+        harness.control_plane.kubectl("delete", "-f", str(policy_file), check=False)
+    harness.wait(
+        lambda: harness.status("refused")["stages"][0].get("phase") == "Succeeded", "sft Succeeded", timeout=60
+    )
+    assert harness.condition("refused", "StatusUpdated") == {}

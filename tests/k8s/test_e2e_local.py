@@ -111,7 +111,7 @@ def test_quickstart_pipeline_survives_an_operator_restart(
     for name in ("cpt", "sft"):
         metrics = stages[name]["metrics"]
         assert metrics["eval_loss_after"] < metrics["eval_loss_before"], (name, metrics)
-    assert stages["reward"]["metrics"]["eval_accuracy"] > 0.5, stages["reward"]["metrics"]
+    assert stages["reward"]["metrics"]["eval_reward_accuracy"] > 0.5, stages["reward"]["metrics"]
     assert stages["dpo"]["metrics"]["eval_reward_margin"] > 0, stages["dpo"]["metrics"]
     assert status["progress"] == "4/4"
 

@@ -137,3 +137,32 @@ def test_unsupported_extension(render, tmp_path):
     path.write_text("<rows/>")
     with pytest.raises(DataValidationError, match="unsupported format 'unknown'"):
         load_stage_data(sft_config(render, path), SFT_COLUMNS)
+
+
+def test_a_wrong_typed_value_deep_in_the_file_names_file_line_column_and_type(render, tmp_path):
+    rows = [ROWS[i % len(ROWS)] for i in range(200)]
+    rows[150] = {"prompt": "What is 2 plus 2?", "completion": 4}
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataValidationError) as error:
+        load_stage_data(sft_config(render, path), SFT_COLUMNS)
+    assert str(error.value) == (
+        f"stage 'chat': {path}:line 151: column 'completion' is int 4; expected a string or a list of "
+        "{role, content} messages"
+    )
+    assert error.value.reason == "InvalidDataset" and error.value.permanent
+
+
+def test_text_in_one_row_and_chat_messages_in_another_is_refused(render, tmp_path):
+    chat = {"prompt": [{"role": "user", "content": "What is 1 plus 1?"}], "completion": " 2"}
+    path = write_jsonl(tmp_path / "d.jsonl", [*ROWS[:3], chat])
+    with pytest.raises(
+        DataValidationError, match=r"line 4: column 'prompt' is list .*; expected a string, as at line 1"
+    ):
+        load_stage_data(sft_config(render, path), SFT_COLUMNS)
+
+
+def test_a_split_that_leaves_no_training_rows_fails_before_training(render, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS[:5])
+    with pytest.raises(DataValidationError, match="validationSplit 0.99 of 5 rows leaves no training") as error:
+        load_stage_data(sft_config(render, path, validationSplit=0.99), SFT_COLUMNS)
+    assert error.value.permanent

@@ -109,14 +109,14 @@ def test_reward_model_ranks_held_out_pairs(tiny_model, tmp_path):
     config = stage_config(tmp_path, tiny_model, {"type": "reward", "reward": {"minRewardAccuracy": 0.8}})
     metrics, report = run(config, tmp_path)
 
-    assert metrics["eval_accuracy"] >= 0.8
-    assert metrics["eval_margin"] > 0
-    assert metrics["eval_loss"] < UNTRAINED_PAIR_LOSS
+    assert metrics["eval_reward_accuracy"] >= 0.8
+    assert metrics["eval_reward_margin"] > 0
+    assert metrics["eval_loss_after"] < UNTRAINED_PAIR_LOSS
     assert report.phase == "Succeeded" and report.metrics == pytest.approx(metrics)
     # The saved model, reloaded with its score head, scores the held-out pairs exactly as the trained one did.
     margins = held_out_margins_of_saved_model(config)
-    assert (margins > 0).float().mean().item() == pytest.approx(metrics["eval_accuracy"])
-    assert margins.mean().item() == pytest.approx(metrics["eval_margin"], abs=1e-4)
+    assert (margins > 0).float().mean().item() == pytest.approx(metrics["eval_reward_accuracy"])
+    assert margins.mean().item() == pytest.approx(metrics["eval_reward_margin"], abs=1e-4)
 
 
 @pytest.mark.train
@@ -126,12 +126,12 @@ def test_reward_model_with_lora_trains_and_saves_the_score_head(tiny_model, tmp_
     config = stage_config(tmp_path, tiny_model, {"type": "reward"}, peft="lora", training={"learningRate": 3e-3})
     metrics, _ = run(config, tmp_path)
 
-    assert metrics["eval_loss"] < UNTRAINED_PAIR_LOSS and metrics["eval_margin"] > 0
+    assert metrics["eval_loss_after"] < UNTRAINED_PAIR_LOSS and metrics["eval_reward_margin"] > 0
     assert not (Path(config.output_uri) / "adapter_config.json").exists()
     # A score head saved untrained (or not saved at all) would score the held-out pairs differently after reloading.
     margins = held_out_margins_of_saved_model(config)
-    assert margins.mean().item() == pytest.approx(metrics["eval_margin"], abs=1e-4)
-    assert (margins > 0).float().mean().item() == pytest.approx(metrics["eval_accuracy"])
+    assert margins.mean().item() == pytest.approx(metrics["eval_reward_margin"], abs=1e-4)
+    assert (margins > 0).float().mean().item() == pytest.approx(metrics["eval_reward_accuracy"])
 
 
 @pytest.mark.train
@@ -146,8 +146,8 @@ def test_reward_model_on_conversations_without_a_prompt_column(tiny_model, tmp_p
     config = stage_config(tmp_path, tiny_model, {"type": "reward", "dataset": {"uri": str(data)}})
     metrics, _ = run(config, tmp_path)
 
-    assert metrics["eval_accuracy"] >= 0.8
-    assert metrics["eval_loss"] < UNTRAINED_PAIR_LOSS
+    assert metrics["eval_reward_accuracy"] >= 0.8
+    assert metrics["eval_loss_after"] < UNTRAINED_PAIR_LOSS
 
 
 @pytest.mark.train
@@ -249,6 +249,46 @@ def test_orpo_prefers_held_out_chosen_answers(tiny_model, tmp_path):
     assert metrics["eval_reward_margin"] > 0
     assert metrics["eval_reward_accuracy"] > 0.5
     assert_merged_causal_lm(config)
+
+
+# ---- held-out metrics ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.train
+@pytest.mark.parametrize("stage_type", ["dpo", "kto", "orpo"])
+def test_held_out_preference_metrics_do_not_depend_on_the_eval_batch_size(tiny_model, tmp_path, stage_type):
+    # 20 held-out pairs: batches of 3 leave a short last batch of 2, batches of 8 one of 4. An average of per-batch
+    # means weighs those like full batches, so it changes with the batch size; a per-pair metric does not.
+    results = []
+    for eval_batch_size in (2, 3, 8):
+        run_dir = tmp_path / f"eval-batch-{eval_batch_size}"
+        run_dir.mkdir()
+        training = {"maxSteps": 12, "loggingSteps": 4, "evalBatchSize": eval_batch_size}
+        config = stage_config(run_dir, tiny_model, {"type": stage_type}, training=training)
+        metrics, _ = run(config, run_dir)
+        results.append(metrics)
+    first = results[0]
+    assert 0 < first["eval_reward_accuracy"] < 1, first  # a partly trained model: batch weighting would show
+    for other in results[1:]:
+        assert other["eval_reward_accuracy"] == first["eval_reward_accuracy"], results
+        assert other["eval_reward_margin"] == pytest.approx(first["eval_reward_margin"], abs=1e-5), results
+
+
+@pytest.mark.train
+@pytest.mark.parametrize("stage_type", ["reward", "dpo"])
+def test_a_max_length_that_drops_every_row_fails_before_training(tiny_model, tmp_path, stage_type):
+    # Reward drops pairs longer than maxLength; DPO drops pairs whose prompt alone fills it.
+    data = tmp_path / "long-prompts.jsonl"
+    with data.open("w") as out:
+        for line in PREFS.read_text().splitlines():
+            pair = json.loads(line)
+            out.write(json.dumps({**pair, "prompt": "Think it over carefully. " * 4 + pair["prompt"]}) + "\n")
+    stage = {"type": stage_type, "dataset": {"uri": str(data)}}
+    config = stage_config(tmp_path, tiny_model, stage, training={"maxLength": 16})
+    with pytest.raises(DataValidationError) as failure:
+        run(config, tmp_path)
+    assert "none of the 180 training rows is left once tokenized to training.maxLength 16" in str(failure.value)
+    assert failure.value.permanent and not Path(config.checkpoint_dir).exists()
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------------

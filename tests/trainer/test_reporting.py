@@ -121,3 +121,12 @@ def test_recipe_registry_is_lazy_and_fails_per_type(monkeypatch):
     assert RECIPES["sft"].run
     with pytest.raises(KeyError):
         RECIPES["nonsense"]
+
+
+def test_final_metrics_are_the_stages_results_without_the_last_progress_stats(tmp_path):
+    path = tmp_path / "report.json"
+    channel = ReportChannel(FileReporter(path, min_interval=0), attempt=1)
+    channel.progress(20, 20, loss=0.3, score=1.7, kl=0.02)  # a custom loop's per-step stats
+    channel.succeeded({"reward_mean_first": 0.1, "reward_mean_last": 1.2, "kl_mean": 0.01}, "s3://b/model")
+    final = StageReport.model_validate(json.loads(path.read_text()))
+    assert final.metrics == {"reward_mean_first": 0.1, "reward_mean_last": 1.2, "kl_mean": 0.01}

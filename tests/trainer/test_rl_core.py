@@ -19,11 +19,19 @@ def close(actual, expected, tol=1e-4):
 
 def test_truncation_after_first_stop_token_pads_the_rest():
     responses = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9]])
-    truncated, mask = core.truncate_after_stop(responses, stop_token_id=2, pad_token_id=0)
+    truncated, mask = core.truncate_after_stop(responses, stop_token_ids=2, pad_token_id=0)
     assert truncated.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]]
     assert mask.tolist() == [[True, True, False, False], [True, True, True, True], [True, False, False, False]]
     assert core.last_token_index(mask).tolist() == [1, 3, 0]
     assert core.contains_stop(responses, 2).tolist() == [True, False, True]
+
+
+def test_truncation_stops_at_any_of_several_stop_tokens():
+    # eos (2) and a chat template's end of turn (3): a response ends at whichever comes first.
+    responses = torch.tensor([[5, 3, 2, 7], [5, 6, 2, 3], [5, 6, 7, 8]])
+    truncated, mask = core.truncate_after_stop(responses, stop_token_ids=[2, 3], pad_token_id=0)
+    assert truncated.tolist() == [[5, 3, 0, 0], [5, 6, 2, 0], [5, 6, 7, 8]]
+    assert core.contains_stop(responses, [2, 3]).tolist() == [True, True, False]
 
 
 def test_score_lands_on_last_real_token_and_kl_penalty_on_every_real_token():

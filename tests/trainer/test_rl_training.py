@@ -129,6 +129,7 @@ def stage_config(
     deepspeed: dict | None = None,
     reward: Path | None = None,
     attempt: int = 1,
+    prompts: Path = DATA / "prompts.jsonl",
 ) -> StageConfig:
     """A [reward -> ppo|grpo] job whose reward stage output is the toy reward model, rendered for the RL stage."""
     storage = root / "storage"
@@ -154,7 +155,7 @@ def stage_config(
                     "name": "rl",
                     "type": stage_type,
                     "rewardFrom": "rm",
-                    "dataset": {"uri": str(DATA / "prompts.jsonl")},
+                    "dataset": {"uri": str(prompts)},
                     stage_type: options or {},
                 },
             ],
@@ -303,6 +304,25 @@ def test_grpo_raises_the_reward_model_score(toy, tmp_path):
     assert set(metrics) == {"reward_mean_first", "reward_mean_last", "kl_mean"} and metrics["kl_mean"] > 0
     assert metrics["reward_mean_last"] > metrics["reward_mean_first"] + 3.0, metrics  # observed: -10.6 -> 6.7
     assert digit_mass(Path(config.output_uri), toy) > digit_mass(toy.policy, toy) + 0.05
+
+
+def test_grpo_on_conversational_prompts(toy, tmp_path):
+    # Chat prompts: TRL hands the reward function each completion as a list of assistant messages.
+    prompts = tmp_path / "chat-prompts.jsonl"
+    with prompts.open("w") as out:
+        for line in (DATA / "prompts.jsonl").read_text().splitlines()[:64]:
+            out.write(json.dumps({"prompt": [{"role": "user", "content": json.loads(line)["prompt"]}]}) + "\n")
+    config = stage_config(
+        toy,
+        tmp_path,
+        stage_type="grpo",
+        options={"numGenerations": 4, "maxNewTokens": 6},
+        training={"maxSteps": 3, "batchSize": 8, "loggingSteps": 1},
+        prompts=prompts,
+    )
+    metrics = run_stage(config, None, use_ray=False)
+    assert {"reward_mean_first", "reward_mean_last", "kl_mean"} <= set(metrics)
+    assert (Path(config.output_uri) / "config.json").is_file()
 
 
 def test_reward_scores_agree_with_and_without_retokenizing(toy):

@@ -41,3 +41,8 @@ def resolve_chat_template(value: str) -> tuple[str, list[str]]:
     if value in NAMED_TEMPLATES:
         return NAMED_TEMPLATES[value], TEMPLATE_TOKENS[value]
     return value, []
+
+
+# Tokens that end an assistant turn in the common chat formats (ChatML, Llama 3, Gemma, Phi-3). A tokenizer whose chat
+# template writes one of them stops generating there, not only at its end-of-document eos.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")

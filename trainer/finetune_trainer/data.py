@@ -156,6 +156,41 @@ def _valid_messages(messages: Any) -> bool:
     )
 
 
+# Columns that must hold text, and columns that may hold text or chat messages (the same kind in every row: Arrow
+# stores one type per column). `messages` is checked on its own; `label` by the recipe that reads it.
+_TEXT_COLUMNS = ("text", "instruction", "response", "context", "input")
+_TEXT_OR_CHAT_COLUMNS = ("prompt", "completion", "chosen", "rejected")
+_KIND_NAMES = {"text": "a string", "chat": "a list of {role, content} messages"}
+
+
+def _kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "text"
+    return "chat" if _valid_messages(value) else None
+
+
+def _check_types(source: _Source, where: str, row: Row, kinds: dict[str, tuple[str, str]]) -> None:
+    """Each known column holds the type the stage reads, and the same kind as in the first row that had it."""
+    for column in (*_TEXT_COLUMNS, *_TEXT_OR_CHAT_COLUMNS):
+        value = row.get(column)
+        if value is None or (column in ("context", "input") and value == ""):
+            continue
+        kind = _kind(value)
+        allowed = ("text",) if column in _TEXT_COLUMNS else ("text", "chat")
+        first = kinds.get(column)
+        if kind in allowed and (first is None or first[0] == kind):
+            kinds.setdefault(column, (kind, where))
+            continue
+        expected = " or ".join(_KIND_NAMES[k] for k in allowed)
+        if first is not None and kind in allowed:
+            expected = f"{_KIND_NAMES[first[0]]}, as at {first[1]}"
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise DataValidationError(
+            f"stage {source.stage!r}: {source.uri}:{where}: column {column!r} is {type(value).__name__} {shown}; "
+            f"expected {expected}"
+        )
+
+
 def read_validated(
     stage: str,
     uri: str,
@@ -183,6 +218,7 @@ def read_validated(
         rows_iter = _rows(source, accepted)
     rows: list[Row] = []
     matched: tuple[str, ...] | None = None
+    kinds: dict[str, tuple[str, str]] = {}
     for where, raw in rows_iter:
         row = {spec.columns.get(key, key): value for key, value in raw.items()}
         if matched is None:
@@ -197,6 +233,7 @@ def read_validated(
             raise source.error(
                 where, "`messages` must be a list of {role, content} objects with string content", accepted
             )
+        _check_types(source, where, row, kinds)
         rows.append(row)
     if not rows:
         raise source.error("", "no rows", accepted)
@@ -219,9 +256,15 @@ def load_stage_data(config: StageConfig, accepted: list[tuple[str, ...]], cache:
             raise DataValidationError(
                 f"stage {config.stage.name!r}: {spec.uri}: needs at least 2 rows to hold out a validation split"
             )
-        split = datasets.Dataset.from_list(rows).train_test_split(
-            test_size=spec.validation_split, seed=config.training.seed
-        )
+        try:
+            split = datasets.Dataset.from_list(rows).train_test_split(
+                test_size=spec.validation_split, seed=config.training.seed
+            )
+        except ValueError as exc:  # a split that would leave one side empty
+            raise DataValidationError(
+                f"stage {config.stage.name!r}: {spec.uri}: dataset.validationSplit {spec.validation_split:g} of "
+                f"{len(rows)} rows leaves no training or no held-out rows ({exc}); change validationSplit or add rows"
+            ) from None
         train, evaluation = split["train"], split["test"]
     if spec.max_samples is not None and len(train) > spec.max_samples:
         train = train.select(range(spec.max_samples))

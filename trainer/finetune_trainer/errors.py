@@ -56,3 +56,10 @@ class KLLimitError(StageError):
 
     reason = Reason.KL_LIMIT_EXCEEDED
     permanent = True
+
+
+class TrainingDivergedError(StageError):
+    """A loss or weight became NaN/inf: the same settings would diverge again, so no retry."""
+
+    reason = Reason.TRAINING_DIVERGED
+    permanent = True

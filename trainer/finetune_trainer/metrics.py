@@ -1,6 +1,24 @@
-"""Generation-quality metrics: word-level ROUGE-L (F-measure, own LCS) and sacreBLEU corpus BLEU."""
+"""The final-metric schema of every stage type, and generation-quality metrics: word-level ROUGE-L (F-measure, own
+LCS) and sacreBLEU corpus BLEU."""
 
 from __future__ import annotations
+
+_HELD_OUT_LOSS = ("eval_loss_before", "eval_loss_after")
+_PAIRS = (*_HELD_OUT_LOSS, "eval_reward_accuracy", "eval_reward_margin")
+_RL = ("reward_mean_first", "reward_mean_last", "kl_mean")
+
+# Metrics every stage of a type reports when it succeeds (it may add others, e.g. rougeL and bleu with
+# generationEval). Documented in docs/trainer.md, checked before every final save and against the docs by a test.
+STAGE_METRICS: dict[str, tuple[str, ...]] = {
+    "cpt": (*_HELD_OUT_LOSS, "perplexity_after"),
+    "sft": (*_HELD_OUT_LOSS, "perplexity_after"),
+    "reward": _PAIRS,
+    "dpo": _PAIRS,
+    "kto": _PAIRS,
+    "orpo": _PAIRS,
+    "ppo": _RL,
+    "grpo": _RL,
+}
 
 
 def _lcs_length(a: list[str], b: list[str]) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 
 from finetune_api.spec import ModelSpec, PeftSpec, uri_scheme
 from finetune_trainer import storage
-from finetune_trainer.chat_templates import resolve_chat_template
+from finetune_trainer.chat_templates import END_OF_TURN_TOKENS, resolve_chat_template
 from finetune_trainer.errors import ConfigError, ModelLoadError
 
 
@@ -56,7 +56,28 @@ def load_tokenizer(uri: str, spec: ModelSpec, cache: Path, endpoint_url: str | N
         if missing:
             tokenizer.add_special_tokens({"additional_special_tokens": missing})
         tokenizer.chat_template = template
+    ends = end_of_turn_tokens(tokenizer)
+    if ends and tokenizer.eos_token not in ends:
+        # Generation (and TRL's completion formatting) ends at eos: under a chat template that is the end of a turn.
+        tokenizer.eos_token = ends[0]
     return tokenizer
+
+
+def end_of_turn_tokens(tokenizer) -> list[str]:
+    """The end-of-turn tokens the tokenizer's chat template writes (none without a template)."""
+    template = tokenizer.chat_template or ""
+    if isinstance(template, dict):  # several named templates
+        template = " ".join(template.values())
+    vocabulary = tokenizer.get_vocab()
+    return [token for token in END_OF_TURN_TOKENS if token in template and token in vocabulary]
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Every id that ends a generation: the tokenizer's eos, its chat template's end-of-turn tokens, the model's eos."""
+    ids = [tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(end_of_turn_tokens(tokenizer))]
+    config_eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    ids += config_eos if isinstance(config_eos, list) else [config_eos]
+    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 def _dtype(precision: dict[str, bool]):
@@ -126,6 +147,7 @@ def _prepare(model, tokenizer, peft: PeftSpec, trainable: bool, task_type: str, 
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = stop_token_ids(tokenizer, model)
     if not trainable:
         model.eval().requires_grad_(False)
         return model

@@ -196,7 +196,8 @@ class ReportChannel:
 
     def succeeded(self, metrics: dict[str, float], output_uri: str) -> None:
         self.report.phase, self.report.checkpoint = "Succeeded", output_uri
-        self.report.metrics.update(metrics)
+        # The stage's final metrics only: the last progress snapshot's per-step stats are not results.
+        self.report.metrics = dict(metrics)
         self.report.eta_seconds, self.report.message = 0.0, "stage finished"
         self._publish(urgent=True)
 

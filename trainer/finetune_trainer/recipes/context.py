@@ -18,6 +18,7 @@ from transformers import set_seed
 from finetune_api.render import StageConfig, join_uri
 from finetune_trainer import modeling, storage, strategy
 from finetune_trainer.data import StageData, load_stage_data
+from finetune_trainer.recipes import guards
 from finetune_trainer.reporting import ReportChannel, Reporter, progress_callback
 
 
@@ -108,11 +109,13 @@ class StageContext:
             "warmup_steps": training.warmup_ratio,  # a float below 1 is a ratio of the total steps
             "weight_decay": training.weight_decay,
             "per_device_train_batch_size": training.batch_size,
-            "per_device_eval_batch_size": training.batch_size,
+            "per_device_eval_batch_size": training.eval_batch_size or training.batch_size,
             "gradient_accumulation_steps": training.gradient_accumulation_steps,
             "num_train_epochs": training.epochs,
             "max_steps": training.max_steps or -1,
             "logging_steps": training.logging_steps,
+            # The default filter averages NaN/inf steps away from the logged loss, hiding a divergence.
+            "logging_nan_inf_filter": False,
             "save_strategy": "steps",
             "save_steps": training.save_steps,
             "save_total_limit": training.save_total_limit,
@@ -141,7 +144,11 @@ class StageContext:
         return args_cls(**values)
 
     def callbacks(self) -> list:
-        return [progress_callback(self.channel, self.checkpoint_saved)]
+        # The divergence check first: it removes a non-finite checkpoint before the progress callback syncs it.
+        return [
+            guards.divergence_callback(self.config, loss_scaling=bool(self.precision.get("fp16"))),
+            progress_callback(self.channel, self.checkpoint_saved),
+        ]
 
     def checkpoint_saved(self, local: Path, step: int) -> str:
         """Copy a freshly saved checkpoint to `config.checkpoint_dir` and report it; call on every rank.
@@ -185,18 +192,28 @@ class StageContext:
         self.log(f"resuming from {uri} (step {step})")
         return str(path)
 
-    def save_final(self, model, tokenizer) -> str:
-        """Merge adapters and write the final model to `config.output_uri`. Call on every rank; rank 0 writes."""
+    def save_final(self, model, tokenizer, metrics: dict[str, float]) -> str:
+        """Check the stage's final `metrics` and weights, merge adapters and write the final model to
+        `config.output_uri`. Call on every rank; rank 0 writes.
+
+        Non-finite metrics or weights fail the stage (TrainingDiverged), and so does a held-out loss that dropped less
+        than `training.minImprovement` (QualityGateFailed); nothing is written then.
+        """
+        guards.check_metrics(self.config, metrics)
+        guards.check_improvement(self.config, metrics)
         output = self.config.output_uri
         model = getattr(model, "module", model)  # DDP / DeepSpeed engine wrappers
         if strategy.is_zero3(self.config.deepspeed):
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+                guards.check_weights(self.config, model)
                 if self.is_main:
                     self._write_final(model, tokenizer, output)
-        elif self.is_main:
-            self._write_final(model, tokenizer, output)
+        else:
+            guards.check_weights(self.config, model)
+            if self.is_main:
+                self._write_final(model, tokenizer, output)
         strategy.barrier()
         return output
 

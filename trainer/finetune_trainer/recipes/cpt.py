@@ -84,5 +84,5 @@ def run(ctx: StageContext) -> dict[str, float]:
     if ctx.config.stage.generation_eval is not None:
         prompts, references = _split_for_generation(list(data.eval["text"]))
         metrics.update(generation_metrics(ctx, trainer.model, tokenizer, prompts, references))
-    ctx.save_final(trainer.model, tokenizer)
+    ctx.save_final(trainer.model, tokenizer, metrics)
     return metrics

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from finetune_trainer.metrics import corpus_bleu, mean_rouge_l
+from finetune_trainer.modeling import stop_token_ids
 from finetune_trainer.recipes.context import StageContext
 
 
@@ -23,16 +25,57 @@ def eval_loss_before(trainer) -> float:
     return float(min(evaluations, key=lambda entry: entry.get("step", 0))["eval_loss"])
 
 
-def preference_metrics(ctx: StageContext, trainer) -> dict[str, float]:
-    """Held-out implicit-reward metrics from TRL's preference trainers (DPO, ORPO), logged once on rank 0."""
-    evaluation = trainer.evaluate()
+def gather_held_out(trainer, per_batch: Callable[[dict], tuple]) -> list:
+    """Per-example values over the whole held-out set, each example once, whatever the batch size and worker count.
+
+    `per_batch(batch)` returns a tuple of tensors with one value per example of the batch (pair, or completion).
+    Each is gathered with `gather_for_metrics`, which drops the examples a distributed sampler repeats to even out the
+    last batch. Averages of per-batch means (what TRL logs) weigh a short last batch like a full one and count those
+    repeats, so their value depends on the batch size and the number of workers.
+    """
+    import torch
+
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    columns: list[list] = []
+    try:
+        with torch.no_grad():
+            for batch in trainer.get_eval_dataloader():
+                with trainer.accelerator.autocast():
+                    values = per_batch(batch)
+                if not columns:
+                    columns = [[] for _ in values]
+                for column, value in zip(columns, values):
+                    column.append(trainer.accelerator.gather_for_metrics(value.detach().float()))
+    finally:
+        model.train(was_training)
+    return [torch.cat(column) for column in columns]
+
+
+def completion_logps(model, batch):
+    """Summed log-probability of each row's completion tokens, through the same fused LM head TRL scores with."""
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    output = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=labels,
+        use_cache=False,
+        fused_lm_head=True,
+    )
+    return output.log_probs[:, -(batch["input_ids"].size(1) - 1) :].sum(-1)
+
+
+def pair_metrics(ctx: StageContext, chosen, rejected) -> dict[str, float]:
+    """Held-out accuracy (reward(chosen) > reward(rejected)) and mean margin over every pair, logged on rank 0."""
+    margins = chosen - rejected
     metrics = {
-        "eval_reward_accuracy": evaluation["eval_rewards/accuracies"],
-        "eval_reward_margin": evaluation["eval_rewards/margins"],
-        "eval_loss": evaluation["eval_loss"],
+        "eval_reward_accuracy": (margins > 0).float().mean().item(),
+        "eval_reward_margin": margins.mean().item(),
     }
     ctx.log(
-        f"held-out reward accuracy {metrics['eval_reward_accuracy']:.3f}, margin {metrics['eval_reward_margin']:.3f}"
+        f"held-out pairs: {len(margins)}, reward accuracy {metrics['eval_reward_accuracy']:.3f}, "
+        f"margin {metrics['eval_reward_margin']:.3f}"
     )
     return metrics
 
@@ -75,7 +118,7 @@ def generation_metrics(
                     max_new_tokens=spec.max_new_tokens,
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
+                    eos_token_id=stop_token_ids(tokenizer, model),
                 )
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             predictions.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))

@@ -15,6 +15,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from finetune_api.spec import GRPOOptions
 from finetune_trainer.errors import ConfigError
+from finetune_trainer.modeling import stop_token_ids
 from finetune_trainer.recipes.context import StageContext
 from finetune_trainer.rl.loop import FIRST_LAST_FRACTION
 from finetune_trainer.rl.models import TokenScorer, freeze
@@ -54,7 +55,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     )
     trainer = GRPOTrainer(
         model=ctx.causal_lm(),
-        reward_funcs=reward_function(scorer, tokenizer.eos_token_id, device),
+        reward_funcs=reward_function(scorer, stop_token_ids(tokenizer), device),
         args=args,
         train_dataset=data.train,
         processing_class=tokenizer,
@@ -65,14 +66,14 @@ def run(ctx: StageContext) -> dict[str, float]:
     ctx.log(
         "GRPO done: reward {reward_mean_first:.3f} -> {reward_mean_last:.3f}, kl_mean {kl_mean:.4f}".format(**metrics)
     )
-    ctx.save_final(trainer.model, tokenizer)
+    ctx.save_final(trainer.model, tokenizer, metrics)
     return metrics
 
 
-def reward_function(scorer: RewardScorer, eos_token_id: int | None, device: torch.device) -> Callable[..., list[float]]:
+def reward_function(scorer: RewardScorer, stop_ids: list[int], device: torch.device) -> Callable[..., list[float]]:
     def reward_model_score(prompts, completions, completion_ids, **_) -> list[float]:
         texts = [
-            reward_text(scorer.tokenizer, prompt, completion, eos_token_id in ids)
+            reward_text(scorer.tokenizer, prompt, completion, any(stop in ids for stop in stop_ids))
             for prompt, completion, ids in zip(prompts, completions, completion_ids)
         ]
         return scorer.score_texts(texts, add_special_tokens=isinstance(prompts[0], str), device=device).tolist()

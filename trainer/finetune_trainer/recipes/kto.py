@@ -5,11 +5,12 @@ Data: unpaired `prompt`/`completion`/`label` rows (label true = desirable), or p
 Rows are shuffled once here: TRL reads KTO data in order (its KL estimate pairs each row with its batch neighbours),
 and unpaired pairs would otherwise arrive as all-desirable batches followed by all-undesirable ones.
 Reference model: as in DPO, a frozen zero-update copy of the adapter with LoRA, a frozen model copy with full training.
-Held-out metrics come from our own pass over the held-out rows, because TRL logs only per-batch reward means:
+Held-out metrics come from our own pass over every held-out row once, because TRL logs only per-batch reward means:
 with the implicit reward r = beta * log(pi / pi_ref) of each held-out completion,
   eval_reward_accuracy  fraction of completions whose r has the sign of their label (> 0 desirable, < 0 undesirable)
-  eval_reward_margin    mean r over desirable completions minus mean r over undesirable ones (when both are held out)
-  eval_loss             TRL's KTO loss on the held-out rows
+  eval_reward_margin    mean r over desirable completions minus mean r over undesirable ones (both must be held out)
+  eval_loss_before      TRL's KTO loss on the held-out rows for the input model
+  eval_loss_after       the same loss after training
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from trl import KTOConfig, KTOTrainer, extract_prompt, unpair_preference_dataset
 
 from finetune_api.spec import KTOOptions
 from finetune_trainer.errors import ConfigError, DataValidationError
+from finetune_trainer.recipes import guards
 from finetune_trainer.recipes.context import StageContext
+from finetune_trainer.recipes.evaluation import completion_logps, eval_loss, eval_loss_before, gather_held_out
 
 ACCEPTED_COLUMNS = [("prompt", "completion", "label"), ("prompt", "chosen", "rejected"), ("chosen", "rejected")]
 _TRUE, _FALSE = ("true", "1", "yes", "desirable"), ("false", "0", "no", "undesirable")
@@ -34,6 +37,13 @@ def run(ctx: StageContext) -> dict[str, float]:
     data = ctx.data(ACCEPTED_COLUMNS)
     train = unpaired(ctx, data.train).shuffle(seed=ctx.config.training.seed)
     held_out = unpaired(ctx, data.eval)
+    if len(set(held_out["label"])) < 2:
+        # The held-out reward margin compares desirable with undesirable completions.
+        raise DataValidationError(
+            f"stage {ctx.config.stage.name!r}: {ctx.config.stage.dataset.uri}: every held-out row is labelled "
+            f"{held_out['label'][0]}; expected both desirable and undesirable rows held out (a larger "
+            "dataset.validationSplit, or dataset.validationUri)"
+        )
     tokenizer = ctx.tokenizer()
     policy = ctx.causal_lm()
     reference = ctx.causal_lm(trainable=False) if ctx.config.peft.method == "full" else None
@@ -42,7 +52,6 @@ def run(ctx: StageContext) -> dict[str, float]:
         beta=options.beta,
         desirable_weight=options.desirable_weight,
         undesirable_weight=options.undesirable_weight,
-        eval_on_start=False,  # the policy starts as the reference: every implicit reward would be zero
     )
     trainer = KTOTrainer(
         model=policy,
@@ -53,17 +62,18 @@ def run(ctx: StageContext) -> dict[str, float]:
         processing_class=tokenizer,
         callbacks=ctx.callbacks(),
     )
+    guards.check_rows_left(ctx.config, trainer, len(train), len(held_out))
     trainer.train(resume_from_checkpoint=ctx.resume_checkpoint())
 
     rewards, labels = held_out_rewards(trainer)
     metrics = {
         "eval_reward_accuracy": ((rewards > 0) == labels).float().mean().item(),
-        "eval_loss": trainer.evaluate()["eval_loss"],
+        "eval_reward_margin": (rewards[labels].mean() - rewards[~labels].mean()).item(),
+        "eval_loss_before": eval_loss_before(trainer),
+        "eval_loss_after": eval_loss(trainer),
     }
-    if labels.any() and not labels.all():  # a margin needs both kinds of completion among the held-out rows
-        metrics["eval_reward_margin"] = (rewards[labels].mean() - rewards[~labels].mean()).item()
     ctx.log(f"held-out rewards: {', '.join(f'{key} {value:.3f}' for key, value in metrics.items())}")
-    ctx.save_final(trainer.model, tokenizer)
+    ctx.save_final(trainer.model, tokenizer, metrics)
     return metrics
 
 
@@ -89,25 +99,13 @@ def _as_bool(ctx: StageContext, row: dict) -> bool:
     )
 
 
-@torch.no_grad()
 def held_out_rewards(trainer: KTOTrainer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Implicit reward and boolean label of every held-out completion, gathered from all workers."""
-    policy = trainer.model
-    policy.eval()
-    rewards, labels = [], []
-    for batch in trainer.get_eval_dataloader():
+    """Implicit reward and boolean label of every held-out completion."""
+
+    def rewards(batch):
         # TRL's own reference pass: the frozen reference model, or the policy with its reference adapter.
-        reference_logps, _ = trainer.compute_ref_log_probs(trainer.ref_model or policy, batch)
-        reward = trainer.beta * (completion_logps(policy, batch) - reference_logps)
-        rewards.append(trainer.accelerator.gather_for_metrics(reward))
-        labels.append(trainer.accelerator.gather_for_metrics(batch["label"].long()))
-    return torch.cat(rewards), torch.cat(labels).bool()
+        reference_logps, _ = trainer.compute_ref_log_probs(trainer.ref_model or trainer.model, batch)
+        return trainer.beta * (completion_logps(trainer.model, batch) - reference_logps), batch["label"]
 
-
-def completion_logps(model, batch) -> torch.Tensor:
-    """Summed log-probability of each row's completion tokens, through the same fused LM head TRL scores with."""
-    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-    output = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels, fused_lm_head=True
-    )
-    return output.log_probs[:, -(batch["input_ids"].size(1) - 1) :].sum(-1)
+    rewards, labels = gather_held_out(trainer, rewards)
+    return rewards, labels.bool()

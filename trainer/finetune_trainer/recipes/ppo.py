@@ -42,7 +42,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         )
     )
     ctx.log("time: " + ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in loop.timings.items()))
-    ctx.save_final(loop.policy.module, loop.tokenizer)
+    ctx.save_final(loop.policy.module, loop.tokenizer, metrics)
     return metrics
 
 

@@ -1,11 +1,11 @@
 """Reward model: a one-logit scoring head trained on preference pairs with the Bradley-Terry loss (TRL RewardTrainer).
 
 Data: `prompt`/`chosen`/`rejected` text, or conversational `chosen`/`rejected` message lists that carry the prompt.
-Held-out metrics are computed over every pair at once (not averaged per batch), since they feed the quality gate:
-  eval_accuracy  fraction of held-out pairs scored chosen > rejected
-  eval_margin    mean score(chosen) - score(rejected)
-  eval_loss      mean Bradley-Terry loss, -log sigmoid(margin)
-  eval_loss_before  the same loss for the untrained head (TRL's evaluation before the first step)
+Held-out metrics are computed over every pair once (not averaged per batch), since they feed the quality gate:
+  eval_reward_accuracy  fraction of held-out pairs scored chosen > rejected
+  eval_reward_margin    mean score(chosen) - score(rejected)
+  eval_loss_before      mean Bradley-Terry loss, -log sigmoid(margin), of the untrained head (TRL's first evaluation)
+  eval_loss_after       the same loss after training
 With LoRA the head is trained in full alongside the adapters (PEFT's SEQ_CLS task saves the `score` module), and the
 saved model is merged, so AutoModelForSequenceClassification loads it directly.
 """
@@ -16,9 +16,10 @@ import torch
 from trl import RewardConfig, RewardTrainer
 
 from finetune_api.spec import RewardOptions
-from finetune_trainer.errors import DataValidationError, QualityGateError
+from finetune_trainer.errors import QualityGateError
+from finetune_trainer.recipes import guards
 from finetune_trainer.recipes.context import StageContext
-from finetune_trainer.recipes.evaluation import eval_loss_before
+from finetune_trainer.recipes.evaluation import eval_loss_before, gather_held_out, pair_metrics
 
 ACCEPTED_COLUMNS = [("prompt", "chosen", "rejected"), ("chosen", "rejected")]
 
@@ -40,41 +41,33 @@ def run(ctx: StageContext) -> dict[str, float]:
         processing_class=tokenizer,
         callbacks=ctx.callbacks(),
     )
-    if len(trainer.eval_dataset) == 0:
-        # RewardTrainer drops pairs longer than max_length; without held-out pairs there is no accuracy to gate on.
-        raise DataValidationError(
-            f"stage {ctx.config.stage.name!r}: every held-out pair is longer than training.maxLength "
-            f"({args.max_length} tokens); expected at least one held-out pair to evaluate the reward model on"
-        )
+    guards.check_rows_left(ctx.config, trainer, len(data.train), len(data.eval))
     trainer.train(resume_from_checkpoint=ctx.resume_checkpoint())
 
-    margins = held_out_margins(trainer)
+    chosen, rejected = held_out_scores(trainer)
     metrics = {
-        "eval_accuracy": (margins > 0).float().mean().item(),
-        "eval_margin": margins.mean().item(),
-        "eval_loss": -torch.nn.functional.logsigmoid(margins).mean().item(),
+        **pair_metrics(ctx, chosen, rejected),
         "eval_loss_before": eval_loss_before(trainer),
+        "eval_loss_after": -torch.nn.functional.logsigmoid(chosen - rejected).mean().item(),
     }
-    ctx.log(
-        f"held-out pairs: {len(margins)}, accuracy {metrics['eval_accuracy']:.3f}, margin {metrics['eval_margin']:.3f}"
-    )
-    check_quality_gate(ctx, options, metrics["eval_accuracy"])
-    ctx.save_final(trainer.model, tokenizer)
+    guards.check_metrics(ctx.config, metrics)  # a diverged model fails as such, not as a low accuracy
+    check_quality_gate(ctx, options, metrics["eval_reward_accuracy"])
+    ctx.save_final(trainer.model, tokenizer, metrics)
     return metrics
 
 
-@torch.no_grad()
-def held_out_margins(trainer: RewardTrainer) -> torch.Tensor:
-    """score(chosen) - score(rejected) for every held-out pair, gathered from all workers."""
-    model = trainer.model
-    model.eval()
-    margins = []
-    # Each collated batch holds its pairs' chosen sequences in the first half and their rejected ones in the second.
-    for batch in trainer.get_eval_dataloader():
-        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        chosen, rejected = scores.squeeze(-1).float().chunk(2)
-        margins.append(trainer.accelerator.gather_for_metrics(chosen - rejected))
-    return torch.cat(margins)
+def held_out_scores(trainer: RewardTrainer) -> tuple[torch.Tensor, torch.Tensor]:
+    """score(chosen), score(rejected) of every held-out pair."""
+
+    def scores(batch):
+        # Each collated batch holds its pairs' chosen sequences in the first half and their rejected ones in the second.
+        logits = trainer.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
+        return logits.squeeze(-1).chunk(2)
+
+    chosen, rejected = gather_held_out(trainer, scores)
+    return chosen, rejected
 
 
 def check_quality_gate(ctx: StageContext, options: RewardOptions, accuracy: float) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from finetune_trainer.errors import ConfigError
+from finetune_trainer.recipes import guards
 from finetune_trainer.recipes.context import StageContext
 from finetune_trainer.recipes.evaluation import eval_loss, eval_loss_before, generation_metrics, loss_metrics
 
@@ -111,10 +112,11 @@ def run(ctx: StageContext) -> dict[str, float]:
         processing_class=tokenizer,
         callbacks=ctx.callbacks(),
     )
+    guards.check_rows_left(ctx.config, trainer, len(train), len(held_out))
     output = trainer.train(resume_from_checkpoint=ctx.resume_checkpoint())
     metrics = loss_metrics(eval_loss_before(trainer), eval_loss(trainer), output)
     if ctx.config.stage.generation_eval is not None:
         prompts, references = generation_pairs(held_out_rows, tokenizer)
         metrics.update(generation_metrics(ctx, trainer.model, tokenizer, prompts, references))
-    ctx.save_final(trainer.model, tokenizer)
+    ctx.save_final(trainer.model, tokenizer, metrics)
     return metrics

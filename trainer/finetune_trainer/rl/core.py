@@ -43,21 +43,30 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     return whitened.masked_fill(~mask.bool(), 0.0)
 
 
-def response_mask_after_stop(responses: torch.Tensor, stop_token_id: int | None) -> torch.Tensor:
+StopTokens = int | list[int] | None  # one id, every id that ends a turn (eos and the chat template's), or none
+
+
+def is_stop(responses: torch.Tensor, stop_token_ids: StopTokens) -> torch.Tensor:
+    if isinstance(stop_token_ids, int):
+        return responses == stop_token_ids
+    return torch.isin(responses, torch.tensor(stop_token_ids, device=responses.device))
+
+
+def response_mask_after_stop(responses: torch.Tensor, stop_token_ids: StopTokens) -> torch.Tensor:
     """True up to and including the first stop token of each row; all true for rows that never stop."""
-    if stop_token_id is None:
+    if stop_token_ids is None:
         return torch.ones_like(responses, dtype=torch.bool)
-    is_stop = responses == stop_token_id
+    stop = is_stop(responses, stop_token_ids).long()
     # Number of stop tokens strictly before each position: 0 means the position is at or before the first stop.
-    stops_before = torch.cumsum(is_stop.long(), dim=1) - is_stop.long()
+    stops_before = torch.cumsum(stop, dim=1) - stop
     return stops_before == 0
 
 
 def truncate_after_stop(
-    responses: torch.Tensor, stop_token_id: int | None, pad_token_id: int
+    responses: torch.Tensor, stop_token_ids: StopTokens, pad_token_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace every token after the first stop token with padding. Returns (truncated responses, response mask)."""
-    mask = response_mask_after_stop(responses, stop_token_id)
+    mask = response_mask_after_stop(responses, stop_token_ids)
     return responses.masked_fill(~mask, pad_token_id), mask
 
 
@@ -67,10 +76,10 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), positions, torch.zeros_like(positions)).max(dim=1).values
 
 
-def contains_stop(responses: torch.Tensor, stop_token_id: int | None) -> torch.Tensor:
-    if stop_token_id is None:
+def contains_stop(responses: torch.Tensor, stop_token_ids: StopTokens) -> torch.Tensor:
+    if stop_token_ids is None:
         return torch.ones(responses.shape[0], dtype=torch.bool, device=responses.device)
-    return (responses == stop_token_id).any(dim=1)
+    return is_stop(responses, stop_token_ids).any(dim=1)
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -22,6 +22,8 @@ from transformers import PreTrainedTokenizerBase
 
 from finetune_api.spec import PPOOptions, TrainingSpec
 from finetune_trainer.errors import ConfigError, KLLimitError
+from finetune_trainer.modeling import stop_token_ids
+from finetune_trainer.recipes.guards import diverged, non_finite
 from finetune_trainer.rl import core
 from finetune_trainer.rl.engines import Engine
 from finetune_trainer.rl.kl import KLController, RunningMoments
@@ -137,6 +139,8 @@ class PPOLoop:
         self.stage, self.options, self.training, self.plan = stage, options, training, plan
         self.policy, self.value, self.reference, self.reward = policy, value, reference, reward
         self.tokenizer, self.prompts = tokenizer, prompts
+        # A response ends at eos or at the chat template's end of turn, whichever comes first.
+        self.stop_token_ids = stop_token_ids(tokenizer, policy.module)
         self.rank, self.world_size, self.device = rank, world_size, device
         self.checkpoint_root, self.hooks = checkpoint_root, hooks
         self.max_prompt_tokens = max(1, (training.max_length or 512) - options.max_new_tokens)
@@ -168,7 +172,7 @@ class PPOLoop:
     @torch.no_grad()
     def rollout(self, batch: PromptBatch) -> Rollout:
         options, micro = self.options, self.plan.micro_batch
-        pad, stop = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        pad, stop = self.tokenizer.pad_token_id, self.stop_token_ids
         self.policy.module.eval()  # generation with a KV cache, even when gradient checkpointing is on
         started = time.perf_counter()
         with self.policy.gathered() as policy:
@@ -306,7 +310,7 @@ class PPOLoop:
                     rollout.raw_scores.mean().item(),
                     (rollout.kl * mask).sum(dim=1).mean().item(),
                     mask.sum(dim=1).float().mean().item(),
-                    core.contains_stop(rollout.responses, self.tokenizer.eos_token_id).float().mean().item(),
+                    core.contains_stop(rollout.responses, self.stop_token_ids).float().mean().item(),
                 ]
             )
             if options.max_kl is not None and kl > options.max_kl:
@@ -315,6 +319,10 @@ class PPOLoop:
                 )
             local_stats = self.optimise(rollout, state.step)
             stats = dict(zip(local_stats, self.global_mean(list(local_stats.values()))))
+            bad = non_finite({**stats, "score": score, "kl": kl})  # global means: every rank fails together
+            if bad:
+                found = ", ".join(f"{key} {value}" for key, value in sorted(bad.items()))
+                raise diverged(self.stage, self.training.learning_rate, f"{found} at PPO step {state.step + 1}")
             state.kl.update(kl, options.rollout_batch_size)
             state.score_history.append(score)
             state.kl_history.append(kl)

@@ -105,7 +105,7 @@ def batched_token_scores(scorer: nn.Module, input_ids: torch.Tensor, mask: torch
 
 @torch.no_grad()
 def sample_responses(
-    policy: nn.Module, batch: PromptBatch, options: PPOOptions, pad_token_id: int, stop_token_id: int | None
+    policy: nn.Module, batch: PromptBatch, options: PPOOptions, pad_token_id: int, stop_token_ids: core.StopTokens
 ) -> torch.Tensor:
     output = policy.generate(
         input_ids=batch.input_ids,
@@ -116,7 +116,7 @@ def sample_responses(
         top_k=0,
         max_new_tokens=options.max_new_tokens,
         pad_token_id=pad_token_id,
-        eos_token_id=stop_token_id,
+        eos_token_id=stop_token_ids,
     )
     return output[:, batch.input_ids.shape[1] :]
 
@@ -182,8 +182,15 @@ class RewardScorer:
         ]
 
 
-def reward_text(reward_tokenizer: PreTrainedTokenizerBase, prompt: Prompt, response: str, finished: bool) -> str:
-    """The text a reward stage trained on: prompt + response (+ eos once finished), or the chat-rendered conversation."""
+def reward_text(
+    reward_tokenizer: PreTrainedTokenizerBase, prompt: Prompt, response: str | list[dict[str, Any]], finished: bool
+) -> str:
+    """The text a reward stage trained on: prompt + response (+ eos once finished), or the chat-rendered conversation.
+
+    A conversational response (TRL's GRPO hands over the assistant message list) contributes its messages' text.
+    """
+    if not isinstance(response, str):
+        response = "".join(message["content"] for message in response)
     if isinstance(prompt, str):
         return prompt + response + ((reward_tokenizer.eos_token or "") if finished else "")
     return reward_tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False)
