@@ -15,6 +15,7 @@ import yaml
 from finetune_api.manifest import ManifestError, load_manifest
 from finetune_api.spec import PeftSpec, ResourcesSpec, StageType
 from finetune_dev import crdgen
+from finetune_dev.testing import source_env
 
 pytestmark = pytest.mark.unit
 
@@ -44,7 +45,11 @@ def walk(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str
 
 def test_committed_files_match_the_contract():
     result = subprocess.run(
-        [sys.executable, "-m", "finetune_dev.crdgen", "--check"], cwd=REPO_ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "finetune_dev.crdgen", "--check"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env=source_env(),
     )
     assert result.returncode == 0, f"generated files drifted; run `make crds`:\n{result.stdout}{result.stderr}"
 
@@ -156,12 +161,8 @@ def test_defaults_match_the_pydantic_defaults(root: dict[str, Any]):
     assert spec["resources"]["default"] == ResourcesSpec().to_wire()
     stage = spec["stages"]["items"]["properties"]
     assert stage["dataset"]["properties"]["format"]["default"] == "auto"
-    assert stage["dataset"]["properties"]["columns"] == {
-        "type": "object",
-        "description": stage["dataset"]["properties"]["columns"]["description"],
-        "default": {},
-        "additionalProperties": {"type": "string"},
-    }
+    columns = stage["dataset"]["properties"]["columns"]
+    assert columns["default"] == {} and columns["additionalProperties"]["type"] == "string"
     assert stage["ppo"]["properties"]["klCoef"]["default"] == 0.05
     # Optional fields without a default get none (a null would be pruned anyway).
     assert "default" not in spec["activeDeadlineSeconds"]
@@ -180,7 +181,13 @@ def test_constraints_come_from_the_field_definitions(root: dict[str, Any]):
     assert beta["minimum"] == 0 and beta["exclusiveMinimum"] is True
     smoothing = stage["properties"]["dpo"]["properties"]["labelSmoothing"]
     assert "maximum" not in smoothing and smoothing["x-kubernetes-validations"][0]["rule"] == "self < 0.5"
-    assert spec["resources"]["properties"]["nodeSelector"]["additionalProperties"] == {"type": "string"}
+    node_selector = spec["resources"]["properties"]["nodeSelector"]
+    assert node_selector["additionalProperties"] == {"type": "string", "maxLength": 63}
+    assert node_selector["maxProperties"] == 64
+    assert node_selector["x-kubernetes-validations"] == [
+        {"rule": "self.all(k, size(k) <= 317)", "message": "keys must be at most 317 characters"},
+        {"rule": "self.all(k, size(k) > 0)", "message": "keys must not be empty"},
+    ]
 
 
 def test_cel_rules_cover_the_cross_field_checks(root: dict[str, Any]):
