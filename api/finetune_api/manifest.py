@@ -59,12 +59,18 @@ def describe_error(error: dict[str, Any]) -> tuple[list[str | int], str]:
     if nested:
         loc = loc + _split_path(nested.group(1))
         message = nested.group(2)
+    keyed = "[key]" in loc
+    if keyed:
+        # A map key that breaks a rule: name the map, and the key in the message.
+        at = loc.index("[key]")
+        message = f"key {_shown(loc[at - 1])}: {message}"
+        loc = loc[: at - 1]
     kind = error["type"]
     if kind == "extra_forbidden":
         message = "unknown field"
     elif kind == "missing":
         message = "required field is missing"
-    elif kind != "value_error" and "input" in error and not isinstance(error["input"], (dict, list)):
+    elif kind != "value_error" and "input" in error and not isinstance(error["input"], (dict, list)) and not keyed:
         message = f"{message} (got {_shown(error['input'])})"
     return loc, message
 
@@ -205,7 +211,12 @@ def _validate(document: _Document) -> tuple[FineTuneJob | None, list[tuple[int, 
 def parse_manifests(text: str, source: str = "<manifest>") -> list[FineTuneJob]:
     """Every FineTuneJob in a YAML stream; ManifestError with every problem of every document, sorted by line."""
     try:
-        nodes = [node for node in yaml.compose_all(text, Loader=_Loader) if node is not None]
+        # An empty document (a trailing `---`) is skipped, as kubectl skips it.
+        nodes = [
+            node
+            for node in yaml.compose_all(text, Loader=_Loader)
+            if node is not None and node.tag != "tag:yaml.org,2002:null"
+        ]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
