@@ -1,4 +1,4 @@
-"""`finetune` command line: run a manifest locally, build the tiny example model, run one stage, start a dev cluster."""
+"""`finetune` command line: run or validate a manifest locally, build the tiny example model, run one stage, start a dev cluster."""
 
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ def _parser() -> argparse.ArgumentParser:
         "--status-file", help="where to write the FineTuneJobStatus JSON (default: <storage.uri>/status.json)"
     )
     run.add_argument("--no-ray", action="store_true", help="train in this process instead of Ray Train workers")
+
+    check = commands.add_parser("validate", help="check manifests, their data and models before anything trains")
+    check.add_argument("manifests", nargs="+", help="FineTuneJob YAML files")
+    check.add_argument("--all", action="store_true", help="accept several FineTuneJobs per file")
 
     tiny = commands.add_parser(
         "tiny-model", help="build a tiny random-init Llama model and a BPE tokenizer trained on example data"
@@ -56,6 +60,10 @@ def main(argv: list[str] | None = None) -> None:
         from finetune_trainer.runner import run_manifest
 
         sys.exit(run_manifest(args.manifest, args.status_file, use_ray=not args.no_ray))
+    elif args.command == "validate":
+        from finetune_trainer.validate import validate_files
+
+        sys.exit(validate_files(args.manifests, all_documents=args.all))
     elif args.command == "stage":
         from finetune_trainer.stage import run_from_args
 
