@@ -6,12 +6,14 @@ Field names are camelCase on the wire (Kubernetes convention) and snake_case in 
 
 from __future__ import annotations
 
-import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, model_validator
 from pydantic.alias_generators import to_camel
+
+from finetune_api import uris
+from finetune_api.uris import uri_scheme  # noqa: F401 - callers read the scheme from the spec module
 
 GROUP = "finetune.dev"
 VERSION = "v1alpha1"
@@ -23,7 +25,41 @@ DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # Stage names end up inside child object names (job-stage-attempt) that must stay within 63 characters.
 STAGE_NAME_MAX = 30
 
-URI_SCHEMES = ("s3", "pvc", "hf", "file")
+# Kubernetes object names: a Secret is a DNS-1123 subdomain.
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# Label keys may carry a DNS-subdomain prefix: 253 + "/" + 63; values are at most 63.
+LABEL_KEY_MAX = 317
+LABEL_VALUE_MAX = 63
+MAP_MAX_ENTRIES = 64
+# Jinja chat templates of current models run to ~10 KiB; leave room.
+CHAT_TEMPLATE_MAX = 65536
+# Upper bound for counts (steps, samples, seconds...): large enough for any real run, small enough to stay exact in JSON.
+COUNT_MAX = 1_000_000_000
+
+MODEL_SCHEMES = ("hf", "s3", "pvc", "file")
+DATASET_SCHEMES = ("hf", "s3", "pvc", "file")
+STORAGE_SCHEMES = ("s3", "pvc", "file")
+
+
+def uri_type(allowed: tuple[str, ...]) -> Any:
+    """A URI string checked by `finetune_api.uris` here and, as the same rules in CEL, by the API server."""
+    return Annotated[
+        str,
+        AfterValidator(lambda uri: uris.check_uri(uri, allowed)),
+        Field(
+            min_length=1,
+            max_length=uris.URI_MAX_LENGTH,
+            json_schema_extra={"x-kubernetes-validations": uris.cel_rules(allowed)},
+        ),
+    ]
+
+
+ModelUri = uri_type(MODEL_SCHEMES)
+DatasetUri = uri_type(DATASET_SCHEMES)
+StorageUri = uri_type(STORAGE_SCHEMES)
+SecretName = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
+LabelKey = Annotated[str, Field(min_length=1, max_length=LABEL_KEY_MAX)]
+LabelValue = Annotated[str, Field(max_length=LABEL_VALUE_MAX)]
 
 
 class ApiModel(BaseModel):
@@ -42,25 +78,10 @@ class ApiModel(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
-def uri_scheme(uri: str) -> str:
-    """`s3`, `pvc`, `hf`, or `file` for plain local paths (and `file://`)."""
-    match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
-    return match.group(1).lower() if match else "file"
+class SpecModel(ApiModel):
+    """Base for what a user writes: parsed as strictly as the API server does (no coercion, finite numbers only)."""
 
-
-def _check_uri(uri: str, allowed: tuple[str, ...]) -> str:
-    if not uri or not uri.strip():
-        raise ValueError("must not be empty")
-    scheme = uri_scheme(uri)
-    if scheme not in allowed:
-        raise ValueError(
-            f"unsupported scheme {scheme!r} in {uri!r}; expected one of {', '.join(s + '://' for s in allowed)} or a local path"
-        )
-    if scheme == "s3" and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", uri):
-        raise ValueError(f"{uri!r} is not a valid s3://bucket/key URI")
-    if scheme == "pvc" and not re.match(r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?$", uri):
-        raise ValueError(f"{uri!r} is not a valid pvc://claim-name/path URI")
-    return uri
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
 
 
 class StageType(StrEnum):
@@ -78,51 +99,47 @@ PREFERENCE_STAGES = {StageType.dpo.value, StageType.kto.value, StageType.orpo.va
 RL_STAGES = {StageType.ppo.value, StageType.grpo.value}
 
 
-class ModelSpec(ApiModel):
-    source: str = Field(
+class ModelSpec(SpecModel):
+    source: ModelUri = Field(
         description=(
             "Base model to fine-tune: a Hugging Face Hub id (`org/name` or `hf://org/name`), a local or mounted path, "
             "`s3://bucket/prefix` or `pvc://claim/path`."
         ),
-        min_length=1,
     )
     revision: str | None = Field(
-        default=None, description="Hub revision (branch, tag or commit) when `source` is a Hub id."
+        default=None,
+        max_length=255,
+        description="Hub revision (branch, tag or commit) when `source` is a Hub id.",
     )
-    credentials_secret: str | None = Field(
+    credentials_secret: SecretName | None = Field(
         default=None,
         description="Name of a Secret in the job's namespace holding `HF_TOKEN` and/or `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`.",
     )
-    tokenizer: str | None = Field(
+    tokenizer: ModelUri | None = Field(
         default=None, description="Tokenizer source when it differs from `source` (same URI forms)."
     )
     chat_template: str | None = Field(
         default=None,
+        max_length=CHAT_TEMPLATE_MAX,
         description="Chat template for `messages` data, used instead of the tokenizer's own: `chatml`, `llama3`, or a Jinja template string.",
     )
     trust_remote_code: bool = Field(default=False, description="Allow custom modelling code shipped with the model.")
 
-    @model_validator(mode="after")
-    def _check_source(self) -> ModelSpec:
-        _check_uri(self.source, URI_SCHEMES)
-        if self.tokenizer:
-            _check_uri(self.tokenizer, URI_SCHEMES)
-        return self
 
-
-class StorageSpec(ApiModel):
-    uri: str = Field(
+class StorageSpec(SpecModel):
+    uri: StorageUri = Field(
         description=(
             "Where stage checkpoints and final models are written: a local path, a mounted volume path, `pvc://claim/path` "
             "or `s3://bucket/prefix`. Each stage writes under `<uri>/<stage name>/`."
         ),
-        min_length=1,
     )
-    credentials_secret: str | None = Field(
+    credentials_secret: SecretName | None = Field(
         default=None, description="Secret with `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` for `s3://` storage."
     )
     endpoint_url: str | None = Field(
         default=None,
+        max_length=2048,
+        pattern=r"^https?://[^/?#\s]+(/[^\s]*)?$",
         description="S3-compatible endpoint (MinIO, Ceph, R2...) when not AWS; e.g. `http://minio.storage:9000`.",
     )
     retain_on_delete: bool = Field(
@@ -130,23 +147,22 @@ class StorageSpec(ApiModel):
         description="Keep checkpoints and models when the FineTuneJob is deleted (artifacts are never deleted unless this is false).",
     )
 
-    @model_validator(mode="after")
-    def _check_uri(self) -> StorageSpec:
-        _check_uri(self.uri, ("s3", "pvc", "file"))
-        return self
 
-
-class Toleration(ApiModel):
-    key: str | None = Field(default=None, description="Taint key the toleration applies to; empty matches all keys.")
+class Toleration(SpecModel):
+    key: LabelKey | None = Field(
+        default=None, description="Taint key the toleration applies to; empty matches all keys."
+    )
     operator: Literal["Exists", "Equal"] | None = Field(default=None, description="`Exists` or `Equal` (default).")
-    value: str | None = Field(default=None, description="Taint value to match with `Equal`.")
+    value: LabelValue | None = Field(default=None, description="Taint value to match with `Equal`.")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to match; empty matches all effects."
     )
-    toleration_seconds: int | None = Field(default=None, description="How long a NoExecute taint is tolerated.")
+    toleration_seconds: int | None = Field(
+        default=None, ge=0, le=COUNT_MAX, description="How long a NoExecute taint is tolerated."
+    )
 
 
-class ResourcesSpec(ApiModel):
+class ResourcesSpec(SpecModel):
     workers: int = Field(
         default=1, ge=1, le=1024, description="Number of Ray Train workers (one per GPU when `gpusPerWorker` is 1)."
     )
@@ -155,19 +171,27 @@ class ResourcesSpec(ApiModel):
     memory_per_worker: str | None = Field(
         default=None,
         description="Memory per worker as a Kubernetes quantity, e.g. `16Gi`.",
+        max_length=32,
         pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$",
     )
-    gpu_resource_name: str = Field(default="nvidia.com/gpu", description="Extended resource name requested for GPUs.")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the Ray pods must match.")
+    gpu_resource_name: LabelKey = Field(
+        default="nvidia.com/gpu", description="Extended resource name requested for GPUs."
+    )
+    node_selector: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict, max_length=MAP_MAX_ENTRIES, description="Node labels the Ray pods must match."
+    )
     tolerations: list[Toleration] = Field(
-        default_factory=list, description="Tolerations for the Ray pods (e.g. for tainted GPU nodes)."
+        default_factory=list, max_length=64, description="Tolerations for the Ray pods (e.g. for tainted GPU nodes)."
     )
     image: str | None = Field(
-        default=None, description="Trainer image for the Ray pods; defaults to the operator's configured trainer image."
+        default=None,
+        min_length=1,
+        max_length=1024,
+        description="Trainer image for the Ray pods; defaults to the operator's configured trainer image.",
     )
 
 
-class DeepSpeedSpec(ApiModel):
+class DeepSpeedSpec(SpecModel):
     zero_stage: int = Field(
         default=0,
         ge=0,
@@ -180,47 +204,52 @@ class DeepSpeedSpec(ApiModel):
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> DeepSpeedSpec:
         if self.offload_params and self.zero_stage != 3:
-            raise ValueError("offloadParams requires zeroStage 3")
+            raise ValueError("offloadParams: requires zeroStage 3")
         if self.offload_optimizer and self.zero_stage == 0:
-            raise ValueError("offloadOptimizer requires zeroStage 1, 2 or 3")
+            raise ValueError("offloadOptimizer: requires zeroStage 1, 2 or 3")
         return self
 
 
-class PeftSpec(ApiModel):
+class PeftSpec(SpecModel):
     method: Literal["full", "lora", "qlora"] = Field(
         default="lora",
         description="`full` trains every weight; `lora` trains low-rank adapters; `qlora` adds a 4-bit quantized base (GPU only).",
     )
     r: int = Field(default=8, ge=1, le=1024, description="LoRA rank.")
-    alpha: int = Field(default=16, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    alpha: int = Field(default=16, ge=1, le=65536, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
-    target_modules: list[str] | None = Field(
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
         default=None,
+        max_length=256,
         description="Module names to adapt (e.g. `q_proj`, `v_proj`); default: all linear layers except the output head.",
     )
 
 
-class TrainingSpec(ApiModel):
+class TrainingSpec(SpecModel):
     """Hyper-parameters. Set once under `spec.training`; a stage's `training` overrides field by field."""
 
     epochs: float | None = Field(
-        default=None, gt=0, description="Passes over the training split (default 1). Ignored when `maxSteps` is set."
+        default=None,
+        gt=0,
+        le=10000,
+        description="Passes over the training split (default 1). Ignored when `maxSteps` is set.",
     )
-    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
+    max_steps: int | None = Field(default=None, ge=1, le=COUNT_MAX, description="Stop after this many optimizer steps.")
     learning_rate: float | None = Field(
         default=None,
         gt=0,
+        le=1,
         description="Peak learning rate; the default depends on the stage type and PEFT method (e.g. 2e-4 LoRA / 2e-5 full for SFT, 1e-5 LoRA / 3e-6 full for PPO).",
     )
-    batch_size: int | None = Field(default=None, ge=1, description="Per-worker micro-batch size (default 8).")
+    batch_size: int | None = Field(default=None, ge=1, le=65536, description="Per-worker micro-batch size (default 8).")
     eval_batch_size: int | None = Field(
-        default=None, ge=1, description="Per-worker batch size of held-out evaluation (default: `batchSize`)."
+        default=None, ge=1, le=65536, description="Per-worker batch size of held-out evaluation (default: `batchSize`)."
     )
     gradient_accumulation_steps: int | None = Field(
-        default=None, ge=1, description="Micro-batches per optimizer step (default 1)."
+        default=None, ge=1, le=65536, description="Micro-batches per optimizer step (default 1)."
     )
     max_length: int | None = Field(
-        default=None, ge=8, description="Maximum tokens per sequence (default 512); CPT block size."
+        default=None, ge=8, le=1_048_576, description="Maximum tokens per sequence (default 512); CPT block size."
     )
     packing: bool | None = Field(
         default=None, description="Pack several examples into each sequence (SFT; CPT always packs). Default false."
@@ -228,7 +257,7 @@ class TrainingSpec(ApiModel):
     warmup_ratio: float | None = Field(
         default=None, ge=0, lt=1, description="Fraction of steps spent warming up the learning rate (default 0.03)."
     )
-    weight_decay: float | None = Field(default=None, ge=0, description="AdamW weight decay (default 0).")
+    weight_decay: float | None = Field(default=None, ge=0, le=10, description="AdamW weight decay (default 0).")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] | None = Field(
         default=None, description="Learning-rate schedule (default cosine)."
     )
@@ -238,16 +267,22 @@ class TrainingSpec(ApiModel):
     precision: Literal["auto", "bf16", "fp16", "fp32"] | None = Field(
         default=None, description="Compute precision; `auto` (default) is bf16 on GPU and fp32 on CPU."
     )
-    seed: int | None = Field(default=None, description="Random seed for data order and initialisation (default 42).")
-    logging_steps: int | None = Field(default=None, ge=1, description="Report progress every N steps (default 5).")
+    seed: int | None = Field(
+        default=None, ge=0, le=2**32 - 1, description="Random seed for data order and initialisation (default 42)."
+    )
+    logging_steps: int | None = Field(
+        default=None, ge=1, le=COUNT_MAX, description="Report progress every N steps (default 5)."
+    )
     save_steps: int | None = Field(
-        default=None, ge=1, description="Save a resumable checkpoint every N steps (default 50)."
+        default=None, ge=1, le=COUNT_MAX, description="Save a resumable checkpoint every N steps (default 50)."
     )
     save_total_limit: int | None = Field(
-        default=None, ge=1, description="Keep at most this many intermediate checkpoints (default 2)."
+        default=None, ge=1, le=10000, description="Keep at most this many intermediate checkpoints (default 2)."
     )
     min_improvement: float | None = Field(
         default=None,
+        ge=0,
+        le=1000,
         description="Quality gate: fail the stage (QualityGateFailed, output not written) unless the held-out loss "
         "drops by at least this much (eval_loss_before - eval_loss_after). Unset: no gate.",
     )
@@ -271,42 +306,39 @@ TRAINING_DEFAULTS = TrainingSpec(
 )
 
 
-class DatasetSpec(ApiModel):
-    uri: str = Field(
+class DatasetSpec(SpecModel):
+    uri: DatasetUri = Field(
         description=(
             "Training data: a local path, `s3://`, `pvc://` or a Hub dataset id (`hf://org/name`). Files: .jsonl, .json, .parquet, .csv, "
             ".txt, or a `datasets` save-to-disk directory."
         ),
-        min_length=1,
     )
     format: Literal["auto", "jsonl", "json", "parquet", "csv", "text", "arrow"] = Field(
         default="auto",
         description="File format; `auto` picks by extension (a directory is read as `arrow`, i.e. save-to-disk).",
     )
-    validation_uri: str | None = Field(
+    validation_uri: DatasetUri | None = Field(
         default=None, description="A separate validation file; when set, `validationSplit` is ignored."
     )
     validation_split: float = Field(
         default=0.1, gt=0, lt=1, description="Fraction of the data held out for evaluation."
     )
-    columns: dict[str, str] = Field(
+    columns: dict[
+        Annotated[str, Field(min_length=1, max_length=256)], Annotated[str, Field(min_length=1, max_length=256)]
+    ] = Field(
         default_factory=dict,
+        max_length=MAP_MAX_ENTRIES,
         description="Rename columns from the file's names to the stage's expected names, e.g. `{question: prompt}`.",
     )
-    max_samples: int | None = Field(default=None, ge=1, description="Use at most this many training examples.")
-    credentials_secret: str | None = Field(
+    max_samples: int | None = Field(
+        default=None, ge=1, le=COUNT_MAX, description="Use at most this many training examples."
+    )
+    credentials_secret: SecretName | None = Field(
         default=None, description="Secret with credentials for `s3://` or private Hub datasets."
     )
 
-    @model_validator(mode="after")
-    def _check_uris(self) -> DatasetSpec:
-        _check_uri(self.uri, URI_SCHEMES)
-        if self.validation_uri:
-            _check_uri(self.validation_uri, URI_SCHEMES)
-        return self
 
-
-class SFTOptions(ApiModel):
+class SFTOptions(SpecModel):
     template: Literal["auto", "chat", "alpaca", "plain"] = Field(
         default="auto",
         description=(
@@ -319,12 +351,12 @@ class SFTOptions(ApiModel):
     )
 
 
-class GenerationEvalSpec(ApiModel):
+class GenerationEvalSpec(SpecModel):
     samples: int = Field(default=16, ge=1, le=10000, description="Held-out prompts to generate for.")
     max_new_tokens: int = Field(default=32, ge=1, le=4096, description="Greedy generation length.")
 
 
-class RewardOptions(ApiModel):
+class RewardOptions(SpecModel):
     min_reward_accuracy: float | None = Field(
         default=None,
         ge=0,
@@ -332,64 +364,76 @@ class RewardOptions(ApiModel):
         description="Quality gate: fail the pipeline here if held-out pairwise accuracy is below this.",
     )
     center_rewards_coefficient: float | None = Field(
-        default=None, ge=0, description="Penalty pulling rewards towards zero mean."
+        default=None, ge=0, le=100, description="Penalty pulling rewards towards zero mean."
     )
 
 
-class DPOOptions(ApiModel):
-    beta: float = Field(default=0.1, gt=0, description="Strength of the implicit KL constraint to the reference model.")
+class DPOOptions(SpecModel):
+    beta: float = Field(
+        default=0.1, gt=0, le=100, description="Strength of the implicit KL constraint to the reference model."
+    )
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(default="sigmoid", description="DPO loss variant.")
     label_smoothing: float = Field(
         default=0.0, ge=0, lt=0.5, description="Assumed label-noise rate (conservative DPO)."
     )
 
 
-class KTOOptions(ApiModel):
-    beta: float = Field(default=0.1, gt=0, description="KL constraint strength.")
-    desirable_weight: float = Field(default=1.0, gt=0, description="Loss weight of desirable examples.")
-    undesirable_weight: float = Field(default=1.0, gt=0, description="Loss weight of undesirable examples.")
+class KTOOptions(SpecModel):
+    beta: float = Field(default=0.1, gt=0, le=100, description="KL constraint strength.")
+    desirable_weight: float = Field(default=1.0, gt=0, le=1000, description="Loss weight of desirable examples.")
+    undesirable_weight: float = Field(default=1.0, gt=0, le=1000, description="Loss weight of undesirable examples.")
 
 
-class ORPOOptions(ApiModel):
+class ORPOOptions(SpecModel):
     beta: float = Field(
-        default=0.1, gt=0, description="Weight of the odds-ratio preference term (lambda in the paper)."
+        default=0.1, gt=0, le=100, description="Weight of the odds-ratio preference term (lambda in the paper)."
     )
 
 
-class PPOOptions(ApiModel):
+class PPOOptions(SpecModel):
     """PPO with a learned reward model. Defaults follow TRL's PPOv2 unless noted."""
 
     total_episodes: int | None = Field(
         default=None,
         ge=1,
+        le=COUNT_MAX,
         description="Prompts to roll out in total (default: one pass over the prompts, times `training.epochs`).",
     )
-    rollout_batch_size: int = Field(default=16, ge=1, description="Prompts per rollout (one PPO step).")
-    mini_batches: int = Field(default=1, ge=1, description="Mini-batches each rollout is split into for updates.")
-    ppo_epochs: int = Field(default=4, ge=1, description="Optimisation passes over each rollout (PPOv2: 4).")
-    temperature: float = Field(default=0.7, gt=0, description="Sampling temperature (PPOv2: 0.7).")
-    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling threshold.")
-    max_new_tokens: int = Field(default=53, ge=1, description="Response length limit (PPOv2: 53).")
-    missing_eos_penalty: float | None = Field(
-        default=None, ge=0, description="Subtracted from the score of responses that never emit EOS."
+    rollout_batch_size: int = Field(default=16, ge=1, le=65536, description="Prompts per rollout (one PPO step).")
+    mini_batches: int = Field(
+        default=1, ge=1, le=65536, description="Mini-batches each rollout is split into for updates."
     )
-    kl_coef: float = Field(default=0.05, ge=0, description="Initial KL penalty coefficient beta (PPOv2: 0.05).")
+    ppo_epochs: int = Field(default=4, ge=1, le=1000, description="Optimisation passes over each rollout (PPOv2: 4).")
+    temperature: float = Field(default=0.7, gt=0, le=100, description="Sampling temperature (PPOv2: 0.7).")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    max_new_tokens: int = Field(default=53, ge=1, le=1_048_576, description="Response length limit (PPOv2: 53).")
+    missing_eos_penalty: float | None = Field(
+        default=None, ge=0, le=1000, description="Subtracted from the score of responses that never emit EOS."
+    )
+    kl_coef: float = Field(
+        default=0.05, ge=0, le=1000, description="Initial KL penalty coefficient beta (PPOv2: 0.05)."
+    )
     kl_estimator: Literal["k1", "k3"] = Field(
         default="k1", description="Per-token KL estimator: k1 = log ratio, k3 = unbiased low-variance."
     )
     kl_clamp: float = Field(
-        default=10.0, gt=0, description="Per-token KL estimates are clamped to +-this (OpenRLHF: 10)."
+        default=10.0, gt=0, le=1000, description="Per-token KL estimates are clamped to +-this (OpenRLHF: 10)."
     )
     kl_target: float | None = Field(
-        default=None, gt=0, description="Enables the adaptive KL controller with this target KL (Ziegler et al.)."
+        default=None,
+        gt=0,
+        le=1000,
+        description="Enables the adaptive KL controller with this target KL (Ziegler et al.).",
     )
-    kl_horizon: int = Field(default=10000, ge=1, description="Adaptive KL controller horizon in episodes.")
+    kl_horizon: int = Field(
+        default=10000, ge=1, le=COUNT_MAX, description="Adaptive KL controller horizon in episodes."
+    )
     gamma: float = Field(default=1.0, ge=0, le=1, description="GAE discount.")
     lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda.")
-    clip_range: float = Field(default=0.2, gt=0, description="Policy ratio clip.")
-    clip_range_value: float = Field(default=0.2, gt=0, description="Value prediction clip.")
-    vf_coef: float = Field(default=0.1, ge=0, description="Value loss coefficient.")
-    reward_clip: float | None = Field(default=None, gt=0, description="Clip scores to +-this before use.")
+    clip_range: float = Field(default=0.2, gt=0, le=100, description="Policy ratio clip.")
+    clip_range_value: float = Field(default=0.2, gt=0, le=1000, description="Value prediction clip.")
+    vf_coef: float = Field(default=0.1, ge=0, le=1000, description="Value loss coefficient.")
+    reward_clip: float | None = Field(default=None, gt=0, le=1_000_000, description="Clip scores to +-this before use.")
     normalize_reward: bool = Field(default=False, description="Normalise scores with running mean/std.")
     whiten_rewards: bool = Field(default=False, description="Whiten per-token rewards before GAE.")
     value_init: Literal["reward", "policy"] = Field(
@@ -397,25 +441,31 @@ class PPOOptions(ApiModel):
         description="Initialise the value model from the reward model (`reward`) or as a head on the policy (`policy`).",
     )
     max_kl: float | None = Field(
-        default=None, gt=0, description="Quality gate: abort the stage when the mean KL to the reference exceeds this."
+        default=None,
+        gt=0,
+        le=1000,
+        description="Quality gate: abort the stage when the mean KL to the reference exceeds this.",
     )
 
 
-class GRPOOptions(ApiModel):
-    num_generations: int = Field(default=4, ge=2, description="Completions per prompt (the group).")
-    beta: float = Field(default=0.04, ge=0, description="KL coefficient to the reference.")
-    temperature: float = Field(default=1.0, gt=0, description="Sampling temperature.")
-    max_new_tokens: int = Field(default=64, ge=1, description="Completion length limit.")
-    epsilon: float = Field(default=0.2, gt=0, description="Policy ratio clip.")
+class GRPOOptions(SpecModel):
+    num_generations: int = Field(default=4, ge=2, le=1024, description="Completions per prompt (the group).")
+    beta: float = Field(default=0.04, ge=0, le=100, description="KL coefficient to the reference.")
+    temperature: float = Field(default=1.0, gt=0, le=100, description="Sampling temperature.")
+    max_new_tokens: int = Field(default=64, ge=1, le=1_048_576, description="Completion length limit.")
+    epsilon: float = Field(default=0.2, gt=0, le=100, description="Policy ratio clip.")
 
 
-class StageSpec(ApiModel):
+class StageSpec(SpecModel):
     name: str = Field(
         description="Stage name, unique in the job (DNS-1123 label, at most 30 characters).",
         max_length=STAGE_NAME_MAX,
         pattern=DNS_LABEL,
     )
-    type: StageType = Field(description="What the stage trains: cpt, sft, reward, dpo, kto, orpo, ppo or grpo.")
+    # Enum values arrive as strings, from YAML and from the API server alike.
+    type: Annotated[StageType, Strict(False)] = Field(
+        description="What the stage trains: cpt, sft, reward, dpo, kto, orpo, ppo or grpo."
+    )
     dataset: DatasetSpec = Field(description="The stage's data.")
     reward_from: str | None = Field(
         default=None,
@@ -443,15 +493,15 @@ class StageSpec(ApiModel):
     def _options_match_type(self) -> StageSpec:
         for option in ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo"):
             if getattr(self, option) is not None and self.type != option:
-                raise ValueError(f"`{option}` options are only allowed on a stage of type {option}, not {self.type}")
+                raise ValueError(f"{option}: options only allowed on a stage of type {option}, not {self.type}")
         if self.type in RL_STAGES and not self.reward_from:
-            raise ValueError(f"a {self.type} stage needs `rewardFrom`: the name of an earlier reward stage")
+            raise ValueError(f"rewardFrom: a {self.type} stage needs the name of an earlier reward stage here")
         if self.reward_from and self.type not in RL_STAGES:
-            raise ValueError("`rewardFrom` is only allowed on ppo and grpo stages")
+            raise ValueError("rewardFrom: only allowed on ppo and grpo stages")
         return self
 
 
-class FineTuneJobSpec(ApiModel):
+class FineTuneJobSpec(SpecModel):
     model: ModelSpec = Field(description="The base model the first stage starts from.")
     storage: StorageSpec = Field(description="Where checkpoints and stage outputs are written.")
     stages: list[StageSpec] = Field(
@@ -467,8 +517,9 @@ class FineTuneJobSpec(ApiModel):
     training: TrainingSpec = Field(
         default_factory=TrainingSpec, description="Hyper-parameters for every stage (a stage may override)."
     )
-    env_from_secrets: list[str] = Field(
+    env_from_secrets: list[SecretName] = Field(
         default_factory=list,
+        max_length=32,
         description="Secrets whose keys become environment variables of the trainer (e.g. WANDB_API_KEY).",
     )
     suspend: bool = Field(
@@ -479,10 +530,16 @@ class FineTuneJobSpec(ApiModel):
         default=2, ge=0, le=100, description="Retries per stage; each retry resumes from the stage's latest checkpoint."
     )
     active_deadline_seconds: int | None = Field(
-        default=None, ge=1, description="Fail the job if it runs longer than this, suspended time excluded."
+        default=None,
+        ge=1,
+        le=COUNT_MAX,
+        description="Fail the job if it runs longer than this, suspended time excluded.",
     )
     ttl_seconds_after_finished: int | None = Field(
-        default=None, ge=0, description="Delete the FineTuneJob this many seconds after it succeeded or failed."
+        default=None,
+        ge=0,
+        le=COUNT_MAX,
+        description="Delete the FineTuneJob this many seconds after it succeeded or failed.",
     )
 
     @model_validator(mode="after")
@@ -518,7 +575,7 @@ class ObjectMeta(BaseModel):
     namespace: str | None = None
 
 
-class FineTuneJob(ApiModel):
+class FineTuneJob(SpecModel):
     api_version: Literal["finetune.dev/v1alpha1"] = Field(alias="apiVersion", description="finetune.dev/v1alpha1")
     kind: Literal["FineTuneJob"] = Field(description="FineTuneJob")
     metadata: ObjectMeta

@@ -234,6 +234,8 @@ class _Converter:
                 if isinstance(value, dict):
                     out["additionalProperties"] = self.node(value, f"{where}{{}}")
                 # `false` (extra="forbid") next to properties is not allowed in a structural schema.
+            elif key == "propertyNames":
+                out.setdefault("x-kubernetes-validations", []).extend(_key_rules(value, where))
             else:
                 out[key] = value
         if "enum" in out and "type" not in out:
@@ -267,6 +269,20 @@ class _Converter:
         return merged
 
 
+def _key_rules(names: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """Map-key bounds (`propertyNames`, which a structural schema lacks) as CEL over the keys."""
+    unknown = set(names) - {"minLength", "maxLength"}
+    if unknown:
+        raise SchemaError(f"{where}: map keys may only be bounded by length here, got {sorted(unknown)}")
+    rules = []
+    if "maxLength" in names:
+        limit = names["maxLength"]
+        rules.append(_rule(f"self.all(k, size(k) <= {limit})", f"keys must be at most {limit} characters"))
+    if names.get("minLength", 0) > 0:
+        rules.append(_rule("self.all(k, size(k) > 0)", "keys must not be empty"))
+    return rules
+
+
 def _fractional_bounds_to_cel(schema: dict[str, Any]) -> None:
     """Move non-integral `minimum`/`maximum` into CEL. The OpenAPI validator compares an integral value (`0`) with
     the bound truncated to an integer, so `maximum: 0.5, exclusiveMaximum: true` would reject `0`."""
@@ -298,6 +314,7 @@ _KEY_ORDER = [
     "pattern",
     "minItems",
     "maxItems",
+    "maxProperties",
     "required",
     "properties",
     "items",
@@ -471,6 +488,7 @@ def _constraints(schema: dict[str, Any]) -> str:
         ("maxLength", "max length"),
         ("minItems", "min items"),
         ("maxItems", "max items"),
+        ("maxProperties", "max entries"),
     ):
         if key in schema:
             parts.append(f"{label} {schema[key]}")

@@ -47,7 +47,9 @@ def test_good_manifest_parses_with_camel_case_fields():
 
 def test_unknown_field_names_file_line_and_path():
     text = GOOD.replace("{maxSteps: 40}", "{maxStep: 40}")
-    assert problems_of(text) == ["job.yaml:14: spec.stages[1].training.maxStep: unknown field"]
+    assert problems_of(text) == [
+        "job.yaml:14: spec.stages[1].training.maxStep: unknown field; did you mean `maxSteps`?"
+    ]
 
 
 def test_reward_from_must_name_an_earlier_reward_stage():
@@ -62,14 +64,14 @@ def test_reward_from_must_name_an_earlier_reward_stage():
 def test_duplicate_stage_names_and_bad_scheme_are_reported_together():
     text = GOOD.replace("name: instruct", "name: domain").replace("data/prompts.jsonl", "gs://b/prompts.jsonl")
     found = problems_of(text)
-    assert any("job.yaml:16: spec.stages[3].dataset: unsupported scheme 'gs'" in p for p in found), found
+    assert any("job.yaml:16: spec.stages[3].dataset.uri: unsupported scheme: expected hf://" in p for p in found), found
     text = GOOD.replace("name: instruct", "name: domain")
     assert problems_of(text) == ["job.yaml:11: spec.stages[1].name: duplicate stage name 'domain'"]
 
 
 def test_options_must_match_stage_type_and_enums_name_the_value():
     assert problems_of(GOOD.replace("type: reward", "type: dpo"))[0].startswith(
-        "job.yaml:15: spec.stages[2]: `reward` options"
+        "job.yaml:15: spec.stages[2].reward: options only allowed on a stage of type reward, not dpo"
     )
     found = problems_of(GOOD.replace("type: cpt", "type: pretrain"))
     assert found[0].startswith("job.yaml:10: spec.stages[0].type:") and "'pretrain'" in found[0]

@@ -355,7 +355,7 @@ def test_an_invalid_spec_fails_with_the_field_path(sim):
     assert decision.actions == []
     condition = sim.condition("Failed")
     assert (condition.status, condition.reason, sim.status.phase) == ("True", Reason.INVALID_SPEC, "Failed")
-    assert condition.message.startswith("spec.model: unsupported scheme 'ftp'")
+    assert condition.message.startswith("spec.model.source: unsupported scheme: expected hf://, s3://, pvc://")
 
 
 def test_cross_field_errors_keep_their_path(sim):

@@ -22,6 +22,23 @@ def test_pvc_uris_map_under_the_mount_root(tmp_path, monkeypatch):
     assert (tmp_path / "mnt" / "models" / "copy" / "sub" / "b.bin").read_bytes() == b"\x00\x01"
 
 
+@pytest.mark.parametrize("uri", ["pvc://ckpts/../../etc", "pvc://ckpts/a/../../../x", "pvc:///etc", "pvc://../x"])
+def test_a_pvc_path_never_leaves_the_claims_mount(tmp_path, monkeypatch, uri):
+    monkeypatch.setenv("FINETUNE_PVC_ROOT", str(tmp_path / "mnt"))
+    with pytest.raises(ValueError, match="claim"):
+        storage.local_path(uri)
+    # Nothing is written where the traversal pointed.
+    with pytest.raises(ValueError):
+        storage.upload_file(make_tree(tmp_path / "src") / "a.txt", uri + "/status.json")
+    assert not (tmp_path / "etc").exists() and not (tmp_path / "x").exists()
+
+
+def test_a_rooted_path_inside_a_claim_stays_inside_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_PVC_ROOT", str(tmp_path / "mnt"))
+    assert storage.local_path("pvc://ckpts//etc") == tmp_path / "mnt" / "ckpts" / "etc"
+    assert storage.local_path("pvc://ckpts") == tmp_path / "mnt" / "ckpts"
+
+
 def test_s3_round_trip(tmp_path, s3_bucket):
     uri = f"s3://{s3_bucket}/runs/model"
     assert not storage.exists(uri)

@@ -1,4 +1,5 @@
-"""`finetune` command line: run a manifest locally, build the tiny example model, run one stage."""
+"""`finetune` command line: run or validate a manifest locally, print a run's status, build the tiny example model,
+run one stage."""
 
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="print the stage table of a run from its status file")
     status.add_argument("path", help="a status.json, or the storage directory that holds it")
 
+    check = commands.add_parser("validate", help="check manifests, their data and models before anything trains")
+    check.add_argument("manifests", nargs="+", help="FineTuneJob YAML files")
+    check.add_argument("--all", action="store_true", help="accept several FineTuneJobs per file")
+
     tiny = commands.add_parser(
         "tiny-model", help="build a tiny random-init Llama model and a BPE tokenizer trained on example data"
     )
@@ -57,6 +62,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run_manifest(args.manifest, args.status_file, use_ray=not args.no_ray, verbose=args.verbose))
     elif args.command == "status":
         sys.exit(_print_status(Path(args.path)))
+    elif args.command == "validate":
+        from finetune_trainer.validate import validate_files
+
+        sys.exit(validate_files(args.manifests, all_documents=args.all))
     elif args.command == "stage":
         from finetune_trainer import stage
 

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from finetune_api.render import PVC_MOUNT_ROOT, join_uri
-from finetune_api.spec import uri_scheme
+from finetune_api.uris import pvc_path, uri_scheme
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # Written last when a checkpoint is synced, so a checkpoint without it is incomplete (e.g. killed mid-upload).
@@ -29,12 +29,12 @@ def is_remote(uri: str) -> bool:
 
 
 def local_path(uri: str) -> Path:
-    """The filesystem path of a local, `file://` or `pvc://` URI."""
+    """The filesystem path of a local, `file://` or `pvc://` URI; a `pvc://` path never leaves the claim's mount."""
     scheme = uri_scheme(uri)
     if scheme == "file":
         return Path(uri.removeprefix("file://")).expanduser()
     if scheme == "pvc":
-        return pvc_root() / uri.removeprefix("pvc://")
+        return pvc_path(uri, pvc_root())
     raise ValueError(f"{uri!r} is not a local path")
 
 
