@@ -20,7 +20,7 @@ KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-# Stage names end up inside child object names (job-stage-attempt) that must stay within 63 characters.
+# Stage names end up inside child object names (job.stage.attempt.config, a cut RayJob name) and label values.
 STAGE_NAME_MAX = 30
 
 URI_SCHEMES = ("s3", "pvc", "hf", "file")
@@ -164,6 +164,10 @@ class ResourcesSpec(ApiModel):
     )
     image: str | None = Field(
         default=None, description="Trainer image for the Ray pods; defaults to the operator's configured trainer image."
+    )
+    image_pull_secrets: list[Annotated[str, Field(min_length=1, max_length=253)]] = Field(
+        default_factory=list,
+        description="Image pull Secrets (in the job's namespace) for the Ray pods, added to the operator's own.",
     )
 
 

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m finetune_trainer.stage", description="Run one rendered FineTuneJob stage."
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", help="path to a StageConfig JSON file")
+    source.add_argument("--config", "--config-file", dest="config", help="path to a StageConfig JSON file")
     source.add_argument("--config-json", help="StageConfig JSON")
     parser.add_argument("--report", required=True, help="configmap://NAMESPACE/NAME or file:///PATH")
     parser.add_argument("--no-ray", action="store_true", help="train in this process instead of Ray Train workers")

@@ -73,6 +73,10 @@ Rules the operator needs in every namespace it watches: exactly what the control
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
+# Why a stage's Ray pods do not start (scheduling, image pulls), read when an attempt passes its start timeout.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 # Existence checks of the Secrets a job names; values are never read into status, logs or events.
 - apiGroups: [""]
   resources: ["secrets"]
