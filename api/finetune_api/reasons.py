@@ -52,6 +52,8 @@ class Reason(StrEnum):
     INVALID_DATASET = "InvalidDataset"
     INVALID_MODEL = "InvalidModel"
     INVALID_CONFIG = "InvalidConfig"
+    # A worker that `resources.gpusPerWorker` gives GPUs sees no CUDA device (driver, device plugin or image).
+    GPU_UNAVAILABLE = "GPUUnavailable"
     # The job is waiting for its first stage to start.
     PENDING = "Pending"
     # The FineTuneJob was deleted `ttlSecondsAfterFinished` after finishing (Event only).
@@ -70,5 +72,6 @@ PERMANENT = frozenset(
         Reason.INVALID_MODEL,
         Reason.QUALITY_GATE_FAILED,
         Reason.KL_LIMIT_EXCEEDED,
+        Reason.GPU_UNAVAILABLE,
     }
 )

@@ -148,9 +148,20 @@ class Toleration(ApiModel):
 
 class ResourcesSpec(ApiModel):
     workers: int = Field(
-        default=1, ge=1, le=1024, description="Number of Ray Train workers (one per GPU when `gpusPerWorker` is 1)."
+        default=1,
+        ge=1,
+        le=1024,
+        description="Number of Ray worker pods; each runs one training process per GPU (one process without GPUs).",
     )
-    gpus_per_worker: int = Field(default=0, ge=0, le=16, description="GPUs per worker; 0 trains on CPU.")
+    gpus_per_worker: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description=(
+            "GPUs per worker pod; 0 trains on CPU. With G > 1 a pod gets G GPUs on one node and runs G one-GPU "
+            "training processes, which talk over NVLink/shared memory."
+        ),
+    )
     cpus_per_worker: int = Field(default=1, ge=1, le=512, description="CPU cores per worker.")
     memory_per_worker: str | None = Field(
         default=None,
@@ -164,6 +175,21 @@ class ResourcesSpec(ApiModel):
     )
     image: str | None = Field(
         default=None, description="Trainer image for the Ray pods; defaults to the operator's configured trainer image."
+    )
+    shared_memory: str | None = Field(
+        default=None,
+        description=(
+            "Size of the memory-backed `/dev/shm` of each Ray pod (NCCL's shared-memory transport and Ray's object "
+            "store use it), e.g. `32Gi`. Unset: KubeRay's default, sized like the pod's memory request."
+        ),
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Extra environment of every Ray pod, e.g. `NCCL_SOCKET_IFNAME`, `NCCL_IB_HCA` for the cluster's network; "
+            "overrides the operator's defaults (`NCCL_DEBUG=WARN` on GPU pods)."
+        ),
     )
     image_pull_secrets: list[Annotated[str, Field(min_length=1, max_length=253)]] = Field(
         default_factory=list,

@@ -29,6 +29,8 @@ STAGE_LABEL = "finetune.dev/stage"
 ATTEMPT_LABEL = "finetune.dev/attempt"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 # Kueue admits RayJobs by these labels; they are copied from the FineTuneJob to each stage's RayJob.
+# KubeRay labels each Ray pod `head` or `worker` (ray-operator/controllers/ray/utils/constant.go RayNodeTypeLabelKey).
+RAY_NODE_TYPE_LABEL = "ray.io/node-type"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_LABELS = (KUEUE_QUEUE_LABEL, "kueue.x-k8s.io/priority-class")
 # Non-root uid/gid of the Ray images' `ray` user; fsGroup makes mounted volumes writable for it.
@@ -195,14 +197,23 @@ def _pod_template(
     resources: dict[str, Any],
     secrets: list[str],
     claims: list[str],
+    labels: dict[str, str],
 ) -> dict[str, Any]:
     compute = config.resources
-    env = [{"name": "FINETUNE_PVC_ROOT", "value": PVC_MOUNT_ROOT}]
+    values = {"FINETUNE_PVC_ROOT": PVC_MOUNT_ROOT}
     if compute.gpus_per_worker == 0:
         # DeepSpeed picks its accelerator at import; without a GPU it must be told.
-        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+        values["DS_ACCELERATOR"] = "cpu"
+    else:
+        # NCCL's own account of a failed or slow collective (topology, transport) lands in the pod log.
+        values["NCCL_DEBUG"] = "WARN"
+    values.update(compute.env)
+    env = [{"name": name, "value": value} for name, value in values.items()]
     mounts = [{"name": f"pvc-{i}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}"} for i, claim in enumerate(claims)]
     mounts.append({"name": "stage-config", "mountPath": STAGE_CONFIG_DIR, "readOnly": True})
+    if compute.shared_memory:
+        # KubeRay mounts its own /dev/shm only where none is (common/pod.go addEmptyDir, sized by the memory request).
+        mounts.append({"name": "shared-mem", "mountPath": "/dev/shm"})
     volumes: list[dict[str, Any]] = [
         {"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim}} for i, claim in enumerate(claims)
     ]
@@ -215,6 +226,8 @@ def _pod_template(
             },
         }
     )
+    if compute.shared_memory:
+        volumes.append({"name": "shared-mem", "emptyDir": {"medium": "Memory", "sizeLimit": compute.shared_memory}})
     pod: dict[str, Any] = {
         "serviceAccountName": trainer_service_account_name(config.job_name),
         "securityContext": {
@@ -244,7 +257,24 @@ def _pod_template(
         pod["nodeSelector"] = dict(compute.node_selector)
     if compute.tolerations:
         pod["tolerations"] = [t.to_wire() for t in compute.tolerations]
-    return {"spec": pod}
+    return {"metadata": {"labels": labels}, "spec": pod}
+
+
+def _one_pod_per_node(labels: dict[str, str]) -> dict[str, Any]:
+    """Keep multi-GPU worker pods of one attempt on separate nodes (preferred: a node with room for two still helps)."""
+    return {
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 100,
+                    "podAffinityTerm": {
+                        "topologyKey": "kubernetes.io/hostname",
+                        "labelSelector": {"matchLabels": {**labels, RAY_NODE_TYPE_LABEL: "worker"}},
+                    },
+                }
+            ]
+        }
+    }
 
 
 def is_kueue_managed(job: JobRef) -> bool:
@@ -271,7 +301,19 @@ def rayjob(
         worker_limits[compute.gpu_resource_name] = str(compute.gpus_per_worker)
     head_resources = {"cpu": settings.head_cpu, "memory": settings.head_memory}
     labels = child_labels(job, config.stage.name, config.attempt)
+    pod_labels = dict(labels)
     labels.update({key: job.labels[key] for key in KUEUE_LABELS if key in job.labels})
+    worker_template = _pod_template(
+        config,
+        settings,
+        "ray-worker",
+        {"requests": worker_resources, "limits": worker_limits},
+        secrets,
+        claims,
+        pod_labels,
+    )
+    if compute.gpus_per_worker > 1 and compute.workers > 1:
+        worker_template["spec"]["affinity"] = _one_pod_per_node(pod_labels)
     rayjob_spec: dict[str, Any] = {
         "entrypoint": shlex.join(stage_command(config)),
         # KubeRay's operator submits the entrypoint through the head's Jobs API (rayjob_controller.go, HTTPMode): no
@@ -294,6 +336,7 @@ def rayjob(
                     {"requests": head_resources, "limits": head_resources},
                     secrets,
                     claims,
+                    pod_labels,
                 ),
             },
             "workerGroupSpecs": [
@@ -303,14 +346,7 @@ def rayjob(
                     "minReplicas": compute.workers,
                     "maxReplicas": compute.workers,
                     "rayStartParams": {},
-                    "template": _pod_template(
-                        config,
-                        settings,
-                        "ray-worker",
-                        {"requests": worker_resources, "limits": worker_limits},
-                        secrets,
-                        claims,
-                    ),
+                    "template": worker_template,
                 }
             ],
         },

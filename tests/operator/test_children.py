@@ -425,3 +425,48 @@ def test_a_config_too_large_for_its_configmap_fails_the_job_clearly(job, sample_
     assert decision.actions == []
     failed = decision.status.condition("Failed")
     assert failed.reason == "InvalidSpec" and "more than the" in failed.message and "ConfigMap" in failed.message
+
+
+# -- GPU topology ------------------------------------------------------------------------------------------------------
+
+
+def test_multi_gpu_worker_pods_spread_over_nodes_with_nccl_settings_and_shared_memory(make_rayjob, sample_spec):
+    resources = {
+        **sample_spec()["resources"],
+        "gpusPerWorker": 8,
+        "sharedMemory": "64Gi",
+        "env": {"NCCL_SOCKET_IFNAME": "eth0", "NCCL_DEBUG": "INFO"},
+    }
+    rayjob, _ = make_rayjob(stage="sft", attempt=1, resources=resources)
+    [group] = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    template = group["template"]
+    pod = template["spec"]
+    [container] = pod["containers"]
+    assert group["replicas"] == 2 and container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert (env["NCCL_SOCKET_IFNAME"], env["NCCL_DEBUG"]) == ("eth0", "INFO")
+    assert {"name": "shared-mem", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in pod["volumes"]
+    assert {"name": "shared-mem", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    [term] = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    selector = term["podAffinityTerm"]["labelSelector"]["matchLabels"]
+    assert selector["ray.io/node-type"] == "worker" and selector["finetune.dev/attempt"] == "1"
+    assert all(template["metadata"]["labels"][k] == v for k, v in selector.items() if k.startswith("finetune.dev/"))
+
+
+def test_one_gpu_workers_get_default_nccl_logging_and_kuberays_shared_memory(make_rayjob):
+    rayjob, _ = make_rayjob(stage="sft", attempt=1)
+    pod = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert {"name": "NCCL_DEBUG", "value": "WARN"} in pod["containers"][0]["env"]
+    assert "affinity" not in pod and not any(v["name"] == "shared-mem" for v in pod["volumes"])
+
+
+def test_pull_secrets_come_from_the_operator_and_the_spec(job, sample_spec):
+    spec_wire = sample_spec()
+    spec_wire["resources"]["imagePullSecrets"] = ["team-registry", "shared"]
+    spec = FineTuneJobSpec.model_validate(spec_wire)
+    settings = Settings(image_pull_secrets=("shared", "mirror"))
+    rayjob = children.rayjob(job, spec, render_stage(job.name, spec, "sft", namespace="ml"), settings)
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    for template in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):
+        assert template["spec"]["imagePullSecrets"] == [{"name": n} for n in ("shared", "mirror", "team-registry")]

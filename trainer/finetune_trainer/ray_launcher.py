@@ -73,7 +73,8 @@ def run_on_ray(config: StageConfig, reporter: Reporter | None, work_dir: Path) -
         ray.init(address=address, log_to_driver=True, configure_logging=False, **local)
     try:
         results = _results_actor()
-        gpus = resources.gpus_per_worker if strategy.use_gpu(resources) else 0
+        # The spec decides (the head, where this runs, has no GPU); see strategy.use_gpu.
+        num_workers, per_worker = strategy.train_workers(resources)
         trainer = TorchTrainer(
             _train_loop,
             train_loop_config={
@@ -84,9 +85,7 @@ def run_on_ray(config: StageConfig, reporter: Reporter | None, work_dir: Path) -
                 "cwd": os.getcwd(),
             },
             scaling_config=ScalingConfig(
-                num_workers=resources.workers,
-                use_gpu=gpus > 0,
-                resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": gpus} if gpus else {})},
+                num_workers=num_workers, use_gpu="GPU" in per_worker, resources_per_worker=per_worker
             ),
             torch_config=TorchConfig(backend=strategy.backend(resources)),
             run_config=RunConfig(
