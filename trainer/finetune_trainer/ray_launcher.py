@@ -26,6 +26,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     os.chdir(loop_config["cwd"])
     context = ray.train.get_context()
     config = StageConfig.model_validate_json(loop_config["config"])
+    strategy.attach_deepspeed(config.resources, config.deepspeed)
     metrics, report = execute_stage(
         config,
         loop_config["reporter"],

@@ -91,6 +91,19 @@ def deepspeed_config(spec: DeepSpeedSpec) -> dict[str, Any] | None:
     }
 
 
+def attach_deepspeed(resources: ResourcesSpec, spec: DeepSpeedSpec) -> None:
+    """Point DeepSpeed's comm layer at the process group Ray Train already set up; call in each Ray Train worker.
+
+    Ray Train initialises torch.distributed but not DeepSpeed's `deepspeed.comm`, so `deepspeed.zero.Init` (ZeRO-3
+    loads weights partitioned) would otherwise assume a world of one ("train_batch_size ... 32 != 16 * 1 * 1"). With
+    torch.distributed initialised, `init_distributed` wraps the existing group; MPI discovery must stay off."""
+    if spec.zero_stage == 0:
+        return
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend(resources), auto_mpi_discovery=False)
+
+
 def single_process_env() -> None:
     """Distributed environment for a one-process DeepSpeed run, so DeepSpeed does not fall back to MPI discovery.
 
