@@ -27,7 +27,7 @@ from finetune_api.render import (
     stage_output_uri,
 )
 from finetune_api.report import StageReport
-from finetune_api.spec import FineTuneJobSpec
+from finetune_api.spec import FineTuneJobSpec, uri_scheme
 from finetune_api.status import (
     FINISHED_PHASES,
     ConditionType,
@@ -115,6 +115,8 @@ class Policy:
     secret_recheck_seconds: float = 15.0
     # An attempt still initializing this long after `since` fails (0: never).
     start_timeout_seconds: float = 0.0
+    # Whether local paths (`file://`, bare paths) may be used: only where the trainer runs on the operator's machine.
+    local_paths_allowed: bool = True
 
     def retry_delay(self, failed_attempt: int) -> float:
         return min(self.retry_base_seconds * 2 ** (failed_attempt - 1), self.retry_max_seconds)
@@ -178,6 +180,27 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(f"{field_path(['spec', *loc])}: {message}" for loc, message in map(describe_error, exc.errors()))
 
 
+def local_path_problem(spec: FineTuneJobSpec) -> str | None:
+    """Local paths name a file inside one Ray pod: nothing else sees it, and it is gone with the pod."""
+    uris = [
+        ("spec.model.source", spec.model.source),
+        ("spec.model.tokenizer", spec.model.tokenizer),
+        ("spec.storage.uri", spec.storage.uri),
+    ]
+    for index, stage in enumerate(spec.stages):
+        uris += [
+            (f"spec.stages[{index}].dataset.uri", stage.dataset.uri),
+            (f"spec.stages[{index}].dataset.validationUri", stage.dataset.validation_uri),
+        ]
+    local = [f"{path}: {uri!r}" for path, uri in uris if uri and uri_scheme(uri) == "file"]
+    if not local:
+        return None
+    return (
+        "; ".join(local) + ": a local path is inside one Ray pod and is lost with it; "
+        "use s3://bucket/key or pvc://claim/path (local paths work with `finetune run` and the local executor)"
+    )
+
+
 def current_stage_index(status: FineTuneJobStatus) -> int:
     return next((i for i, s in enumerate(status.stages) if s.phase != StagePhase.succeeded.value), len(status.stages))
 
@@ -237,6 +260,10 @@ class _Machine:
             self.fail(Reason.INVALID_SPEC, describe_validation_error(exc))
             return self.decision
         problem = self.sync_stage_list(spec)
+        if problem:
+            self.fail(Reason.INVALID_SPEC, problem)
+            return self.decision
+        problem = None if self.policy.local_paths_allowed else local_path_problem(spec)
         if problem:
             self.fail(Reason.INVALID_SPEC, problem)
             return self.decision

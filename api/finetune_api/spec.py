@@ -184,6 +184,14 @@ class ResourcesSpec(ApiModel):
         ),
         pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$",
     )
+    scratch_size: str | None = Field(
+        default=None,
+        description=(
+            "Size limit of each Ray pod's scratch volume (an emptyDir for caches, downloaded models and checkpoints "
+            "before upload), e.g. `200Gi`. Unset: no limit beyond the node's ephemeral storage."
+        ),
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$",
+    )
     env: dict[str, str] = Field(
         default_factory=dict,
         description=(

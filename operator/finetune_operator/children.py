@@ -41,6 +41,7 @@ STAGE_MODULE = "finetune_trainer.stage"
 STAGE_CONFIG_KEY = "config.json"
 STAGE_CONFIG_DIR = "/etc/finetune/stage"
 STAGE_CONFIG_PATH = f"{STAGE_CONFIG_DIR}/{STAGE_CONFIG_KEY}"
+SCRATCH_DIR = "/scratch"
 
 
 def child_labels(job: JobRef, stage: str | None = None, attempt: int | None = None) -> dict[str, str]:
@@ -200,7 +201,7 @@ def _pod_template(
     labels: dict[str, str],
 ) -> dict[str, Any]:
     compute = config.resources
-    values = {"FINETUNE_PVC_ROOT": PVC_MOUNT_ROOT}
+    values = {"FINETUNE_PVC_ROOT": PVC_MOUNT_ROOT, "FINETUNE_WORK_DIR": SCRATCH_DIR}
     if compute.gpus_per_worker == 0:
         # DeepSpeed picks its accelerator at import; without a GPU it must be told.
         values["DS_ACCELERATOR"] = "cpu"
@@ -211,6 +212,7 @@ def _pod_template(
     env = [{"name": name, "value": value} for name, value in values.items()]
     mounts = [{"name": f"pvc-{i}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}"} for i, claim in enumerate(claims)]
     mounts.append({"name": "stage-config", "mountPath": STAGE_CONFIG_DIR, "readOnly": True})
+    mounts.append({"name": "scratch", "mountPath": SCRATCH_DIR})
     if compute.shared_memory:
         # KubeRay mounts its own /dev/shm only where none is (common/pod.go addEmptyDir, sized by the memory request).
         mounts.append({"name": "shared-mem", "mountPath": "/dev/shm"})
@@ -226,6 +228,9 @@ def _pod_template(
             },
         }
     )
+    # Caches, downloaded models and local checkpoints before upload: an emptyDir the kubelet accounts for (and evicts
+    # the pod on, when it outgrows `scratchSize`) instead of the container's root filesystem.
+    volumes.append({"name": "scratch", "emptyDir": {"sizeLimit": compute.scratch_size} if compute.scratch_size else {}})
     if compute.shared_memory:
         volumes.append({"name": "shared-mem", "emptyDir": {"medium": "Memory", "sizeLimit": compute.shared_memory}})
     pod: dict[str, Any] = {
@@ -235,6 +240,9 @@ def _pod_template(
             "runAsUser": TRAINER_UID,
             "runAsGroup": TRAINER_UID,
             "fsGroup": TRAINER_UID,
+            # Re-own a volume only when its root is not ours already: a recursive chown of a large model PVC on every
+            # pod start can take longer than the start timeout.
+            "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [

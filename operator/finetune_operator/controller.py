@@ -95,6 +95,7 @@ class Controller:
             settings.retry_max_seconds,
             settings.secret_recheck_seconds,
             settings.start_timeout_seconds,
+            local_paths_allowed=settings.executor == "local",
         )
         self.wakeups = Wakeups()
         self.failures_seen: dict[tuple[str, str, int], datetime] = {}

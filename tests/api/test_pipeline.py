@@ -472,3 +472,17 @@ def test_the_childs_deadline_is_what_is_left_of_the_jobs(sim):
     sim.advance(10)
     [retry] = [a for a in sim.step(failed(at=sim.now - timedelta(seconds=10))).actions if isinstance(a, StartAttempt)]
     assert (retry.config.attempt, retry.active_deadline_seconds) == (2, 2590)
+
+
+def test_local_paths_are_refused_where_the_trainer_runs_in_pods(job, sample_spec):
+    spec = sample_spec(storage={"uri": "file:///data/runs"})
+    spec["stages"][0]["dataset"] = {"uri": "./instruct.jsonl"}
+    kuberay = Policy(local_paths_allowed=False)
+    decision = reconcile(job, spec, None, Observations(), T0, kuberay)
+    assert decision.actions == [] and decision.status.phase == "Failed"
+    failed = decision.status.condition("Failed")
+    assert failed.reason == Reason.INVALID_SPEC
+    assert "spec.storage.uri: 'file:///data/runs'" in failed.message
+    assert "spec.stages[0].dataset.uri: './instruct.jsonl'" in failed.message and "pvc://" in failed.message
+    # The local executor (and `finetune run`) run the trainer where those paths are.
+    assert starts(reconcile(job, spec, None, Observations(), T0, Policy()))

@@ -122,11 +122,16 @@ def test_worker_pods_get_gpus_placement_secrets_and_volumes(make_rayjob):
             "name": "stage-config",
             "configMap": {"name": "demo.sft.1.config", "items": [{"key": "config.json", "path": "config.json"}]},
         },
+        {"name": "scratch", "emptyDir": {}},
     ]
     assert container["volumeMounts"] == [
         {"name": "pvc-0", "mountPath": "/mnt/pvc/data"},
         {"name": "stage-config", "mountPath": "/etc/finetune/stage", "readOnly": True},
+        {"name": "scratch", "mountPath": "/scratch"},
     ]
+    assert {"name": "FINETUNE_WORK_DIR", "value": "/scratch"} in container["env"]
+    # A large model PVC is re-owned only when its root is not the trainer's already.
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
     assert pod["serviceAccountName"] == "demo-trainer"
     assert "imagePullSecrets" not in pod
     # A GPU worker keeps DeepSpeed's own accelerator detection.
@@ -470,3 +475,10 @@ def test_pull_secrets_come_from_the_operator_and_the_spec(job, sample_spec):
     cluster = rayjob["spec"]["rayClusterSpec"]
     for template in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):
         assert template["spec"]["imagePullSecrets"] == [{"name": n} for n in ("shared", "mirror", "team-registry")]
+
+
+def test_a_sized_scratch_volume(make_rayjob, sample_spec):
+    resources = {**sample_spec()["resources"], "scratchSize": "200Gi"}
+    rayjob, _ = make_rayjob(stage="sft", attempt=1, resources=resources)
+    pod = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert {"name": "scratch", "emptyDir": {"sizeLimit": "200Gi"}} in pod["volumes"]
