@@ -235,6 +235,8 @@ def _pod_template(
         volumes.append({"name": "shared-mem", "emptyDir": {"medium": "Memory", "sizeLimit": compute.shared_memory}})
     pod: dict[str, Any] = {
         "serviceAccountName": trainer_service_account_name(config.job_name),
+        # The trainer reports through the API with this token; the pod's setting overrides the ServiceAccount's.
+        "automountServiceAccountToken": True,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": TRAINER_UID,

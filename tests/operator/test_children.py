@@ -132,7 +132,7 @@ def test_worker_pods_get_gpus_placement_secrets_and_volumes(make_rayjob):
     assert {"name": "FINETUNE_WORK_DIR", "value": "/scratch"} in container["env"]
     # A large model PVC is re-owned only when its root is not the trainer's already.
     assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
-    assert pod["serviceAccountName"] == "demo-trainer"
+    assert pod["serviceAccountName"] == "demo-trainer" and pod["automountServiceAccountToken"] is True
     assert "imagePullSecrets" not in pod
     # A GPU worker keeps DeepSpeed's own accelerator detection.
     assert {"name": "DS_ACCELERATOR", "value": "cpu"} not in container["env"]
