@@ -157,11 +157,17 @@ class KubeRayExecutor(_Base):
         self.prepare(job, spec, config)
         self.kube.create_if_absent(children.stage_config_configmap(job, config))
         manifest = children.rayjob(job, spec, config, self.settings, active_deadline_seconds)
-        if self.kube.create_if_absent(manifest) or children.is_kueue_managed(job):
-            # Kueue alone decides when a queued RayJob runs: it clears `suspend` on admission.
+        if self.kube.create_if_absent(manifest):
             return
         name = manifest["metadata"]["name"]
         existing = self.kube.get(RAYJOB, job.namespace, name) or {}
+        if (existing.get("metadata") or {}).get("deletionTimestamp"):
+            # Resuming right after a Kueue suspend deleted it: KubeRay's finalizer still holds the old one. Failing the
+            # pass keeps the status as it was, and the next pass creates the RayJob once it is gone.
+            raise RuntimeError(f"RayJob {job.namespace}/{name} is still being deleted; it is created again once gone")
+        if children.is_kueue_managed(job):
+            # Kueue alone decides when a queued RayJob runs: it clears `suspend` on admission.
+            return
         if (existing.get("spec") or {}).get("suspend"):
             self.kube.patch(RAYJOB, job.namespace, name, {"spec": {"suspend": False}})
 

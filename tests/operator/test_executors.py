@@ -380,3 +380,12 @@ def test_an_initializing_attempt_reports_its_pods_problems(job, kuberay):
     observed = KubeRayExecutor(kube, Settings()).observe(job, "sft", 1)
     assert (observed.state, observed.message) == (ChildState.initializing, "c-head: ErrImagePull")
     assert ("list", "Pod", "ray.io/cluster=c") in kube.calls
+
+
+def test_resuming_while_the_old_rayjob_is_still_being_deleted_waits_for_it(job, kuberay):
+    spec, config, name = kuberay
+    terminating = _queued_rayjob({"jobDeploymentStatus": "Running"})
+    terminating["metadata"]["deletionTimestamp"] = "2026-03-01T12:00:00Z"
+    kube = RecordingKube({("RayJob", name): terminating})
+    with pytest.raises(RuntimeError, match="still being deleted"):
+        KubeRayExecutor(kube, Settings()).start(job, spec, config)
