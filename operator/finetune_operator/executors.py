@@ -101,8 +101,16 @@ _STUCK_WAITING = {
 }
 
 
-def pod_problems(pods: list[dict[str, Any]]) -> list[str]:
-    """Why a Ray cluster's pods are not up, in their own words: `<pod>: <reason>: <message>`, one per stuck pod."""
+def pod_problems(pods: list[dict[str, Any]], events: list[dict[str, Any]] = ()) -> list[str]:
+    """Why a Ray cluster's pods are not up, in their own words: `<pod>: <reason>: <message>`, one per stuck pod.
+
+    Pod status says it for scheduling and image pulls; a pod stuck creating its containers (FailedMount,
+    FailedAttachVolume of a ReadWriteOnce claim already attached elsewhere) says it only in its Warning Events."""
+    latest_warning: dict[str, dict[str, Any]] = {}
+    for event in sorted(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or ""):
+        involved = event.get("involvedObject") or {}
+        if event.get("type") == "Warning" and involved.get("kind") == "Pod":
+            latest_warning[involved.get("name", "")] = event
     problems = []
     for pod in pods:
         name = (pod.get("metadata") or {}).get("name", "?")
@@ -117,6 +125,9 @@ def pod_problems(pods: list[dict[str, Any]]) -> list[str]:
             waiting = (container.get("state") or {}).get("waiting") or {}
             if waiting.get("reason") in _STUCK_WAITING:
                 found = f"{waiting['reason']}: {waiting.get('message', '')}".strip(": ")
+        if not found and status.get("phase", "Pending") == "Pending" and name in latest_warning:
+            event = latest_warning[name]
+            found = f"{event.get('reason', '')}: {event.get('message', '')}".strip(": ")
         if found:
             problems.append(f"{name}: {found}"[:300])
     return problems
@@ -176,7 +187,9 @@ class KubeRayExecutor(_Base):
         observed = rayjob_observation(rayjob)
         cluster = ((rayjob or {}).get("status") or {}).get("rayClusterName")
         if observed.state == ChildState.initializing and cluster:
-            problems = pod_problems(self.kube.list(POD, job.namespace, f"{RAY_CLUSTER_LABEL}={cluster}"))
+            pods = self.kube.list(POD, job.namespace, f"{RAY_CLUSTER_LABEL}={cluster}")
+            events = self.kube.list_events(job.namespace, "type=Warning,involvedObject.kind=Pod") if pods else []
+            problems = pod_problems(pods, events)
             if problems:
                 observed = dataclasses.replace(observed, message="; ".join(problems))
         return observed

@@ -157,6 +157,10 @@ class Kube:
     def list(self, kind: tuple[str, str], namespace: str, selector: str) -> list[dict[str, Any]]:
         return self.request("GET", self.path(kind, namespace), query=[("labelSelector", selector)]).get("items", [])
 
+    def list_events(self, namespace: str, field_selector: str) -> list[dict[str, Any]]:
+        path = self.path(("v1", "Event"), namespace)
+        return self.request("GET", path, query=[("fieldSelector", field_selector)]).get("items", [])
+
     # -- specific calls ---------------------------------------------------------------------------
 
     def patch_job_status(self, namespace: str, name: str, status_patch: dict[str, Any]) -> dict[str, Any]:

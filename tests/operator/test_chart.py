@@ -26,7 +26,7 @@ NAMESPACED = {
     *(("", "configmaps", v) for v in ("create", "get", "list", "watch", "patch", "delete")),
     *(("", "serviceaccounts", v) for v in ("create", "get", "delete")),
     *(("rbac.authorization.k8s.io", r, v) for r in ("roles", "rolebindings") for v in ("create", "get", "delete")),
-    *(("", "events", v) for v in ("create", "patch")),
+    *(("", "events", v) for v in ("create", "patch", "list")),
     ("", "secrets", "get"),
     ("", "pods", "list"),
 }

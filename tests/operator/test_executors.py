@@ -289,15 +289,37 @@ def test_pod_problems_name_each_stuck_pod_in_its_own_words():
                 ]
             },
         },
-        {"metadata": {"name": "c-fine"}, "status": {"containerStatuses": [{"state": {"running": {}}}]}},
+        {
+            "metadata": {"name": "c-fine"},
+            "status": {"phase": "Running", "containerStatuses": [{"state": {"running": {}}}]},
+        },
+        {"metadata": {"name": "c-mount"}, "status": {"phase": "Pending"}},
         {
             "metadata": {"name": "c-creating"},
             "status": {"containerStatuses": [{"state": {"waiting": {"reason": "ContainerCreating"}}}]},
         },
     ]
-    assert pod_problems(pods) == [
+    events = [
+        {
+            "type": "Warning",
+            "reason": "FailedAttachVolume",
+            "message": "Multi-Attach error for volume pvc-1: Volume is already used by pod c-head",
+            "involvedObject": {"kind": "Pod", "name": "c-mount"},
+            "lastTimestamp": "2026-03-01T12:00:05Z",
+        },
+        {
+            "type": "Warning",
+            "reason": "FailedMount",
+            "message": "older",
+            "involvedObject": {"kind": "Pod", "name": "c-mount"},
+            "lastTimestamp": "2026-03-01T12:00:01Z",
+        },
+        {"type": "Warning", "reason": "BackOff", "involvedObject": {"kind": "Pod", "name": "c-fine"}},
+    ]
+    assert pod_problems(pods, events) == [
         "c-head: ImagePullBackOff: nope",
         "c-worker: Unschedulable: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
+        "c-mount: FailedAttachVolume: Multi-Attach error for volume pvc-1: Volume is already used by pod c-head",
     ]
 
 
@@ -329,6 +351,10 @@ class RecordingKube:
     def list(self, kind, namespace, selector):
         self.calls.append(("list", kind[1], selector))
         return self.pods
+
+    def list_events(self, namespace, field_selector):
+        self.calls.append(("events", field_selector))
+        return []
 
 
 @pytest.fixture
