@@ -8,6 +8,7 @@ crash or an operator restart reaches the same decisions: nothing is started twic
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -17,9 +18,16 @@ from pydantic import ValidationError
 
 from finetune_api.manifest import describe_error, field_path
 from finetune_api.reasons import PERMANENT, Reason
-from finetune_api.render import StageConfig, rayjob_name, render_stage, stage_output_uri
+from finetune_api.render import (
+    STAGE_CONFIG_MAX_BYTES,
+    StageConfig,
+    rayjob_name,
+    render_stage,
+    stage_config_json,
+    stage_output_uri,
+)
 from finetune_api.report import StageReport
-from finetune_api.spec import FineTuneJobSpec
+from finetune_api.spec import FineTuneJobSpec, uri_scheme
 from finetune_api.status import (
     FINISHED_PHASES,
     ConditionType,
@@ -70,6 +78,8 @@ class ChildState(StrEnum):
     """What the executor sees of one stage attempt (a RayJob, or a local process)."""
 
     absent = "Absent"
+    # Held by Kueue until its workload is admitted (a suspended RayJob with a queue label).
+    queued = "Queued"
     starting = "Starting"
     initializing = "Initializing"
     running = "Running"
@@ -78,7 +88,7 @@ class ChildState(StrEnum):
     failed = "Failed"
 
 
-LIVE_STATES = {ChildState.starting, ChildState.initializing, ChildState.running}
+LIVE_STATES = {ChildState.queued, ChildState.starting, ChildState.initializing, ChildState.running}
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,8 @@ class AttemptObservation:
     # A failure no retry can fix (exit code 3, a RayJob KubeRay refuses).
     permanent: bool = False
     finished_at: datetime | None = None
+    # When the child began bringing up its cluster (KubeRay's RayJob startTime): the start timeout counts from here.
+    since: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +115,10 @@ class Policy:
     retry_base_seconds: float = 10.0
     retry_max_seconds: float = 600.0
     secret_recheck_seconds: float = 15.0
+    # An attempt still initializing this long after `since` fails (0: never).
+    start_timeout_seconds: float = 0.0
+    # Whether local paths (`file://`, bare paths) may be used: only where the trainer runs on the operator's machine.
+    local_paths_allowed: bool = True
 
     def retry_delay(self, failed_attempt: int) -> float:
         return min(self.retry_base_seconds * 2 ** (failed_attempt - 1), self.retry_max_seconds)
@@ -113,6 +129,8 @@ class StartAttempt:
     """Ensure the attempt's child exists and runs (create it, or resume it when suspended)."""
 
     config: StageConfig
+    # What is left of the job's activeDeadlineSeconds, for the child's own deadline (None: no deadline).
+    active_deadline_seconds: int | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +172,27 @@ class Decision:
 def describe_validation_error(exc: ValidationError) -> str:
     """`spec.<field path>: <problem>` for each error, camelCase paths as the user wrote them."""
     return "; ".join(f"{field_path(['spec', *loc])}: {message}" for loc, message in map(describe_error, exc.errors()))
+
+
+def local_path_problem(spec: FineTuneJobSpec) -> str | None:
+    """Local paths name a file inside one Ray pod: nothing else sees it, and it is gone with the pod."""
+    uris = [
+        ("spec.model.source", spec.model.source),
+        ("spec.model.tokenizer", spec.model.tokenizer),
+        ("spec.storage.uri", spec.storage.uri),
+    ]
+    for index, stage in enumerate(spec.stages):
+        uris += [
+            (f"spec.stages[{index}].dataset.uri", stage.dataset.uri),
+            (f"spec.stages[{index}].dataset.validationUri", stage.dataset.validation_uri),
+        ]
+    local = [f"{path}: {uri!r}" for path, uri in uris if uri and uri_scheme(uri) == "file"]
+    if not local:
+        return None
+    return (
+        "; ".join(local) + ": a local path is inside one Ray pod and is lost with it; "
+        "use s3://bucket/key or pvc://claim/path (local paths work with `finetune run` and the local executor)"
+    )
 
 
 def current_stage_index(status: FineTuneJobStatus) -> int:
@@ -215,6 +254,10 @@ class _Machine:
             self.fail(Reason.INVALID_SPEC, describe_validation_error(exc))
             return self.decision
         problem = self.sync_stage_list(spec)
+        if problem:
+            self.fail(Reason.INVALID_SPEC, problem)
+            return self.decision
+        problem = None if self.policy.local_paths_allowed else local_path_problem(spec)
         if problem:
             self.fail(Reason.INVALID_SPEC, problem)
             return self.decision
@@ -366,9 +409,11 @@ class _Machine:
         stage = self.status.stages[index]
         self.status.current_stage = stage.name
         attempt = stage.attempts
+        if attempt and stage.retry_at:
+            return self.wait_to_retry(index)
         if attempt:
             self.mirror_report(stage, attempt)
-            outcome = self.outcome(attempt)
+            outcome = self.outcome(stage)
             if outcome == "succeeded":
                 self.stage_succeeded(index)
                 return True
@@ -380,8 +425,28 @@ class _Machine:
         if not attempt or self.obs.attempt.state in (ChildState.absent, ChildState.suspended):
             self.start(index, max(attempt, 1))
             return False
+        if self.start_timed_out(index):
+            return False
         self.mark_running(index)
         return False
+
+    def start_timed_out(self, index: int) -> bool:
+        """Fail an attempt whose cluster stays initializing past the start timeout, with what its pods say."""
+        child, limit = self.obs.attempt, self.policy.start_timeout_seconds
+        if child.state != ChildState.initializing or not limit or child.since is None:
+            return False
+        waited = (self.now - child.since).total_seconds()
+        if waited < limit:
+            self.decision.wake_in(limit - waited)
+            return False
+        stage = self.status.stages[index]
+        # The stuck cluster goes now: its pods would otherwise hold nodes (or quota) while the retry waits.
+        self.decision.actions.append(StopAttempt(stage.name, stage.attempts, suspend=False))
+        message = (
+            f"the Ray cluster was not up {waited:.0f}s after it was requested: {child.message or 'no reason given'}"
+        )
+        self.attempt_failed(index, Reason.START_TIMEOUT, message, False)
+        return True
 
     def mirror_report(self, stage: StageStatus, attempt: int) -> None:
         report = self.obs.report
@@ -399,8 +464,9 @@ class _Machine:
         if report.loss is not None:
             stage.metrics["loss"] = report.loss
 
-    def outcome(self, attempt: int) -> str | tuple[str, str, bool] | None:
+    def outcome(self, stage: StageStatus) -> str | tuple[str, str, bool] | None:
         """The attempt's end: "succeeded", (reason, message, permanent) for a failure, or None while it runs."""
+        attempt = stage.attempts
         report = self.obs.report if self.obs.report and self.obs.report.attempt == attempt else None
         child = self.obs.attempt
         if (report and report.phase == "Succeeded") or child.state == ChildState.succeeded:
@@ -408,6 +474,14 @@ class _Machine:
         reported_failure = report is not None and report.phase == "Failed" and bool(report.reason)
         if reported_failure and report.reason in PERMANENT:
             return report.reason, report.message or report.reason, True
+        if child.state == ChildState.absent and stage.phase != StagePhase.suspended.value:
+            # Only a suspend removes a started attempt's child on purpose (under Kueue); a create is never skipped,
+            # since the status records an attempt only after its child was created.
+            return (
+                Reason.ATTEMPT_LOST,
+                f"attempt {attempt}'s {stage.ray_job or 'child'} disappeared after it started",
+                False,
+            )
         if child.state != ChildState.failed:
             return None
         reason = report.reason if reported_failure else (child.reason or Reason.STAGE_FAILED)
@@ -446,24 +520,34 @@ class _Machine:
             return False
         finished = self.obs.attempt.finished_at or self.now
         retry_at = finished + timedelta(seconds=self.policy.retry_delay(attempt))
-        if self.now < retry_at:
-            wait = (retry_at - self.now).total_seconds()
-            resume = stage.last_checkpoint or "the stage's start (no checkpoint yet)"
-            # An absolute time, not a countdown: the message stays the same from pass to pass, so waiting writes nothing.
-            text = (
-                f"attempt {attempt} failed ({reason}: {message}); "
-                f"attempt {attempt + 1} resumes from {resume} at {timestamp(retry_at)}"
-            )
-            stage.message = text
-            if (
-                self.status.condition(RUNNING) is None
-                or self.status.condition(RUNNING).reason != Reason.RETRYING_FROM_CHECKPOINT
-            ):
-                self.decision.event(Reason.RETRYING_FROM_CHECKPOINT, f"stage {stage.name}: {text}", warning=True)
-            self.condition(RUNNING, True, Reason.RETRYING_FROM_CHECKPOINT, f"stage {stage.name}: {text}")
-            self.decision.wake_in(wait)
+        if self.now >= retry_at:
+            self.start(index, attempt + 1)
             return False
-        self.start(index, attempt + 1)
+        # Recorded once: the wait no longer depends on the failed child, which may be deleted meanwhile.
+        stage.retry_at = timestamp(retry_at)
+        wait = (retry_at - self.now).total_seconds()
+        resume = stage.last_checkpoint or "the stage's start (no checkpoint yet)"
+        text = (
+            f"attempt {attempt} failed ({reason}: {message}); attempt {attempt + 1} resumes from {resume} "
+            f"at {stage.retry_at}"
+        )
+        stage.message = text
+        self.decision.event(Reason.RETRYING_FROM_CHECKPOINT, f"stage {stage.name}: {text}", warning=True)
+        self.condition(RUNNING, True, Reason.RETRYING_FROM_CHECKPOINT, f"stage {stage.name}: {text}")
+        self.decision.wake_in(wait)
+        return False
+
+    def wait_to_retry(self, index: int) -> bool:
+        """A failed attempt waits until `retryAt`, then the next one starts (suspend still applies meanwhile)."""
+        stage = self.status.stages[index]
+        if self.spec.suspend:
+            self.suspend(stage)
+            return False
+        remaining = (parse_time(stage.retry_at) - self.now).total_seconds()
+        if remaining > 0:
+            self.decision.wake_in(remaining)
+            return False
+        self.start(index, stage.attempts + 1)
         return False
 
     def suspend(self, stage: StageStatus) -> None:
@@ -487,7 +571,21 @@ class _Machine:
             self.wait_for_secrets(stage)
             return
         config = render_stage(self.job.name, spec, stage.name, namespace=self.job.namespace, attempt=attempt)
-        self.decision.actions.append(StartAttempt(config))
+        size = len(stage_config_json(config).encode())
+        if size > STAGE_CONFIG_MAX_BYTES:
+            self.fail(
+                Reason.INVALID_SPEC,
+                f"the rendered config is {size} bytes, more than the {STAGE_CONFIG_MAX_BYTES} that fit the ConfigMap "
+                "carrying it to the trainer; keep large texts (chat templates, prompts) in the model or dataset",
+                index,
+            )
+            return
+        deadline = None
+        if spec.active_deadline_seconds:
+            left = spec.active_deadline_seconds - (self.active_seconds() if self.status.start_time else 0.0)
+            deadline = max(math.ceil(left), 1)
+        self.decision.actions.append(StartAttempt(config, deadline))
+        stage.retry_at = None
         new_attempt = attempt != stage.attempts
         stage.attempts, stage.ray_job, stage.phase = (
             attempt,
@@ -522,6 +620,11 @@ class _Machine:
     def mark_running(self, index: int) -> None:
         stage, child = self.status.stages[index], self.obs.attempt
         where = f"stage {stage.name} ({index + 1}/{len(self.spec.stages)}) attempt {stage.attempts}"
+        if child.state == ChildState.queued:
+            stage.phase, stage.message = StagePhase.queued.value, f"{where}: {child.message or 'queued in Kueue'}"
+            self.status.phase = JobPhase.running.value
+            self.condition(RUNNING, True, Reason.QUEUED, stage.message)
+            return
         if child.state == ChildState.initializing:
             reason, message = (
                 Reason.CLUSTER_INITIALIZING,

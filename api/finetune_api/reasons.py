@@ -11,6 +11,15 @@ class Reason(StrEnum):
     STAGE_STARTING = "StageStarting"
     # The stage's Ray cluster is coming up (KubeRay: Initializing/Waiting); the message carries KubeRay's.
     CLUSTER_INITIALIZING = "ClusterInitializing"
+    # Kueue holds the stage's RayJob (suspended until its workload is admitted); the message names the queue.
+    QUEUED = "Queued"
+    # The stage's Ray cluster did not come up within the operator's start timeout; the message carries the pods'
+    # own reasons (Unschedulable, ImagePullBackOff, ...).
+    START_TIMEOUT = "StartTimeout"
+    # The attempt's RayJob (or local process) disappeared after it started, e.g. deleted by hand.
+    ATTEMPT_LOST = "AttemptLost"
+    # The API server refused to create one of the attempt's children (admission webhook, Pod Security, quota).
+    CHILD_REFUSED = "ChildRefused"
     # The stage's trainer is running.
     STAGE_RUNNING = "StageRunning"
     # A stage finished and wrote its output model.
@@ -52,6 +61,8 @@ class Reason(StrEnum):
     TRAINING_DIVERGED = "TrainingDiverged"
     # The API server refused a status patch (Event, and a `StatusUpdated=False` condition); the message carries why.
     STATUS_PATCH_REFUSED = "StatusPatchRefused"
+    # A worker that `resources.gpusPerWorker` gives GPUs sees no CUDA device (driver, device plugin or image).
+    GPU_UNAVAILABLE = "GPUUnavailable"
     # The job is waiting for its first stage to start.
     PENDING = "Pending"
     # The FineTuneJob was deleted `ttlSecondsAfterFinished` after finishing (Event only).
@@ -71,5 +82,6 @@ PERMANENT = frozenset(
         Reason.QUALITY_GATE_FAILED,
         Reason.KL_LIMIT_EXCEEDED,
         Reason.TRAINING_DIVERGED,
+        Reason.GPU_UNAVAILABLE,
     }
 )

@@ -6,6 +6,8 @@ locally. The trainer never reads the FineTuneJob itself.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import posixpath
 
 from pydantic import ConfigDict, Field
@@ -71,14 +73,55 @@ def stage_checkpoint_dir(storage: StorageSpec, stage_name: str) -> str:
     return join_uri(storage.uri, stage_name, "checkpoints")
 
 
+# KubeRay v1.5.1 refuses RayJob names longer than 47 characters (MaxRayJobNameLength = MaxRayClusterNameLength - 6, in
+# ray-operator/controllers/ray/utils/constant.go) or not DNS-1035 labels (ValidateRayJobMetadata, utils/validation.go):
+# it appends 6 characters to make the RayCluster name, and Service names must stay within 63.
+RAYJOB_NAME_MAX = 47
+_DIGEST_CHARS = 8
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:_DIGEST_CHARS]
+
+
 def rayjob_name(job_name: str, stage_name: str, attempt: int) -> str:
-    """Deterministic RayJob name per (job, stage, attempt) so that creates are idempotent."""
-    return f"{job_name}-{stage_name}-{attempt}"[:63].rstrip("-")
+    """The RayJob of one (job, stage, attempt): a DNS-1035 label of at most 47 characters, deterministic so that
+    creates are idempotent.
+
+    `<job>-<stage>` (cut to fit) keeps it readable; the digest of (job, stage, attempt) keeps it unique where the cut
+    or a dash inside a name (job `a-b` stage `c` vs job `a` stage `b-c`) would make two children look alike.
+    """
+    tail = f"-{attempt}-{_digest(job_name, stage_name, str(attempt))}"
+    # DNS-1035 starts with a letter; job names are DNS-1123 labels and may start with a digit (`2026-run`).
+    job_part = job_name if job_name[0].isalpha() else "r" + job_name
+    room = RAYJOB_NAME_MAX - len(tail)
+    # The job's name gives way first, so the stage stays readable (stage names have at most 30 characters).
+    job_part = job_part[: max(room - len(stage_name) - 1, 8)].rstrip("-")
+    return f"{job_part}-{stage_name}"[:room].rstrip("-") + tail
 
 
 def report_configmap_name(job_name: str, stage_name: str) -> str:
-    """The per-stage ConfigMap the trainer writes its StageReport into."""
-    return f"{job_name}-{stage_name}-report"[:63].rstrip("-")
+    """The per-stage ConfigMap the trainer writes its StageReport into.
+
+    ConfigMap names are DNS-1123 subdomains (up to 253 characters): the dots, which job and stage names (DNS labels)
+    cannot contain, keep the name unique and readable without cutting (at most 63 + 30 + 9 characters).
+    """
+    return f"{job_name}.{stage_name}.report"
+
+
+# The config travels in a ConfigMap, whose data the API server limits to 1 MiB (corev1 MaxSecretSize); a little is
+# left for the object's metadata.
+STAGE_CONFIG_MAX_BYTES = 1024 * 1024 - 16 * 1024
+
+
+def stage_config_json(config: StageConfig) -> str:
+    """The StageConfig as the trainer reads it (`--config-file`): compact, keys sorted."""
+    return json.dumps(config.to_wire(), separators=(",", ":"), sort_keys=True)
+
+
+def stage_config_configmap_name(job_name: str, stage_name: str, attempt: int) -> str:
+    """The per-attempt ConfigMap carrying the rendered StageConfig to the trainer pods as a file."""
+    return f"{job_name}.{stage_name}.{attempt}.config"
 
 
 def resolve_training(job: FineTuneJobSpec, stage: StageSpec) -> TrainingSpec:

@@ -22,7 +22,7 @@ KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-# Stage names end up inside child object names (job-stage-attempt) that must stay within 63 characters.
+# Stage names end up inside child object names (job.stage.attempt.config, a cut RayJob name) and label values.
 STAGE_NAME_MAX = 30
 
 # Kubernetes object names: a Secret is a DNS-1123 subdomain.
@@ -31,6 +31,9 @@ DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?
 LABEL_KEY_MAX = 317
 LABEL_VALUE_MAX = 63
 MAP_MAX_ENTRIES = 64
+# A Kubernetes quantity of bytes (`16Gi`, `512M`).
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$"
+QUANTITY_MAX = 32
 # Jinja chat templates of current models run to ~10 KiB; leave room.
 CHAT_TEMPLATE_MAX = 65536
 # Upper bound for counts (steps, samples, seconds...): large enough for any real run, small enough to stay exact in JSON.
@@ -164,15 +167,26 @@ class Toleration(SpecModel):
 
 class ResourcesSpec(SpecModel):
     workers: int = Field(
-        default=1, ge=1, le=1024, description="Number of Ray Train workers (one per GPU when `gpusPerWorker` is 1)."
+        default=1,
+        ge=1,
+        le=1024,
+        description="Number of Ray worker pods; each runs one training process per GPU (one process without GPUs).",
     )
-    gpus_per_worker: int = Field(default=0, ge=0, le=16, description="GPUs per worker; 0 trains on CPU.")
+    gpus_per_worker: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description=(
+            "GPUs per worker pod; 0 trains on CPU. With G > 1 a pod gets G GPUs on one node and runs G one-GPU "
+            "training processes, which talk over NVLink/shared memory."
+        ),
+    )
     cpus_per_worker: int = Field(default=1, ge=1, le=512, description="CPU cores per worker.")
     memory_per_worker: str | None = Field(
         default=None,
         description="Memory per worker as a Kubernetes quantity, e.g. `16Gi`.",
-        max_length=32,
-        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$",
+        max_length=QUANTITY_MAX,
+        pattern=QUANTITY,
     )
     gpu_resource_name: LabelKey = Field(
         default="nvidia.com/gpu", description="Extended resource name requested for GPUs."
@@ -188,6 +202,40 @@ class ResourcesSpec(SpecModel):
         min_length=1,
         max_length=1024,
         description="Trainer image for the Ray pods; defaults to the operator's configured trainer image.",
+    )
+    shared_memory: str | None = Field(
+        default=None,
+        description=(
+            "Size of the memory-backed `/dev/shm` of each Ray pod (NCCL's shared-memory transport and Ray's object "
+            "store use it), e.g. `32Gi`. Unset: KubeRay's default, sized like the pod's memory request."
+        ),
+        max_length=QUANTITY_MAX,
+        pattern=QUANTITY,
+    )
+    scratch_size: str | None = Field(
+        default=None,
+        description=(
+            "Size limit of each Ray pod's scratch volume (an emptyDir for caches, downloaded models and checkpoints "
+            "before upload), e.g. `200Gi`. Unset: no limit beyond the node's ephemeral storage."
+        ),
+        max_length=QUANTITY_MAX,
+        pattern=QUANTITY,
+    )
+    env: dict[
+        Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")],
+        Annotated[str, Field(max_length=4096)],
+    ] = Field(
+        default_factory=dict,
+        max_length=MAP_MAX_ENTRIES,
+        description=(
+            "Extra environment of every Ray pod, e.g. `NCCL_SOCKET_IFNAME`, `NCCL_IB_HCA` for the cluster's network; "
+            "overrides the operator's defaults (`NCCL_DEBUG=WARN` on GPU pods)."
+        ),
+    )
+    image_pull_secrets: list[SecretName] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Image pull Secrets (in the job's namespace) for the Ray pods, added to the operator's own.",
     )
 
 

@@ -23,6 +23,8 @@ class JobPhase(StrEnum):
 
 class StagePhase(StrEnum):
     pending = "Pending"
+    # Kueue holds the stage's RayJob until its workload is admitted.
+    queued = "Queued"
     running = "Running"
     succeeded = "Succeeded"
     failed = "Failed"
@@ -67,7 +69,8 @@ class StageStatus(ApiModel):
     name: str = Field(description="Stage name.")
     type: StageType = Field(description="Stage type.")
     phase: StagePhase = Field(
-        default=StagePhase.pending, description="Pending, Running, Succeeded, Failed or Suspended."
+        default=StagePhase.pending,
+        description="Pending, Queued (held by Kueue), Running, Succeeded, Failed or Suspended.",
     )
     attempts: int = Field(default=0, description="Attempts started so far (1 on a first run).")
     ray_job: str | None = Field(default=None, description="Name of the RayJob running the current attempt.")
@@ -82,6 +85,9 @@ class StageStatus(ApiModel):
     progress: StageProgress | None = Field(default=None, description="Step counter of the running attempt.")
     metrics: dict[str, float] = Field(
         default_factory=dict, description="Evaluation metrics reported by the stage (e.g. eval_loss_after)."
+    )
+    retry_at: str | None = Field(
+        default=None, description="When the next attempt starts, while the current one has failed and waits to retry."
     )
     message: str = Field(default="", description="Why the stage is in its phase.")
 

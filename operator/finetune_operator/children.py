@@ -6,14 +6,20 @@ can find (and clean up) everything a job owns with one label selector.
 
 from __future__ import annotations
 
-import json
 import shlex
 import socket
 from datetime import datetime
 from typing import Any
 
 from finetune_api.pipeline import JobRef
-from finetune_api.render import PVC_MOUNT_ROOT, StageConfig, rayjob_name, report_configmap_name
+from finetune_api.render import (
+    PVC_MOUNT_ROOT,
+    StageConfig,
+    rayjob_name,
+    report_configmap_name,
+    stage_config_configmap_name,
+    stage_config_json,
+)
 from finetune_api.spec import API_VERSION, KIND, FineTuneJobSpec, uri_scheme
 from finetune_operator.settings import Settings
 
@@ -23,10 +29,19 @@ STAGE_LABEL = "finetune.dev/stage"
 ATTEMPT_LABEL = "finetune.dev/attempt"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 # Kueue admits RayJobs by these labels; they are copied from the FineTuneJob to each stage's RayJob.
-KUEUE_LABELS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
+# KubeRay labels each Ray pod `head` or `worker` (ray-operator/controllers/ray/utils/constant.go RayNodeTypeLabelKey).
+RAY_NODE_TYPE_LABEL = "ray.io/node-type"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_LABELS = (KUEUE_QUEUE_LABEL, "kueue.x-k8s.io/priority-class")
 # Non-root uid/gid of the Ray images' `ray` user; fsGroup makes mounted volumes writable for it.
 TRAINER_UID = 1000
 STAGE_MODULE = "finetune_trainer.stage"
+# The rendered StageConfig reaches the Ray pods as this file (a ConfigMap volume), never on the command line: the
+# entrypoint passes through KubeRay's submission and Ray's `Popen(shell=True)`, which re-quote and re-split it.
+STAGE_CONFIG_KEY = "config.json"
+STAGE_CONFIG_DIR = "/etc/finetune/stage"
+STAGE_CONFIG_PATH = f"{STAGE_CONFIG_DIR}/{STAGE_CONFIG_KEY}"
+SCRATCH_DIR = "/scratch"
 
 
 def child_labels(job: JobRef, stage: str | None = None, attempt: int | None = None) -> dict[str, str]:
@@ -59,7 +74,9 @@ def _metadata(job: JobRef, name: str, labels: dict[str, str]) -> dict[str, Any]:
 
 
 def trainer_service_account_name(job_name: str) -> str:
-    return f"{job_name}-trainer"[:63].rstrip("-")
+    """ServiceAccount, Role and RoleBinding of the job's trainer. ServiceAccount names are DNS-1123 subdomains (253
+    characters) and Role names path segments, so `<job>-trainer` (at most 71) is never cut and is unique per job."""
+    return f"{job_name}-trainer"
 
 
 def report_configmap(job: JobRef, stage: str) -> dict[str, Any]:
@@ -102,23 +119,38 @@ def trainer_rbac(job: JobRef, spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     ]
 
 
-def config_json(config: StageConfig) -> str:
-    return json.dumps(config.to_wire(), separators=(",", ":"), sort_keys=True)
+def stage_config_configmap(job: JobRef, config: StageConfig) -> dict[str, Any]:
+    """The attempt's rendered StageConfig, mounted into its Ray pods at STAGE_CONFIG_PATH (immutable: one per attempt)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(
+            job,
+            stage_config_configmap_name(job.name, config.stage.name, config.attempt),
+            child_labels(job, config.stage.name, config.attempt),
+        ),
+        "immutable": True,
+        "data": {STAGE_CONFIG_KEY: stage_config_json(config)},
+    }
 
 
 def report_uri(namespace: str, configmap: str) -> str:
     return f"configmap://{namespace}/{configmap}"
 
 
-def stage_command(config: StageConfig, python: str = "python", no_ray: bool = False) -> list[str]:
-    """argv of the trainer entrypoint for one stage attempt."""
+def stage_command(
+    config: StageConfig, config_path: str = STAGE_CONFIG_PATH, python: str = "python", no_ray: bool = False
+) -> list[str]:
+    """argv of the trainer entrypoint for one stage attempt, reading its StageConfig from `config_path`.
+
+    Every word is plain (paths, DNS names), so the command reads the same after any shell's quoting."""
     namespace = config.namespace or "default"
     argv = [
         python,
         "-m",
         STAGE_MODULE,
-        "--config-json",
-        config_json(config),
+        "--config-file",
+        config_path,
         "--report",
         report_uri(namespace, report_configmap_name(config.job_name, config.stage.name)),
     ]
@@ -166,19 +198,53 @@ def _pod_template(
     resources: dict[str, Any],
     secrets: list[str],
     claims: list[str],
+    labels: dict[str, str],
 ) -> dict[str, Any]:
     compute = config.resources
-    env = [{"name": "FINETUNE_PVC_ROOT", "value": PVC_MOUNT_ROOT}]
+    values = {"FINETUNE_PVC_ROOT": PVC_MOUNT_ROOT, "FINETUNE_WORK_DIR": SCRATCH_DIR}
     if compute.gpus_per_worker == 0:
         # DeepSpeed picks its accelerator at import; without a GPU it must be told.
-        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+        values["DS_ACCELERATOR"] = "cpu"
+    else:
+        # NCCL's own account of a failed or slow collective (topology, transport) lands in the pod log.
+        values["NCCL_DEBUG"] = "WARN"
+    values.update(compute.env)
+    env = [{"name": name, "value": value} for name, value in values.items()]
+    mounts = [{"name": f"pvc-{i}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}"} for i, claim in enumerate(claims)]
+    mounts.append({"name": "stage-config", "mountPath": STAGE_CONFIG_DIR, "readOnly": True})
+    mounts.append({"name": "scratch", "mountPath": SCRATCH_DIR})
+    if compute.shared_memory:
+        # KubeRay mounts its own /dev/shm only where none is (common/pod.go addEmptyDir, sized by the memory request).
+        mounts.append({"name": "shared-mem", "mountPath": "/dev/shm"})
+    volumes: list[dict[str, Any]] = [
+        {"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim}} for i, claim in enumerate(claims)
+    ]
+    volumes.append(
+        {
+            "name": "stage-config",
+            "configMap": {
+                "name": stage_config_configmap_name(config.job_name, config.stage.name, config.attempt),
+                "items": [{"key": STAGE_CONFIG_KEY, "path": STAGE_CONFIG_KEY}],
+            },
+        }
+    )
+    # Caches, downloaded models and local checkpoints before upload: an emptyDir the kubelet accounts for (and evicts
+    # the pod on, when it outgrows `scratchSize`) instead of the container's root filesystem.
+    volumes.append({"name": "scratch", "emptyDir": {"sizeLimit": compute.scratch_size} if compute.scratch_size else {}})
+    if compute.shared_memory:
+        volumes.append({"name": "shared-mem", "emptyDir": {"medium": "Memory", "sizeLimit": compute.shared_memory}})
     pod: dict[str, Any] = {
         "serviceAccountName": trainer_service_account_name(config.job_name),
+        # The trainer reports through the API with this token; the pod's setting overrides the ServiceAccount's.
+        "automountServiceAccountToken": True,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": TRAINER_UID,
             "runAsGroup": TRAINER_UID,
             "fsGroup": TRAINER_UID,
+            # Re-own a volume only when its root is not ours already: a recursive chown of a large model PVC on every
+            # pod start can take longer than the start timeout.
+            "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [
@@ -189,23 +255,50 @@ def _pod_template(
                 "env": env,
                 "envFrom": [{"secretRef": {"name": name}} for name in secrets],
                 "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
-                "volumeMounts": [
-                    {"name": f"pvc-{i}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}"} for i, claim in enumerate(claims)
-                ],
+                "volumeMounts": mounts,
             }
         ],
-        "volumes": [
-            {"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim}} for i, claim in enumerate(claims)
-        ],
+        "volumes": volumes,
     }
+    pull_secrets = list(dict.fromkeys([*settings.image_pull_secrets, *compute.image_pull_secrets]))
+    if pull_secrets:
+        pod["imagePullSecrets"] = [{"name": name} for name in pull_secrets]
     if compute.node_selector:
         pod["nodeSelector"] = dict(compute.node_selector)
     if compute.tolerations:
         pod["tolerations"] = [t.to_wire() for t in compute.tolerations]
-    return {"spec": pod}
+    return {"metadata": {"labels": labels}, "spec": pod}
 
 
-def rayjob(job: JobRef, spec: FineTuneJobSpec, config: StageConfig, settings: Settings) -> dict[str, Any]:
+def _one_pod_per_node(labels: dict[str, str]) -> dict[str, Any]:
+    """Keep multi-GPU worker pods of one attempt on separate nodes (preferred: a node with room for two still helps)."""
+    return {
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 100,
+                    "podAffinityTerm": {
+                        "topologyKey": "kubernetes.io/hostname",
+                        "labelSelector": {"matchLabels": {**labels, RAY_NODE_TYPE_LABEL: "worker"}},
+                    },
+                }
+            ]
+        }
+    }
+
+
+def is_kueue_managed(job: JobRef) -> bool:
+    """Whether the job's RayJobs go through Kueue: they carry its queue label (copied from the FineTuneJob)."""
+    return bool(job.labels.get(KUEUE_QUEUE_LABEL))
+
+
+def rayjob(
+    job: JobRef,
+    spec: FineTuneJobSpec,
+    config: StageConfig,
+    settings: Settings,
+    active_deadline_seconds: int | None = None,
+) -> dict[str, Any]:
     """The RayJob (ray.io/v1) running one stage attempt: a head node for the driver plus one worker group."""
     compute = config.resources
     secrets = list(dict.fromkeys(name for _, name in referenced_secrets(spec, config.stage_index)))
@@ -218,48 +311,64 @@ def rayjob(job: JobRef, spec: FineTuneJobSpec, config: StageConfig, settings: Se
         worker_limits[compute.gpu_resource_name] = str(compute.gpus_per_worker)
     head_resources = {"cpu": settings.head_cpu, "memory": settings.head_memory}
     labels = child_labels(job, config.stage.name, config.attempt)
+    pod_labels = dict(labels)
     labels.update({key: job.labels[key] for key in KUEUE_LABELS if key in job.labels})
+    worker_template = _pod_template(
+        config,
+        settings,
+        "ray-worker",
+        {"requests": worker_resources, "limits": worker_limits},
+        secrets,
+        claims,
+        pod_labels,
+    )
+    if compute.gpus_per_worker > 1 and compute.workers > 1:
+        worker_template["spec"]["affinity"] = _one_pod_per_node(pod_labels)
+    rayjob_spec: dict[str, Any] = {
+        "entrypoint": shlex.join(stage_command(config)),
+        # KubeRay's operator submits the entrypoint through the head's Jobs API (rayjob_controller.go, HTTPMode): no
+        # submitter pod, so nothing that Pod Security `restricted` could refuse, no pull secrets or tolerations to
+        # copy, and no submitter PodSet for Kueue to count (kueue rayjob_controller.go, addSubmitterPodSet).
+        "submissionMode": "HTTPMode",
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": settings.rayjob_ttl_seconds,
+        # Kueue's webhook sets suspend on every RayJob with a queue label and clears it on admission
+        # (kueue jobframework/defaults.go ApplyDefaultForSuspend); created suspended, nothing starts without quota.
+        "suspend": is_kueue_managed(job),
+        "rayClusterSpec": {
+            "headGroupSpec": {
+                # The head hosts the driver only: training workers land on the worker group.
+                "rayStartParams": {"num-cpus": "0"},
+                "template": _pod_template(
+                    config,
+                    settings,
+                    "ray-head",
+                    {"requests": head_resources, "limits": head_resources},
+                    secrets,
+                    claims,
+                    pod_labels,
+                ),
+            },
+            "workerGroupSpecs": [
+                {
+                    "groupName": "workers",
+                    "replicas": compute.workers,
+                    "minReplicas": compute.workers,
+                    "maxReplicas": compute.workers,
+                    "rayStartParams": {},
+                    "template": worker_template,
+                }
+            ],
+        },
+    }
+    if active_deadline_seconds is not None:
+        # KubeRay fails the RayJob once it has existed this long since its (re)start, even while Initializing.
+        rayjob_spec["activeDeadlineSeconds"] = max(int(active_deadline_seconds), 1)
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
         "metadata": _metadata(job, rayjob_name(job.name, config.stage.name, config.attempt), labels),
-        "spec": {
-            "entrypoint": shlex.join(stage_command(config)),
-            "shutdownAfterJobFinishes": True,
-            "ttlSecondsAfterFinished": settings.rayjob_ttl_seconds,
-            "suspend": False,
-            "rayClusterSpec": {
-                "headGroupSpec": {
-                    # The head hosts the driver only: training workers land on the worker group.
-                    "rayStartParams": {"num-cpus": "0"},
-                    "template": _pod_template(
-                        config,
-                        settings,
-                        "ray-head",
-                        {"requests": head_resources, "limits": head_resources},
-                        secrets,
-                        claims,
-                    ),
-                },
-                "workerGroupSpecs": [
-                    {
-                        "groupName": "workers",
-                        "replicas": compute.workers,
-                        "minReplicas": compute.workers,
-                        "maxReplicas": compute.workers,
-                        "rayStartParams": {},
-                        "template": _pod_template(
-                            config,
-                            settings,
-                            "ray-worker",
-                            {"requests": worker_resources, "limits": worker_limits},
-                            secrets,
-                            claims,
-                        ),
-                    }
-                ],
-            },
-        },
+        "spec": rayjob_spec,
     }
 
 

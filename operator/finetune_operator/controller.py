@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import json
 import logging
 import time
 from datetime import UTC, datetime
@@ -47,6 +48,16 @@ log = logging.getLogger(__name__)
 ERROR_RETRY_SECONDS = 5.0
 # Condition set to False while the API server refuses the operator's status patches; the next accepted patch drops it.
 STATUS_UPDATED = "StatusUpdated"
+# Status codes of a create the API server refused for good (validation, admission webhook, Pod Security, quota).
+REFUSED_STATUSES = (400, 403, 422)
+
+
+def _api_message(exc: ApiException) -> str:
+    """The API server's own message from a failed request's Status body."""
+    try:
+        return json.loads(exc.body or "{}").get("message") or str(exc.reason)
+    except (ValueError, AttributeError):
+        return str(exc.reason)
 
 
 def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -81,11 +92,19 @@ class Controller:
         self.settings, self.kube = settings, kube
         self.executor = make_executor(kube, settings)
         self.metrics = metrics or OperatorMetrics()
-        self.policy = Policy(settings.retry_base_seconds, settings.retry_max_seconds, settings.secret_recheck_seconds)
+        self.policy = Policy(
+            settings.retry_base_seconds,
+            settings.retry_max_seconds,
+            settings.secret_recheck_seconds,
+            settings.start_timeout_seconds,
+            local_paths_allowed=settings.executor == "local",
+        )
         self.wakeups = Wakeups()
         self.failures_seen: dict[tuple[str, str, int], datetime] = {}
         # job uid -> the API server's answer to its last refused status patch, while refusals last
         self.refused_patches: dict[str, str] = {}
+        # Attempts whose child the API server refused to create: (job uid, stage, attempt) -> the refusal.
+        self.refusals: dict[tuple[str, str, int], AttemptObservation] = {}
 
     # -- one reconcile pass ----------------------------------------------------------------------
 
@@ -105,7 +124,10 @@ class Controller:
             child, report = AttemptObservation(), None
         else:
             child, report = self.executor.observe(job, stage, attempt), self.read_report(job, stage)
-        if child.state == ChildState.failed and child.finished_at is None:
+            refusal = self.refusals.get((job.uid, stage, attempt))
+            if refusal is not None and child.state == ChildState.absent:
+                child = refusal
+        if child.state in (ChildState.failed, ChildState.absent) and child.finished_at is None:
             # Backoff needs a fixed start: when the child carries no end time, the first sighting of the failure is it.
             seen = self.failures_seen.setdefault((job.uid, stage, attempt), datetime.now(UTC))
             child = dataclasses.replace(child, finished_at=seen)
@@ -133,7 +155,21 @@ class Controller:
 
     def execute(self, job: JobRef, spec_raw: dict[str, Any], action: StartAttempt | StopAttempt | DeleteJob) -> None:
         if isinstance(action, StartAttempt):
-            self.executor.start(job, FineTuneJobSpec.model_validate(spec_raw), action.config)
+            config = action.config
+            try:
+                self.executor.start(
+                    job, FineTuneJobSpec.model_validate(spec_raw), config, action.active_deadline_seconds
+                )
+            except ApiException as exc:
+                if exc.status not in REFUSED_STATUSES:
+                    raise
+                # Admission (a webhook, Pod Security, a quota) said no: the attempt fails with its words, visible in
+                # status and as an Event, and is retried with backoff like any failed attempt.
+                message = f"the API server refused a child of attempt {config.attempt}: {_api_message(exc)}"
+                self.refusals[(job.uid, config.stage.name, config.attempt)] = AttemptObservation(
+                    ChildState.failed, message, Reason.CHILD_REFUSED, finished_at=datetime.now(UTC)
+                )
+                self.post_event(job, "Warning", Reason.CHILD_REFUSED, f"stage {config.stage.name}: {message}")
         elif isinstance(action, StopAttempt):
             self.executor.stop(job, action.stage, action.attempt, action.suspend)
         else:
@@ -199,6 +235,12 @@ class Controller:
             self.post_event(job, event.type, event.reason, event.message)
         self.metrics.observe_phase(job.uid, decision.status.phase)
         delay = decision.requeue_after
+        if any(
+            isinstance(a, StartAttempt) and (job.uid, a.config.stage.name, a.config.attempt) in self.refusals
+            for a in decision.actions
+        ):
+            # Record the refusal in status on the next pass, now.
+            delay = 0.0
         live = observations.attempt.state in LIVE_STATES or any(isinstance(a, StartAttempt) for a in decision.actions)
         if self.executor.poll_seconds and live:
             delay = min(delay, self.executor.poll_seconds) if delay is not None else self.executor.poll_seconds
@@ -208,8 +250,9 @@ class Controller:
         """Finalizer work: stop and delete the job's children; delete artifacts only with retainOnDelete: false."""
         job = JobRef.from_body(body)
         self.metrics.observe_phase(job.uid, None)
-        for key in [key for key in self.failures_seen if key[0] == job.uid]:
-            del self.failures_seen[key]
+        for seen in (self.failures_seen, self.refusals):
+            for key in [key for key in seen if key[0] == job.uid]:
+                del seen[key]
         self.refused_patches.pop(job.uid, None)
         try:
             self.executor.cleanup(job)

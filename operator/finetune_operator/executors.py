@@ -6,6 +6,7 @@ they see of an attempt into an `AttemptObservation` for the state machine.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -18,22 +19,27 @@ from typing import Any, Protocol
 
 from finetune_api.pipeline import AttemptObservation, ChildState, JobRef
 from finetune_api.reasons import Reason
-from finetune_api.render import StageConfig, rayjob_name, stage_root
+from finetune_api.render import StageConfig, rayjob_name, stage_config_json, stage_root
 from finetune_api.report import EXIT_PERMANENT_FAILURE
 from finetune_api.spec import FineTuneJobSpec, uri_scheme
 from finetune_api.timeutil import parse_time
 from finetune_operator import children
-from finetune_operator.kube import CONFIGMAP, RAYJOB, Kube
+from finetune_operator.kube import CONFIGMAP, POD, RAYJOB, Kube
 from finetune_operator.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# KubeRay labels every pod of a RayCluster with the cluster's name (ray-operator/controllers/ray/utils/constant.go).
+RAY_CLUSTER_LABEL = "ray.io/cluster"
 
 
 class Executor(Protocol):
     # How often a live attempt must be polled because its changes produce no watch events (None: watch is enough).
     poll_seconds: float | None
 
-    def start(self, job: JobRef, spec: FineTuneJobSpec, config: StageConfig) -> None: ...
+    def start(
+        self, job: JobRef, spec: FineTuneJobSpec, config: StageConfig, active_deadline_seconds: int | None = None
+    ) -> None: ...
 
     def observe(self, job: JobRef, stage: str, attempt: int) -> AttemptObservation: ...
 
@@ -53,7 +59,13 @@ def rayjob_observation(rayjob: dict[str, Any] | None) -> AttemptObservation:
     ended = parse_time(status["endTime"]) if status.get("endTime") else None
     if ray_status == "SUCCEEDED":
         return AttemptObservation(ChildState.succeeded, finished_at=ended)
+    labels = (rayjob.get("metadata") or {}).get("labels") or {}
+    queue = labels.get(children.KUEUE_QUEUE_LABEL)
     if (rayjob.get("spec") or {}).get("suspend") or deployment in ("Suspending", "Suspended"):
+        if queue:
+            # Kueue holds it: created suspended by its webhook, or suspended again on eviction/preemption
+            # (kueue pkg/controller/jobframework/reconciler.go); it un-suspends the RayJob when it admits the workload.
+            return AttemptObservation(ChildState.queued, f"waiting for Kueue to admit it from queue {queue}")
         return AttemptObservation(ChildState.suspended)
     if deployment == "ValidationFailed":
         return AttemptObservation(
@@ -70,10 +82,56 @@ def rayjob_observation(rayjob: dict[str, Any] | None) -> AttemptObservation:
         )
         return AttemptObservation(ChildState.failed, message, Reason.STAGE_FAILED, finished_at=ended)
     if deployment in ("Initializing", "Waiting", "Retrying"):
-        return AttemptObservation(ChildState.initializing, detail or f"RayJob {deployment}")
+        # KubeRay sets startTime when it begins creating the cluster, again after every resume (initRayJobStatusIfNeed
+        # in rayjob_controller.go), so time spent suspended or queued is not counted against the start timeout.
+        since = parse_time(status["startTime"]) if status.get("startTime") else None
+        return AttemptObservation(ChildState.initializing, detail or f"RayJob {deployment}", since=since)
     if deployment == "Running":
         return AttemptObservation(ChildState.running, detail)
     return AttemptObservation(ChildState.starting, "waiting for KubeRay to pick up the RayJob")
+
+
+# Container waiting reasons that mean a pod will not start by itself.
+_STUCK_WAITING = {
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "CrashLoopBackOff",
+}
+
+
+def pod_problems(pods: list[dict[str, Any]], events: list[dict[str, Any]] = ()) -> list[str]:
+    """Why a Ray cluster's pods are not up, in their own words: `<pod>: <reason>: <message>`, one per stuck pod.
+
+    Pod status says it for scheduling and image pulls; a pod stuck creating its containers (FailedMount,
+    FailedAttachVolume of a ReadWriteOnce claim already attached elsewhere) says it only in its Warning Events."""
+    latest_warning: dict[str, dict[str, Any]] = {}
+    for event in sorted(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or ""):
+        involved = event.get("involvedObject") or {}
+        if event.get("type") == "Warning" and involved.get("kind") == "Pod":
+            latest_warning[involved.get("name", "")] = event
+    problems = []
+    for pod in pods:
+        name = (pod.get("metadata") or {}).get("name", "?")
+        status = pod.get("status") or {}
+        found = ""
+        for condition in status.get("conditions") or []:
+            if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+                # The scheduler's FailedScheduling event says the same as this condition, e.g. "0/4 nodes are
+                # available: 4 Insufficient nvidia.com/gpu".
+                found = f"{condition.get('reason') or 'Unschedulable'}: {condition.get('message', '')}".strip(": ")
+        for container in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in _STUCK_WAITING:
+                found = f"{waiting['reason']}: {waiting.get('message', '')}".strip(": ")
+        if not found and status.get("phase", "Pending") == "Pending" and name in latest_warning:
+            event = latest_warning[name]
+            found = f"{event.get('reason', '')}: {event.get('message', '')}".strip(": ")
+        if found:
+            problems.append(f"{name}: {found}"[:300])
+    return problems
 
 
 class _Base:
@@ -105,24 +163,47 @@ class _Base:
 class KubeRayExecutor(_Base):
     """Each attempt is a RayJob; KubeRay's status changes arrive as watch events."""
 
-    def start(self, job: JobRef, spec: FineTuneJobSpec, config: StageConfig) -> None:
+    def start(
+        self, job: JobRef, spec: FineTuneJobSpec, config: StageConfig, active_deadline_seconds: int | None = None
+    ) -> None:
         self.prepare(job, spec, config)
-        if self.kube.create_if_absent(children.rayjob(job, spec, config, self.settings)):
+        self.kube.create_if_absent(children.stage_config_configmap(job, config))
+        manifest = children.rayjob(job, spec, config, self.settings, active_deadline_seconds)
+        if self.kube.create_if_absent(manifest):
             return
-        name = rayjob_name(job.name, config.stage.name, config.attempt)
+        name = manifest["metadata"]["name"]
         existing = self.kube.get(RAYJOB, job.namespace, name) or {}
+        if (existing.get("metadata") or {}).get("deletionTimestamp"):
+            # Resuming right after a Kueue suspend deleted it: KubeRay's finalizer still holds the old one. Failing the
+            # pass keeps the status as it was, and the next pass creates the RayJob once it is gone.
+            raise RuntimeError(f"RayJob {job.namespace}/{name} is still being deleted; it is created again once gone")
+        if children.is_kueue_managed(job):
+            # Kueue alone decides when a queued RayJob runs: it clears `suspend` on admission.
+            return
         if (existing.get("spec") or {}).get("suspend"):
             self.kube.patch(RAYJOB, job.namespace, name, {"spec": {"suspend": False}})
 
     def observe(self, job: JobRef, stage: str, attempt: int) -> AttemptObservation:
-        return rayjob_observation(self.kube.get(RAYJOB, job.namespace, rayjob_name(job.name, stage, attempt)))
+        rayjob = self.kube.get(RAYJOB, job.namespace, rayjob_name(job.name, stage, attempt))
+        observed = rayjob_observation(rayjob)
+        cluster = ((rayjob or {}).get("status") or {}).get("rayClusterName")
+        if observed.state == ChildState.initializing and cluster:
+            pods = self.kube.list(POD, job.namespace, f"{RAY_CLUSTER_LABEL}={cluster}")
+            events = self.kube.list_events(job.namespace, "type=Warning,involvedObject.kind=Pod") if pods else []
+            problems = pod_problems(pods, events)
+            if problems:
+                observed = dataclasses.replace(observed, message="; ".join(problems))
+        return observed
 
     def stop(self, job: JobRef, stage: str, attempt: int, suspend: bool) -> None:
         name = rayjob_name(job.name, stage, attempt)
-        if suspend:
+        if suspend and not children.is_kueue_managed(job):
             # KubeRay deletes the Ray cluster of a suspended RayJob and recreates it when unsuspended.
             self.kube.patch(RAYJOB, job.namespace, name, {"spec": {"suspend": True}})
         else:
+            # Under Kueue `suspend` is Kueue's: it un-suspends any RayJob whose workload is admitted (reconciler.go,
+            # "Job admitted, unsuspending"). Suspending means deleting the RayJob, which releases the quota; on resume
+            # the attempt's RayJob is created again and queued again.
             self.kube.delete(RAYJOB, job.namespace, name)
 
     def cleanup(self, job: JobRef) -> None:
@@ -164,7 +245,9 @@ class LocalExecutor(_Base):
             return None
         return pid if state != "Z" and str(directory) in cmdline else None
 
-    def start(self, job: JobRef, spec: FineTuneJobSpec, config: StageConfig) -> None:
+    def start(
+        self, job: JobRef, spec: FineTuneJobSpec, config: StageConfig, active_deadline_seconds: int | None = None
+    ) -> None:
         self.prepare(job, spec, config)
         directory = self.attempt_dir(job, config.stage.name, config.attempt)
         if self._alive_pid(directory) is not None:
@@ -176,7 +259,12 @@ class LocalExecutor(_Base):
             job.namespace, children.trainer_service_account_name(job.name), self.settings.local_token_seconds
         )
         kubeconfig = self.kube.kubeconfig_for_token(token, directory / "kubeconfig", job.namespace)
-        command = children.stage_command(config, python=self.settings.trainer_python, no_ray=True)
+        # A file, like the RayJob's mounted ConfigMap: one argv word is limited to 128 KiB (MAX_ARG_STRLEN).
+        config_file = directory / "config.json"
+        config_file.write_text(stage_config_json(config))
+        command = children.stage_command(
+            config, config_path=str(config_file), python=self.settings.trainer_python, no_ray=True
+        )
         # `$0` is the attempt directory: it makes the process recognisable in /proc for adoption.
         wrapper = [
             "/bin/sh",

@@ -25,6 +25,7 @@ _RESOURCES = {
     ("v1", "ServiceAccount"): ("/api/v1", "serviceaccounts"),
     ("v1", "Secret"): ("/api/v1", "secrets"),
     ("v1", "Event"): ("/api/v1", "events"),
+    ("v1", "Pod"): ("/api/v1", "pods"),
     ("rbac.authorization.k8s.io/v1", "Role"): ("/apis/rbac.authorization.k8s.io/v1", "roles"),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     ("ray.io/v1", "RayJob"): ("/apis/ray.io/v1", "rayjobs"),
@@ -32,6 +33,7 @@ _RESOURCES = {
 }
 RAYJOB = ("ray.io/v1", "RayJob")
 CONFIGMAP = ("v1", "ConfigMap")
+POD = ("v1", "Pod")
 FINETUNEJOB = (f"{GROUP}/{VERSION}", "FineTuneJob")
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -154,6 +156,10 @@ class Kube:
 
     def list(self, kind: tuple[str, str], namespace: str, selector: str) -> list[dict[str, Any]]:
         return self.request("GET", self.path(kind, namespace), query=[("labelSelector", selector)]).get("items", [])
+
+    def list_events(self, namespace: str, field_selector: str) -> list[dict[str, Any]]:
+        path = self.path(("v1", "Event"), namespace)
+        return self.request("GET", path, query=[("fieldSelector", field_selector)]).get("items", [])
 
     # -- specific calls ---------------------------------------------------------------------------
 

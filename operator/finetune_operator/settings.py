@@ -40,6 +40,11 @@ class Settings:
     resync_seconds: float = 60.0
     # RayJob `ttlSecondsAfterFinished`: how long a finished stage's Ray cluster stays for log inspection.
     rayjob_ttl_seconds: int = 60
+    # Image pull secrets of every stage's Ray pods (a job may add its own with `spec.resources.imagePullSecrets`).
+    image_pull_secrets: tuple[str, ...] = ()
+    # An attempt whose Ray cluster is still not up this long after KubeRay began creating it fails, naming the pods'
+    # own reasons (Unschedulable, ImagePullBackOff, ...). Time queued in Kueue does not count. 0 disables it.
+    start_timeout_seconds: float = 1200.0
     head_cpu: str = "1"
     head_memory: str = "2Gi"
     # Local executor: per-attempt directories (log, pid, exit code, kubeconfig) live here.

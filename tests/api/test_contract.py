@@ -107,10 +107,10 @@ def test_default_learning_rate_depends_on_stage_type_and_peft():
 
 
 def test_child_names_are_deterministic_and_fit_kubernetes_limits():
-    assert rayjob_name("quickstart", "instruct", 3) == "quickstart-instruct-3"
+    assert rayjob_name("quickstart", "instruct", 3) == "quickstart-instruct-3-c6166bdf"
     long = rayjob_name("j" * 60, "stage", 1)
-    assert len(long) <= 63 and not long.endswith("-")
-    assert report_configmap_name("quickstart", "rm") == "quickstart-rm-report"
+    assert len(long) <= 47 and not long.endswith("-")
+    assert report_configmap_name("quickstart", "rm") == "quickstart.rm.report"
 
 
 def test_condition_transition_time_moves_only_when_status_changes():

@@ -17,6 +17,7 @@ from finetune_api.pipeline import (
     reconcile,
 )
 from finetune_api.reasons import Reason
+from finetune_api.render import rayjob_name
 from finetune_api.report import StageReport
 
 pytestmark = pytest.mark.unit
@@ -89,19 +90,35 @@ def test_first_pass_starts_the_first_stage(sim):
         ("reward", "Pending", 0),
         ("dpo", "Pending", 0),
     ]
-    assert sim.stage("sft").ray_job == "demo-sft-1"
+    assert sim.stage("sft").ray_job == rayjob_name("demo", "sft", 1)
     assert status.start_time == "2026-03-01T12:00:00Z"
     running = sim.condition("Running")
     assert (running.status, running.reason) == ("True", Reason.STAGE_STARTING)
     assert reasons_of(decision) == [Reason.STAGE_STARTING]
 
 
-def test_restart_recreates_a_missing_child_without_a_new_attempt_and_adopts_a_live_one(sim):
+def test_a_restart_adopts_the_live_child(sim):
     sim.step()
-    again = sim.step(AttemptObservation(ChildState.absent))
-    assert [c.attempt for c in starts(again)] == [1]
-    assert again.events == []
     assert sim.step(RUNNING).actions == []
+    assert sim.stage("sft").attempts == 1
+
+
+def test_a_child_that_disappears_after_it_started_is_a_failed_attempt(sim):
+    # The status records an attempt only once its child was created, so a missing one was removed: it is retried as a
+    # new attempt with backoff, never re-created under the old attempt's name (which would reuse a failed RayJob).
+    sim.step()
+    sim.step(RUNNING)
+    lost = sim.step(AttemptObservation(ChildState.absent))
+    assert starts(lost) == [] and lost.requeue_after == 10
+    stage = sim.stage("sft")
+    assert stage.retry_at == "2026-03-01T12:00:10Z"
+    assert f"{rayjob_name('demo', 'sft', 1)} disappeared" in stage.message and Reason.ATTEMPT_LOST in stage.message
+    # The wait holds whatever the failed attempt's child looks like meanwhile.
+    sim.advance(5)
+    assert sim.step(AttemptObservation(ChildState.absent)).actions == []
+    sim.advance(5)
+    [config] = starts(sim.step(AttemptObservation(ChildState.absent)))
+    assert config.attempt == 2 and sim.stage("sft").retry_at is None
 
 
 def test_cluster_initializing_surfaces_kuberays_message(sim):
@@ -200,7 +217,7 @@ def test_failures_retry_with_growing_backoff_from_the_checkpoint_then_fail(sim):
         sim.advance(1)
         [config] = starts(sim.step(failed(at=sim.now - timedelta(seconds=decision.requeue_after))))
         assert config.attempt == attempt + 1
-        assert sim.stage("sft").ray_job == f"demo-sft-{attempt + 1}"
+        assert sim.stage("sft").ray_job == rayjob_name("demo", "sft", attempt + 1)
         sim.step(RUNNING)
     assert delays == [10, 20]
     decision = sim.step(failed(at=sim.now, message="OOMKilled"))
@@ -437,3 +454,89 @@ def test_waiting_for_a_retry_changes_nothing_from_pass_to_pass(sim):
     sim.advance(5)
     decision = sim.step(failed(at=T0))
     assert decision.status.to_wire() == waiting and decision.events == [] and decision.actions == []
+
+
+# -- Kueue, start timeout, deadline ---------------------------------------------------------------------------------------
+
+QUEUED = AttemptObservation(ChildState.queued, "waiting for Kueue to admit it from queue team-a")
+
+
+def test_a_rayjob_held_by_kueue_shows_as_queued_and_is_left_alone(sim):
+    sim.step()
+    decision = sim.step(QUEUED)
+    assert decision.actions == []
+    assert (sim.status.phase, sim.stage("sft").phase) == ("Running", "Queued")
+    running = sim.condition("Running")
+    assert (running.status, running.reason) == ("True", Reason.QUEUED)
+    assert "queue team-a" in running.message
+    # Hours in the queue are not a start timeout.
+    sim.advance(6 * 3600)
+    assert sim.step(QUEUED).actions == [] and sim.stage("sft").phase == "Queued"
+    sim.step(RUNNING)
+    assert (sim.stage("sft").phase, sim.condition("Running").reason) == ("Running", Reason.STAGE_RUNNING)
+
+
+def test_suspending_a_queued_attempt_stops_it_and_resume_starts_the_same_attempt(sim):
+    sim.step()
+    sim.step(QUEUED)
+    sim.spec["suspend"] = True
+    decision = sim.step(QUEUED)
+    assert decision.actions == [StopAttempt("sft", 1, suspend=True)]
+    assert sim.stage("sft").phase == "Suspended"
+    # Under Kueue the executor deletes the RayJob to suspend it; an absent child of a suspended stage is no failure.
+    assert sim.step(AttemptObservation(ChildState.absent)).actions == []
+    sim.spec["suspend"] = False
+    [config] = starts(sim.step(AttemptObservation(ChildState.absent)))
+    assert config.attempt == 1 and sim.stage("sft").attempts == 1
+
+
+def test_an_attempt_stuck_initializing_fails_at_the_start_timeout_with_the_pods_reasons(job, sample_spec):
+    sim = Sim(job, sample_spec())
+    policy = Policy(retry_base_seconds=10, retry_max_seconds=600, start_timeout_seconds=600)
+
+    def step(observation):
+        decision = reconcile(sim.job, sim.spec, sim.status, Observations(observation), sim.now, policy)
+        sim.status = decision.status
+        return decision
+
+    step(AttemptObservation())
+    stuck = "demo-sft-1-x-head: Unschedulable: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu"
+    since = sim.now
+    sim.advance(300)
+    waiting = step(AttemptObservation(ChildState.initializing, stuck, since=since))
+    assert waiting.actions == [] and waiting.requeue_after == 300
+    sim.advance(300)
+    decision = step(AttemptObservation(ChildState.initializing, stuck, since=since))
+    assert decision.actions == [StopAttempt("sft", 1, suspend=False)]
+    message = sim.stage("sft").message
+    assert Reason.START_TIMEOUT in message and "Insufficient nvidia.com/gpu" in message
+    assert sim.condition("Running").reason == Reason.RETRYING_FROM_CHECKPOINT
+    # The deleted child does not turn the known failure into another one; the retry comes after the backoff.
+    sim.advance(10)
+    [config] = starts(step(AttemptObservation(ChildState.absent)))
+    assert config.attempt == 2
+
+
+def test_the_childs_deadline_is_what_is_left_of_the_jobs(sim):
+    sim.spec["activeDeadlineSeconds"] = 3600
+    [first] = [a for a in sim.step().actions if isinstance(a, StartAttempt)]
+    assert first.active_deadline_seconds == 3600
+    sim.advance(1000)
+    sim.step(failed(at=sim.now))
+    sim.advance(10)
+    [retry] = [a for a in sim.step(failed(at=sim.now - timedelta(seconds=10))).actions if isinstance(a, StartAttempt)]
+    assert (retry.config.attempt, retry.active_deadline_seconds) == (2, 2590)
+
+
+def test_local_paths_are_refused_where_the_trainer_runs_in_pods(job, sample_spec):
+    spec = sample_spec(storage={"uri": "file:///data/runs"})
+    spec["stages"][0]["dataset"] = {"uri": "./instruct.jsonl"}
+    kuberay = Policy(local_paths_allowed=False)
+    decision = reconcile(job, spec, None, Observations(), T0, kuberay)
+    assert decision.actions == [] and decision.status.phase == "Failed"
+    failed = decision.status.condition("Failed")
+    assert failed.reason == Reason.INVALID_SPEC
+    assert "spec.storage.uri: 'file:///data/runs'" in failed.message
+    assert "spec.stages[0].dataset.uri: './instruct.jsonl'" in failed.message and "pvc://" in failed.message
+    # The local executor (and `finetune run`) run the trainer where those paths are.
+    assert starts(reconcile(job, spec, None, Observations(), T0, Policy()))

@@ -27,8 +27,9 @@ NAMESPACED = {
     *(("", "configmaps", v) for v in ("create", "get", "list", "watch", "patch", "delete")),
     *(("", "serviceaccounts", v) for v in ("create", "get", "delete")),
     *(("rbac.authorization.k8s.io", r, v) for r in ("roles", "rolebindings") for v in ("create", "get", "delete")),
-    *(("", "events", v) for v in ("create", "patch")),
+    *(("", "events", v) for v in ("create", "patch", "list")),
     ("", "secrets", "get"),
+    ("", "pods", "list"),
 }
 CRD_READ = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}
 TOKEN_CREATE = {("", "serviceaccounts/token", "create")}
@@ -139,6 +140,12 @@ def test_default_values_are_cluster_wide(helm: Path, tmp_path: Path):
     assert env["FINETUNE_PEERING"] == peer["metadata"]["name"]
     assert env["FINETUNE_EXECUTOR"] == "kuberay" and env["FINETUNE_NAMESPACES"] == ""
     assert env["FINETUNE_TRAINER_IMAGE"] == "ghcr.io/finetune-operator/trainer:0.1.0"
+    assert (env["FINETUNE_IMAGE_PULL_SECRETS"], env["FINETUNE_START_TIMEOUT_SECONDS"]) == ("", "1200")
+
+
+def test_trainer_pull_secrets_reach_the_operator(helm: Path, tmp_path: Path):
+    docs = render(helm, tmp_path, {"trainerImagePullSecrets": ["regcred", "mirror"]})
+    assert env_of(docs)["FINETUNE_IMAGE_PULL_SECRETS"] == "regcred,mirror"
 
 
 def test_watch_namespaces_grant_roles_per_namespace(helm: Path, tmp_path: Path):

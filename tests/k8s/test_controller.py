@@ -12,12 +12,14 @@ from typing import Any
 import pytest
 
 from finetune_api.reasons import Reason
-from finetune_api.render import StageConfig
+from finetune_api.render import StageConfig, rayjob_name, report_configmap_name
 from finetune_api.report import StageReport
 from finetune_dev.testing import OperatorProcess, install_chart_rbac
+from finetune_operator.children import trainer_service_account_name
 from finetune_operator.kube import CONFIGMAP, FINETUNEJOB, RAYJOB, Kube
 
 RAYJOB_PHASES = {
+    "suspended": {"jobDeploymentStatus": "Suspended", "jobStatus": "NEW"},
     "running": {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
     "succeeded": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "endTime": "2026-01-01T00:00:00Z"},
     "failed": {
@@ -75,14 +77,23 @@ class Harness:
         """Write RayJob status through its status subresource, as KubeRay's controller does."""
         self.admin.patch(RAYJOB, self.namespace, rayjob, {"status": RAYJOB_PHASES[phase]}, subresource="status")
 
+    def kueue_admits(self, rayjob: str) -> None:
+        """Clear `suspend`, as Kueue does when it admits the RayJob's workload (RunWithPodSetsInfo)."""
+        self.admin.patch(RAYJOB, self.namespace, rayjob, {"spec": {"suspend": False}})
+
     def trainer(self, job: str) -> Kube:
         """API access as the job's trainer ServiceAccount (TokenRequest, like a Pod's projected token)."""
-        return Kube.connect(str(self.control_plane.service_account_kubeconfig(self.namespace, f"{job}-trainer")))
+        return Kube.connect(
+            str(self.control_plane.service_account_kubeconfig(self.namespace, trainer_service_account_name(job)))
+        )
 
     def report(self, job: str, stage: str, **fields: Any) -> None:
         report = StageReport(**fields)
         self.trainer(job).patch(
-            CONFIGMAP, self.namespace, f"{job}-{stage}-report", {"data": {"report.json": json.dumps(report.to_wire())}}
+            CONFIGMAP,
+            self.namespace,
+            report_configmap_name(job, stage),
+            {"data": {"report.json": json.dumps(report.to_wire())}},
         )
 
     def events(self, job: str) -> list[dict[str, Any]]:
@@ -118,11 +129,17 @@ class Harness:
         return self.wait(check, f"condition {type_}={status} ({reason}) on {job}; status: {self.status(job)}")
 
 
-def rendered_config(rayjob: dict[str, Any]) -> StageConfig:
-    import shlex
+def rj(job: str, stage: str, attempt: int) -> str:
+    return rayjob_name(job, stage, attempt)
 
-    argv = shlex.split(rayjob["spec"]["entrypoint"])
-    return StageConfig.model_validate_json(argv[argv.index("--config-json") + 1])
+
+def rendered_config(harness: Harness, rayjob: dict[str, Any]) -> StageConfig:
+    """The StageConfig the RayJob's pods mount: its per-attempt ConfigMap."""
+    [volume] = [
+        v for v in rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"] if "configMap" in v
+    ]
+    configmap = harness.admin.get(CONFIGMAP, harness.namespace, volume["configMap"]["name"])
+    return StageConfig.model_validate_json(configmap["data"]["config.json"])
 
 
 @pytest.fixture
@@ -137,7 +154,7 @@ def test_stages_chain_and_status_mirrors_the_report(harness: Harness):
     manifest = job_manifest("chain")
     manifest["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-a"}
     harness.create(manifest)
-    rayjob = harness.wait_for_rayjob("chain-sft-1")
+    rayjob = harness.wait_for_rayjob(rj("chain", "sft", 1))
     assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     owner = rayjob["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["name"], owner["uid"]) == (
@@ -145,9 +162,17 @@ def test_stages_chain_and_status_mirrors_the_report(harness: Harness):
         "chain",
         harness.job("chain")["metadata"]["uid"],
     )
-    assert rendered_config(rayjob).input_model == "s3://models/base"
+    assert rendered_config(harness, rayjob).input_model == "s3://models/base"
+    # Queued in Kueue until admitted: the operator leaves `suspend` alone and says so.
+    assert rayjob["spec"]["suspend"] is True
+    harness.kuberay_sets(rj("chain", "sft", 1), "suspended")
+    harness.wait_for_condition("chain", "Running", reason=Reason.QUEUED)
+    assert harness.status("chain")["stages"][0]["phase"] == "Queued"
+    time.sleep(1)
+    assert harness.rayjob(rj("chain", "sft", 1))["spec"]["suspend"] is True
 
-    harness.kuberay_sets("chain-sft-1", "running")
+    harness.kueue_admits(rj("chain", "sft", 1))
+    harness.kuberay_sets(rj("chain", "sft", 1), "running")
     harness.wait_for_condition("chain", "Running", reason=Reason.STAGE_RUNNING)
     harness.report(
         "chain",
@@ -174,7 +199,9 @@ def test_stages_chain_and_status_mirrors_the_report(harness: Harness):
         "-n",
         harness.namespace,
         check=False,
-        kubeconfig=harness.control_plane.service_account_kubeconfig(harness.namespace, "chain-trainer"),
+        kubeconfig=harness.control_plane.service_account_kubeconfig(
+            harness.namespace, trainer_service_account_name("chain")
+        ),
     )
     assert forbidden.returncode != 0 and "forbidden" in forbidden.stderr
 
@@ -188,11 +215,12 @@ def test_stages_chain_and_status_mirrors_the_report(harness: Harness):
         checkpoint="s3://runs/chain/sft/model",
         metrics={"eval_loss_before": 2.0, "eval_loss_after": 0.7},
     )
-    harness.kuberay_sets("chain-sft-1", "succeeded")
-    second = harness.wait_for_rayjob("chain-dpo-1")
-    assert rendered_config(second).input_model == "s3://runs/chain/sft/model"
+    harness.kuberay_sets(rj("chain", "sft", 1), "succeeded")
+    second = harness.wait_for_rayjob(rj("chain", "dpo", 1))
+    assert rendered_config(harness, second).input_model == "s3://runs/chain/sft/model"
+    harness.kueue_admits(rj("chain", "dpo", 1))
 
-    harness.kuberay_sets("chain-dpo-1", "succeeded")
+    harness.kuberay_sets(rj("chain", "dpo", 1), "succeeded")
     harness.report(
         "chain",
         "dpo",
@@ -225,28 +253,28 @@ def test_stages_chain_and_status_mirrors_the_report(harness: Harness):
 
 def test_failures_retry_from_the_checkpoint_then_fail_after_backoff_limit(harness: Harness):
     harness.create(job_manifest("retry", backoffLimit=1))
-    harness.wait_for_rayjob("retry-sft-1")
+    harness.wait_for_rayjob(rj("retry", "sft", 1))
     harness.report(
         "retry", "sft", phase="Running", attempt=1, last_checkpoint="s3://runs/retry/sft/checkpoints/checkpoint-10"
     )
-    harness.kuberay_sets("retry-sft-1", "failed")
-    second = harness.wait_for_rayjob("retry-sft-2")
-    assert rendered_config(second).attempt == 2
+    harness.kuberay_sets(rj("retry", "sft", 1), "failed")
+    second = harness.wait_for_rayjob(rj("retry", "sft", 2))
+    assert rendered_config(harness, second).attempt == 2
     assert any(
         e["reason"] == Reason.RETRYING_FROM_CHECKPOINT and "checkpoint-10" in e["message"]
         for e in harness.events("retry")
     )
-    harness.kuberay_sets("retry-sft-2", "failed")
+    harness.kuberay_sets(rj("retry", "sft", 2), "failed")
     condition = harness.wait_for_condition("retry", "Failed", reason=Reason.BACKOFF_LIMIT_EXCEEDED)
     assert "worker OOMKilled" in condition["message"]
     time.sleep(2)
-    assert harness.rayjobs("retry") == ["retry-sft-1", "retry-sft-2"]
+    assert harness.rayjobs("retry") == [rj("retry", "sft", 1), rj("retry", "sft", 2)]
     assert harness.status("retry")["stages"][0]["attempts"] == 2
 
 
 def test_a_permanent_trainer_failure_is_not_retried(harness: Harness):
     harness.create(job_manifest("gate"))
-    harness.wait_for_rayjob("gate-sft-1")
+    harness.wait_for_rayjob(rj("gate", "sft", 1))
     harness.report(
         "gate",
         "sft",
@@ -255,35 +283,39 @@ def test_a_permanent_trainer_failure_is_not_retried(harness: Harness):
         reason="InvalidDataset",
         message="instruct.jsonl:3: expected columns prompt, completion",
     )
-    harness.kuberay_sets("gate-sft-1", "failed")
+    harness.kuberay_sets(rj("gate", "sft", 1), "failed")
     condition = harness.wait_for_condition("gate", "Failed", reason="InvalidDataset")
     assert "instruct.jsonl:3" in condition["message"]
     time.sleep(2)
-    assert harness.rayjobs("gate") == ["gate-sft-1"]
+    assert harness.rayjobs("gate") == [rj("gate", "sft", 1)]
 
 
 def test_suspend_and_resume(harness: Harness):
     harness.create(job_manifest("pause"))
-    harness.wait_for_rayjob("pause-sft-1")
-    harness.kuberay_sets("pause-sft-1", "running")
+    harness.wait_for_rayjob(rj("pause", "sft", 1))
+    harness.kuberay_sets(rj("pause", "sft", 1), "running")
     harness.wait_for_condition("pause", "Running", reason=Reason.STAGE_RUNNING)
     harness.admin.patch(FINETUNEJOB, harness.namespace, "pause", {"spec": {"suspend": True}})
-    harness.wait(lambda: harness.rayjob("pause-sft-1")["spec"].get("suspend") is True, "RayJob suspended")
+    harness.wait(lambda: harness.rayjob(rj("pause", "sft", 1))["spec"].get("suspend") is True, "RayJob suspended")
     harness.wait_for_condition("pause", "Suspended", reason=Reason.SUSPENDED)
     assert harness.status("pause")["phase"] == "Suspended"
     harness.admin.patch(
-        RAYJOB, harness.namespace, "pause-sft-1", {"status": {"jobDeploymentStatus": "Suspended"}}, subresource="status"
+        RAYJOB,
+        harness.namespace,
+        rj("pause", "sft", 1),
+        {"status": {"jobDeploymentStatus": "Suspended"}},
+        subresource="status",
     )
 
     harness.admin.patch(FINETUNEJOB, harness.namespace, "pause", {"spec": {"suspend": False}})
-    harness.wait(lambda: harness.rayjob("pause-sft-1")["spec"].get("suspend") is False, "RayJob resumed")
+    harness.wait(lambda: harness.rayjob(rj("pause", "sft", 1))["spec"].get("suspend") is False, "RayJob resumed")
     harness.wait_for_condition("pause", "Suspended", status="False", reason=Reason.RESUMED)
-    assert harness.rayjobs("pause") == ["pause-sft-1"]
+    assert harness.rayjobs("pause") == [rj("pause", "sft", 1)]
 
 
 def test_deletion_removes_every_child(harness: Harness):
     harness.create(job_manifest("gone"))
-    harness.wait_for_rayjob("gone-sft-1")
+    harness.wait_for_rayjob(rj("gone", "sft", 1))
     harness.admin.delete(FINETUNEJOB, harness.namespace, "gone")
     harness.wait(lambda: harness.job("gone") is None, "the FineTuneJob to be deleted")
     selector = "finetune.dev/job=gone"
@@ -301,36 +333,36 @@ def test_ttl_deletes_the_finished_job(harness: Harness):
     spec = job_manifest("short", ttlSecondsAfterFinished=2)
     spec["spec"]["stages"] = spec["spec"]["stages"][:1]
     harness.create(spec)
-    harness.wait_for_rayjob("short-sft-1")
-    harness.kuberay_sets("short-sft-1", "succeeded")
+    harness.wait_for_rayjob(rj("short", "sft", 1))
+    harness.kuberay_sets(rj("short", "sft", 1), "succeeded")
     harness.wait_for_condition("short", "Succeeded")
     harness.wait(lambda: harness.job("short") is None, "TTL deletion", timeout=20)
 
 
 def test_deadline_fails_the_job_and_deletes_the_running_rayjob(harness: Harness):
     harness.create(job_manifest("late", activeDeadlineSeconds=2))
-    harness.wait_for_rayjob("late-sft-1")
-    harness.kuberay_sets("late-sft-1", "running")
+    harness.wait_for_rayjob(rj("late", "sft", 1))
+    harness.kuberay_sets(rj("late", "sft", 1), "running")
     harness.wait_for_condition("late", "Failed", reason=Reason.DEADLINE_EXCEEDED)
-    harness.wait(lambda: harness.rayjob("late-sft-1") is None, "the running RayJob to be deleted")
+    harness.wait(lambda: harness.rayjob(rj("late", "sft", 1)) is None, "the running RayJob to be deleted")
 
 
 def test_operator_restart_mid_stage_duplicates_nothing(harness: Harness):
     harness.create(job_manifest("restart"))
-    harness.wait_for_rayjob("restart-sft-1")
-    harness.kuberay_sets("restart-sft-1", "running")
+    harness.wait_for_rayjob(rj("restart", "sft", 1))
+    harness.kuberay_sets(rj("restart", "sft", 1), "running")
     harness.wait_for_condition("restart", "Running", reason=Reason.STAGE_RUNNING)
     harness.operator.kill()
-    harness.kuberay_sets("restart-sft-1", "succeeded")
+    harness.kuberay_sets(rj("restart", "sft", 1), "succeeded")
     harness.report("restart", "sft", phase="Succeeded", attempt=1, checkpoint="s3://runs/restart/sft/model")
     harness.operator.start()
-    harness.wait_for_rayjob("restart-dpo-1")
-    harness.kuberay_sets("restart-dpo-1", "running")
+    harness.wait_for_rayjob(rj("restart", "dpo", 1))
+    harness.kuberay_sets(rj("restart", "dpo", 1), "running")
     harness.operator.kill()
     harness.operator.start()
     harness.wait_for_condition("restart", "Running", reason=Reason.STAGE_RUNNING)
     time.sleep(2)
-    assert harness.rayjobs("restart") == ["restart-dpo-1", "restart-sft-1"]
+    assert harness.rayjobs("restart") == [rj("restart", "dpo", 1), rj("restart", "sft", 1)]
     assert [s["attempts"] for s in harness.status("restart")["stages"]] == [1, 1]
 
 
@@ -347,7 +379,7 @@ def test_a_missing_secret_is_named_and_waited_for(harness: Harness):
             "stringData": {"AWS_SECRET_ACCESS_KEY": "do-not-leak-this"},
         }
     )
-    rayjob = harness.wait_for_rayjob("creds-sft-1")
+    rayjob = harness.wait_for_rayjob(rj("creds", "sft", 1))
     assert {"secretRef": {"name": "model-creds"}} in rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0][
         "template"
     ]["spec"]["containers"][0]["envFrom"]
@@ -448,3 +480,80 @@ def test_a_refused_status_update_shows_as_a_warning_event_and_a_condition(harnes
         lambda: harness.status("refused")["stages"][0].get("phase") == "Succeeded", "sft Succeeded", timeout=60
     )
     assert harness.condition("refused", "StatusUpdated") == {}
+
+
+def test_a_rayjob_refused_by_admission_fails_the_attempt_in_status_and_an_event(harness: Harness):
+    # A real admission refusal (as Pod Security, a webhook or a quota would give): a ValidatingAdmissionPolicy.
+    policy = f"no-rayjobs-{harness.namespace}"
+    harness.control_plane.apply(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "List",
+                "items": [
+                    {
+                        "apiVersion": "admissionregistration.k8s.io/v1",
+                        "kind": "ValidatingAdmissionPolicy",
+                        "metadata": {"name": policy},
+                        "spec": {
+                            "failurePolicy": "Fail",
+                            "matchConstraints": {
+                                "resourceRules": [
+                                    {
+                                        "apiGroups": ["ray.io"],
+                                        "apiVersions": ["v1"],
+                                        "operations": ["CREATE"],
+                                        "resources": ["rayjobs"],
+                                    }
+                                ]
+                            },
+                            "validations": [
+                                {"expression": "false", "message": "RayJobs need an approved team label here"}
+                            ],
+                        },
+                    },
+                    {
+                        "apiVersion": "admissionregistration.k8s.io/v1",
+                        "kind": "ValidatingAdmissionPolicyBinding",
+                        "metadata": {"name": policy},
+                        "spec": {
+                            "policyName": policy,
+                            "validationActions": ["Deny"],
+                            "matchResources": {
+                                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": harness.namespace}}
+                            },
+                        },
+                    },
+                ],
+            }
+        )
+    )
+    try:
+        probe = {
+            "apiVersion": "ray.io/v1",
+            "kind": "RayJob",
+            "metadata": {"name": "probe", "namespace": harness.namespace},
+            "spec": {"entrypoint": "true"},
+        }
+
+        def policy_active() -> bool:
+            try:
+                harness.admin.create(probe)
+            except Exception as exc:  # noqa: BLE001 - the policy's denial is what is waited for
+                return "approved team label" in str(exc)
+            harness.admin.delete(RAYJOB, harness.namespace, "probe")
+            return False
+
+        harness.wait(policy_active, "the admission policy to take effect")
+        harness.create(job_manifest("refused", backoffLimit=0))
+        condition = harness.wait_for_condition("refused", "Failed", reason=Reason.BACKOFF_LIMIT_EXCEEDED)
+        assert "refused" in condition["message"] and "approved team label" in condition["message"]
+        assert any(
+            e["reason"] == Reason.CHILD_REFUSED and "approved team label" in e["message"]
+            for e in harness.events("refused")
+        )
+        assert harness.rayjobs("refused") == []
+    finally:
+        harness.control_plane.kubectl(
+            "delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", policy, check=False
+        )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import kubernetes
@@ -12,10 +14,17 @@ import pytest
 
 from finetune_api.pipeline import ChildState
 from finetune_api.reasons import Reason
-from finetune_api.render import render_stage
+from finetune_api.render import StageConfig as RenderedConfig
+from finetune_api.render import rayjob_name, render_stage
 from finetune_api.spec import FineTuneJobSpec
 from finetune_dev.testing import live_group_members
-from finetune_operator.executors import LocalExecutor, delete_artifacts, rayjob_observation
+from finetune_operator.executors import (
+    KubeRayExecutor,
+    LocalExecutor,
+    delete_artifacts,
+    pod_problems,
+    rayjob_observation,
+)
 from finetune_operator.kube import Kube
 from finetune_operator.settings import Settings
 
@@ -151,13 +160,15 @@ def test_local_attempt_runs_with_the_trainer_token_and_is_adopted_after_a_restar
         "ServiceAccount/demo-trainer",
         "Role/demo-trainer",
         "RoleBinding/demo-trainer",
-        "ConfigMap/demo-sft-report",
+        "ConfigMap/demo.sft.report",
     ]
     directory = executor.attempt_dir(job, "sft", 1)
     _wait_for(lambda: "args:" in (directory / "stage.log").read_text())
     log = (directory / "stage.log").read_text()
     assert f"KUBECONFIG={directory / 'kubeconfig'}" in log
-    assert "--report configmap://ml/demo-sft-report --no-ray" in log
+    config_file = directory / "config.json"
+    assert f"--config-file {config_file} --report configmap://ml/demo.sft.report --no-ray" in log
+    assert RenderedConfig.model_validate_json(config_file.read_text()) == config
     pid = int((directory / "pid").read_text())
 
     restarted = make()
@@ -233,3 +244,174 @@ def test_delete_artifacts_removes_reachable_stage_directories_only(tmp_path, sam
     assert lines[1].endswith("not reachable from the operator, kept")
     s3 = FineTuneJobSpec.model_validate(sample_spec(storage={"uri": "s3://runs/x", "retainOnDelete": False}))
     assert all("user's to delete" in line for line in delete_artifacts(s3, pvc_root=Path("/nonexistent")))
+
+
+# -- KubeRay and Kueue -------------------------------------------------------------------------------------------------
+
+
+def _queued_rayjob(status: dict | None = None) -> dict:
+    rayjob = _rayjob(status, suspend=True)
+    rayjob["metadata"] = {"labels": {"kueue.x-k8s.io/queue-name": "team-a"}}
+    return rayjob
+
+
+def test_a_suspended_rayjob_with_a_queue_label_is_queued_not_suspended():
+    # Kueue's webhook creates it suspended (New -> Initializing -> Suspending -> Suspended in KubeRay's controller).
+    for status in ({}, {"jobDeploymentStatus": "Initializing"}, {"jobDeploymentStatus": "Suspended"}):
+        observed = rayjob_observation(_queued_rayjob(status))
+        assert observed.state == ChildState.queued and "queue team-a" in observed.message
+    assert rayjob_observation(_rayjob({"jobDeploymentStatus": "Suspended"}, suspend=True)).state == ChildState.suspended
+
+
+def test_initializing_carries_kuberays_start_time():
+    observed = rayjob_observation(_rayjob({"jobDeploymentStatus": "Initializing", "startTime": "2026-03-01T12:00:00Z"}))
+    assert observed.since == datetime(2026, 3, 1, 12, tzinfo=UTC)
+
+
+def test_pod_problems_name_each_stuck_pod_in_its_own_words():
+    pods = [
+        {
+            "metadata": {"name": "c-head"},
+            "status": {
+                "containerStatuses": [{"state": {"waiting": {"reason": "ImagePullBackOff", "message": "nope"}}}]
+            },
+        },
+        {
+            "metadata": {"name": "c-worker"},
+            "status": {
+                "conditions": [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "reason": "Unschedulable",
+                        "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
+                    }
+                ]
+            },
+        },
+        {
+            "metadata": {"name": "c-fine"},
+            "status": {"phase": "Running", "containerStatuses": [{"state": {"running": {}}}]},
+        },
+        {"metadata": {"name": "c-mount"}, "status": {"phase": "Pending"}},
+        {
+            "metadata": {"name": "c-creating"},
+            "status": {"containerStatuses": [{"state": {"waiting": {"reason": "ContainerCreating"}}}]},
+        },
+    ]
+    events = [
+        {
+            "type": "Warning",
+            "reason": "FailedAttachVolume",
+            "message": "Multi-Attach error for volume pvc-1: Volume is already used by pod c-head",
+            "involvedObject": {"kind": "Pod", "name": "c-mount"},
+            "lastTimestamp": "2026-03-01T12:00:05Z",
+        },
+        {
+            "type": "Warning",
+            "reason": "FailedMount",
+            "message": "older",
+            "involvedObject": {"kind": "Pod", "name": "c-mount"},
+            "lastTimestamp": "2026-03-01T12:00:01Z",
+        },
+        {"type": "Warning", "reason": "BackOff", "involvedObject": {"kind": "Pod", "name": "c-fine"}},
+    ]
+    assert pod_problems(pods, events) == [
+        "c-head: ImagePullBackOff: nope",
+        "c-worker: Unschedulable: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
+        "c-mount: FailedAttachVolume: Multi-Attach error for volume pvc-1: Volume is already used by pod c-head",
+    ]
+
+
+class RecordingKube:
+    """Records the KubeRay executor's writes; `objects` are what the API server holds."""
+
+    def __init__(self, objects=None, pods=()):
+        self.objects = dict(objects or {})
+        self.pods = list(pods)
+        self.calls: list[tuple] = []
+
+    def create_if_absent(self, manifest):
+        key = (manifest["kind"], manifest["metadata"]["name"])
+        self.calls.append(("create", *key))
+        if key in self.objects:
+            return False
+        self.objects[key] = manifest
+        return True
+
+    def get(self, kind, namespace, name):
+        return self.objects.get((kind[1], name))
+
+    def patch(self, kind, namespace, name, patch, subresource=None):
+        self.calls.append(("patch", kind[1], name, json.dumps(patch)))
+
+    def delete(self, kind, namespace, name):
+        self.calls.append(("delete", kind[1], name))
+
+    def list(self, kind, namespace, selector):
+        self.calls.append(("list", kind[1], selector))
+        return self.pods
+
+    def list_events(self, namespace, field_selector):
+        self.calls.append(("events", field_selector))
+        return []
+
+
+@pytest.fixture
+def kuberay(job, sample_spec):
+    spec = FineTuneJobSpec.model_validate(sample_spec())
+    config = render_stage(job.name, spec, "sft", namespace=job.namespace, attempt=1)
+    return spec, config, rayjob_name(job.name, "sft", 1)
+
+
+def test_kueue_alone_unsuspends_its_rayjobs(job, kuberay):
+    spec, config, name = kuberay
+    kube = RecordingKube({("RayJob", name): _queued_rayjob({"jobDeploymentStatus": "Suspended"})})
+    executor = KubeRayExecutor(kube, Settings())
+    executor.start(job, spec, config)
+    assert not [call for call in kube.calls if call[0] == "patch"]
+    # Suspending deletes it: Kueue un-suspends any admitted RayJob, so patching suspend would not hold.
+    executor.stop(job, "sft", 1, suspend=True)
+    assert kube.calls[-1] == ("delete", "RayJob", name)
+
+
+def test_without_kueue_the_operator_suspends_and_resumes_its_rayjob(job, kuberay):
+    spec, config, name = kuberay
+    plain = dataclasses.replace(job, labels={})
+    kube = RecordingKube({("RayJob", name): _rayjob({"jobDeploymentStatus": "Suspended"}, suspend=True)})
+    executor = KubeRayExecutor(kube, Settings())
+    executor.start(plain, spec, config)
+    assert kube.calls[-1] == ("patch", "RayJob", name, '{"spec": {"suspend": false}}')
+    executor.stop(plain, "sft", 1, suspend=True)
+    assert kube.calls[-1] == ("patch", "RayJob", name, '{"spec": {"suspend": true}}')
+
+
+def test_start_creates_the_config_configmap_before_the_rayjob(job, kuberay):
+    spec, config, name = kuberay
+    kube = RecordingKube()
+    KubeRayExecutor(kube, Settings()).start(job, spec, config, active_deadline_seconds=900)
+    creates = [call[1:] for call in kube.calls if call[0] == "create"]
+    assert creates[-2:] == [("ConfigMap", "demo.sft.1.config"), ("RayJob", name)]
+    assert kube.objects[("RayJob", name)]["spec"]["activeDeadlineSeconds"] == 900
+
+
+def test_an_initializing_attempt_reports_its_pods_problems(job, kuberay):
+    _, _, name = kuberay
+    rayjob = _rayjob({"jobDeploymentStatus": "Initializing", "rayClusterName": "c", "message": "waiting"})
+    stuck = {
+        "metadata": {"name": "c-head"},
+        "status": {"containerStatuses": [{"state": {"waiting": {"reason": "ErrImagePull"}}}]},
+    }
+    kube = RecordingKube({("RayJob", name): rayjob}, pods=[stuck])
+    observed = KubeRayExecutor(kube, Settings()).observe(job, "sft", 1)
+    assert (observed.state, observed.message) == (ChildState.initializing, "c-head: ErrImagePull")
+    assert ("list", "Pod", "ray.io/cluster=c") in kube.calls
+
+
+def test_resuming_while_the_old_rayjob_is_still_being_deleted_waits_for_it(job, kuberay):
+    spec, config, name = kuberay
+    terminating = _queued_rayjob({"jobDeploymentStatus": "Running"})
+    terminating["metadata"]["deletionTimestamp"] = "2026-03-01T12:00:00Z"
+    kube = RecordingKube({("RayJob", name): terminating})
+    with pytest.raises(RuntimeError, match="still being deleted"):
+        KubeRayExecutor(kube, Settings()).start(job, spec, config)

@@ -22,7 +22,7 @@ def _strict_json(text: str):
 
 def test_a_learning_rate_far_too_high_fails_with_training_diverged(render, tmp_path):
     from finetune_trainer.reporting import FileReporter
-    from finetune_trainer.runner import run_stage
+    from finetune_trainer.stage import run_stage
 
     config = render(
         {"type": "sft", "dataset": {"uri": str(DATA / "instruct.jsonl")}},

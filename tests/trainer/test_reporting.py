@@ -17,8 +17,10 @@ class FakeCoreV1:
         self.patches, self.status = [], status
         self.failures = failures  # fail this many calls, then succeed (None: fail every call when status is set)
 
-    def patch_namespaced_config_map(self, name, namespace, body):
+    def patch_namespaced_config_map(self, name, namespace, body, _request_timeout=None):
         from kubernetes.client.exceptions import ApiException
+
+        assert _request_timeout is not None  # a hung API server must not hang the trainer
 
         if self.status and (self.failures is None or self.failures > 0):
             self.failures = None if self.failures is None else self.failures - 1
@@ -51,8 +53,10 @@ def test_configmap_reporter_patches_only_and_throttles():
     reporter._client = FakeCoreV1()
     channel = ReportChannel(reporter, attempt=1)
     channel.progress(1, 10, loss=2.0)
+    reporter.flush()
     channel.progress(2, 10, loss=1.9)  # within the interval: dropped
     channel.checkpoint("/ckpt/checkpoint-2", 2)  # urgent: always written
+    reporter.flush()
     channel.failed("InvalidDataset", "bad line")
     patches = reporter._client.patches
     assert [p[:2] for p in patches] == [("team-a", "job-sft-report")] * 3
@@ -68,6 +72,7 @@ def test_configmap_reporter_survives_a_missing_configmap(capsys):
     reporter = ConfigMapReporter("ns", "gone")
     reporter._client = FakeCoreV1(status=404)
     reporter.publish(StageReport(phase="Running"), urgent=True)
+    reporter.flush()
     assert "cannot patch ConfigMap ns/gone (try 1/1): 404" in capsys.readouterr().err
 
 
@@ -76,6 +81,7 @@ def test_configmap_reporter_retries_the_final_report_only(monkeypatch):
     reporter = ConfigMapReporter("ns", "job-rm-report")
     reporter._client = FakeCoreV1(status=503, failures=2)
     reporter.publish(StageReport(phase="Running", step=1), urgent=True)
+    reporter.flush()
     assert reporter._client.patches == [] and reporter._client.failures == 1  # progress: one try, dropped
     reporter.publish(StageReport(phase="Succeeded", checkpoint="s3://b/rm/model"), urgent=True)
     [(_, _, body)] = reporter._client.patches
@@ -130,3 +136,39 @@ def test_final_metrics_are_the_stages_results_without_the_last_progress_stats(tm
     channel.succeeded({"reward_mean_first": 0.1, "reward_mean_last": 1.2, "kl_mean": 0.01}, "s3://b/model")
     final = StageReport.model_validate(json.loads(path.read_text()))
     assert final.metrics == {"reward_mean_first": 0.1, "reward_mean_last": 1.2, "kl_mean": 0.01}
+
+
+def test_progress_never_waits_for_a_slow_api_server():
+    import threading
+    import time
+
+    release = threading.Event()
+
+    class SlowCoreV1(FakeCoreV1):
+        def patch_namespaced_config_map(self, name, namespace, body, _request_timeout=None):
+            release.wait(10)
+            super().patch_namespaced_config_map(name, namespace, body, _request_timeout)
+
+    reporter = ConfigMapReporter("ns", "job.sft.report", min_interval=0)
+    reporter._client = SlowCoreV1()
+    started = time.monotonic()
+    for step in range(1, 6):
+        reporter.publish(StageReport(phase="Running", step=step), urgent=True)
+    assert time.monotonic() - started < 1.0
+    release.set()
+    reporter.publish(StageReport(phase="Succeeded", step=5), urgent=True)
+    steps = [json.loads(p[2]["data"][REPORT_KEY])["step"] for p in reporter._client.patches]
+    # The latest snapshot wins while one is in flight (which ones got through depends on thread timing); the final
+    # report goes last.
+    assert steps == sorted(steps) and steps[-1] == 5 and len(steps) <= 3
+    assert json.loads(reporter._client.patches[-1][2]["data"][REPORT_KEY])["phase"] == "Succeeded"
+
+
+def test_a_pod_without_its_serviceaccount_token_is_a_clear_permanent_error(monkeypatch, tmp_path):
+    from finetune_trainer import reporting, stage
+
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setattr(reporting, "IN_CLUSTER_TOKEN", tmp_path / "absent" / "token")
+    with pytest.raises(ValueError, match="automountServiceAccountToken: false"):
+        reporter_from_url("configmap://ns/job.sft.report")
+    assert stage.run_from_args(None, "{}", "configmap://ns/job.sft.report", use_ray=False) == 3

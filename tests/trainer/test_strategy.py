@@ -89,3 +89,34 @@ def test_training_args_carry_the_deepspeed_config_and_cpu_precision(render, tmp_
     assert not args.bf16 and not args.fp16 and args.use_cpu
     assert args.deepspeed == strategy.deepspeed_config(DeepSpeedSpec(zero_stage=2))
     assert args.output_dir == str(tmp_path / "checkpoints")
+
+
+def test_the_spec_decides_gpus_and_a_worker_without_cuda_fails_permanently():
+    from finetune_api.reasons import PERMANENT, Reason
+    from finetune_api.spec import ResourcesSpec
+    from finetune_trainer.errors import StageError
+
+    cpu = ResourcesSpec(workers=2)
+    assert (strategy.use_gpu(cpu), strategy.backend(cpu)) == (False, "gloo")
+    gpu = ResourcesSpec(workers=2, gpus_per_worker=1)
+    # The Ray driver (on the head, which has no GPU) still launches NCCL workers with one GPU each.
+    assert strategy.backend(gpu) == "nccl"
+    assert strategy.train_workers(gpu) == (2, {"CPU": 1.0, "GPU": 1.0})
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the missing-GPU failure cannot be shown here")
+    with pytest.raises(StageError) as failure:
+        strategy.use_gpu(gpu)
+    assert failure.value.reason == Reason.GPU_UNAVAILABLE and failure.value.permanent
+    assert Reason.GPU_UNAVAILABLE in PERMANENT and "gpusPerWorker is 1" in str(failure.value)
+
+
+def test_a_multi_gpu_pod_runs_one_training_process_per_gpu():
+    from finetune_api.spec import ResourcesSpec
+
+    assert strategy.train_workers(ResourcesSpec(workers=2, gpus_per_worker=8, cpus_per_worker=16)) == (
+        16,
+        {"CPU": 2.0, "GPU": 1.0},
+    )
+    assert strategy.train_workers(ResourcesSpec(workers=3, cpus_per_worker=4)) == (3, {"CPU": 4.0})

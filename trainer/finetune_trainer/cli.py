@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "stage":
         from finetune_trainer import stage
 
-        sys.exit(stage.main(args))
+        sys.exit(stage.run(args))
 
 
 def _print_status(path: Path) -> int:

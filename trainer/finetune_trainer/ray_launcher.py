@@ -28,6 +28,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     os.chdir(loop_config["cwd"])
     context = ray.train.get_context()
     config = StageConfig.model_validate_json(loop_config["config"])
+    strategy.attach_deepspeed(config.resources, config.deepspeed)
     metrics, report = execute_stage(
         config,
         loop_config["reporter"],
@@ -62,7 +63,8 @@ def run_on_ray(config: StageConfig, reporter: Reporter | None, work_dir: Path) -
         )
         ray.init(address=address, log_to_driver=True, configure_logging=False, **local)
     try:
-        gpus = resources.gpus_per_worker if strategy.use_gpu(resources) else 0
+        # The spec decides (the head, where this runs, has no GPU); see strategy.use_gpu.
+        num_workers, per_worker = strategy.train_workers(resources)
         trainer = TorchTrainer(
             _train_loop,
             train_loop_config={
@@ -72,9 +74,7 @@ def run_on_ray(config: StageConfig, reporter: Reporter | None, work_dir: Path) -
                 "cwd": os.getcwd(),
             },
             scaling_config=ScalingConfig(
-                num_workers=resources.workers,
-                use_gpu=gpus > 0,
-                resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": gpus} if gpus else {})},
+                num_workers=num_workers, use_gpu="GPU" in per_worker, resources_per_worker=per_worker
             ),
             torch_config=TorchConfig(backend=strategy.backend(resources)),
             run_config=RunConfig(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Protocol
@@ -60,11 +61,27 @@ class FileReporter(_Throttled):
 
 
 FINAL_REPORT_ATTEMPTS = 5
+# (connect, read) seconds per API request: a slow API server delays a report, never training.
+REQUEST_TIMEOUT = (5.0, 15.0)
+# Where the kubelet mounts the pod's ServiceAccount token (what `load_incluster_config` reads).
+IN_CLUSTER_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+def in_cluster_token_problem() -> str | None:
+    """Why the report channel cannot authenticate from inside a pod, or None."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and not IN_CLUSTER_TOKEN.exists():
+        return (
+            f"no ServiceAccount token at {IN_CLUSTER_TOKEN}: the pod runs with automountServiceAccountToken: false "
+            "(set on the pod or its ServiceAccount, or by a policy), so the trainer cannot report to its ConfigMap"
+        )
+    return None
 
 
 class ConfigMapReporter(_Throttled):
     """Patches `data["report.json"]` of the per-stage ConfigMap the operator created.
 
+    Progress goes out from a background thread (the latest snapshot wins), so rank 0 never holds up a collective on
+    a slow API server; the final report is sent in the caller's thread, after anything pending, and retried.
     The trainer's service account may only get/patch that ConfigMap, never create one, so a missing ConfigMap is
     logged and skipped rather than created.
     """
@@ -73,6 +90,21 @@ class ConfigMapReporter(_Throttled):
         super().__init__()
         self.namespace, self.name = namespace, name
         self.min_interval = min_interval
+        self._start_sender()
+
+    def _start_sender(self) -> None:
+        self._sender_state = threading.Condition()
+        self._pending: StageReport | None = None
+        self._sending = False
+        self._sender: threading.Thread | None = None
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k in ("namespace", "name", "min_interval")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._last_write = 0.0
+        self._start_sender()
 
     def _api(self):
         if getattr(self, "_client", None) is None:
@@ -86,15 +118,45 @@ class ConfigMapReporter(_Throttled):
         return self._client
 
     def _write(self, report: StageReport) -> None:
+        if report.phase == "Running":
+            with self._sender_state:
+                self._pending = report
+                if self._sender is None:
+                    self._sender = threading.Thread(target=self._send_pending, name="report-sender", daemon=True)
+                    self._sender.start()
+                self._sender_state.notify_all()
+            return
+        # Progress may be dropped, but the final report is what the operator records as the stage's result: retry it.
+        self.flush()
+        self._send(report, FINAL_REPORT_ATTEMPTS)
+
+    def flush(self, timeout: float = 60.0) -> None:
+        """Wait until the pending progress report is sent (or given up on)."""
+        with self._sender_state:
+            self._sender_state.wait_for(lambda: self._pending is None and not self._sending, timeout)
+
+    def _send_pending(self) -> None:
+        while True:
+            with self._sender_state:
+                self._sender_state.wait_for(lambda: self._pending is not None)
+                report, self._pending, self._sending = self._pending, None, True
+            try:
+                self._send(report, 1)
+            finally:
+                with self._sender_state:
+                    self._sending = False
+                    self._sender_state.notify_all()
+
+    def _send(self, report: StageReport, attempts: int) -> None:
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
         body = {"data": {REPORT_KEY: json.dumps(report.to_wire())}}
-        # Progress may be dropped, but the final report is what the operator records as the stage's result: retry it.
-        attempts = 1 if report.phase == "Running" else FINAL_REPORT_ATTEMPTS
         for attempt in range(1, attempts + 1):
             try:
-                self._api().patch_namespaced_config_map(self.name, self.namespace, body)
+                self._api().patch_namespaced_config_map(
+                    self.name, self.namespace, body, _request_timeout=REQUEST_TIMEOUT
+                )
                 return
             except (ApiException, HTTPError) as exc:
                 detail = f"{exc.status} {exc.reason}" if isinstance(exc, ApiException) else type(exc).__name__
@@ -152,6 +214,9 @@ def reporter_from_url(url: str) -> Reporter:
         namespace, _, name = url.removeprefix("configmap://").partition("/")
         if not namespace or not name or "/" in name:
             raise ValueError(f"report URL {url!r} must look like configmap://NAMESPACE/NAME")
+        problem = in_cluster_token_problem()
+        if problem:
+            raise ValueError(problem)
         return ConfigMapReporter(namespace, name)
     return FileReporter(url.removeprefix("file://"))
 

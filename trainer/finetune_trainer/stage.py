@@ -121,17 +121,22 @@ def run_from_args(config_path: str | None, config_json: str | None, report_url: 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The entrypoint's options, shared by `finetune stage` and `python -m finetune_trainer.stage`."""
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", help="path to a StageConfig JSON file")
+    source.add_argument("--config", "--config-file", dest="config", help="path to a StageConfig JSON file")
     source.add_argument("--config-json", help="StageConfig JSON")
     parser.add_argument("--report", required=True, help="configmap://NAMESPACE/NAME or file:///PATH")
     parser.add_argument("--no-ray", action="store_true", help="train in this process instead of Ray Train workers")
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     return run_from_args(args.config, args.config_json, args.report, use_ray=not args.no_ray)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    """`python -m finetune_trainer.stage ...`, the operator's entrypoint."""
     parser = argparse.ArgumentParser(prog="python -m finetune_trainer.stage", description="Run one rendered stage.")
     add_arguments(parser)
-    sys.exit(main(parser.parse_args()))
+    sys.exit(run(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -8,18 +8,48 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from finetune_api.reasons import Reason
 from finetune_api.spec import DeepSpeedSpec, ResourcesSpec
+from finetune_trainer.errors import StageError
 
 
 def use_gpu(resources: ResourcesSpec) -> bool:
+    """Whether this training process runs on a GPU: the spec decides (`gpusPerWorker`), never the node that asks.
+
+    The Ray driver runs on the head, which has no GPU by design, so probing CUDA there would turn a GPU job into a CPU
+    one. A training process that should have a GPU and sees none fails at once, permanently: retrying lands on the
+    same kind of node."""
+    if resources.gpus_per_worker == 0:
+        return False
     import torch
 
-    return resources.gpus_per_worker > 0 and torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        raise StageError(
+            f"resources.gpusPerWorker is {resources.gpus_per_worker} but this worker sees no CUDA device "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}; "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r}): "
+            "check the node's NVIDIA driver and device plugin, and that the image is a CUDA build",
+            reason=Reason.GPU_UNAVAILABLE,
+            permanent=True,
+        )
+    return True
 
 
 def backend(resources: ResourcesSpec) -> str:
-    """torch.distributed backend: NCCL between GPUs, gloo on CPU."""
-    return "nccl" if use_gpu(resources) else "gloo"
+    """torch.distributed backend: NCCL between GPUs, gloo on CPU (from the spec, like `use_gpu`)."""
+    return "nccl" if resources.gpus_per_worker > 0 else "gloo"
+
+
+def train_workers(resources: ResourcesSpec) -> tuple[int, dict[str, float]]:
+    """(Ray Train workers, resources of each): one process per GPU.
+
+    `workers` pods with `gpusPerWorker: G` run G one-GPU processes each, so ranks on one node talk over NVLink or
+    shared memory instead of one process driving G GPUs (and leaving G-1 idle). Ray's default PACK placement puts a
+    pod's G bundles on that pod. CPUs are shared out evenly."""
+    gpus = resources.gpus_per_worker
+    if gpus == 0:
+        return resources.workers, {"CPU": float(resources.cpus_per_worker)}
+    return resources.workers * gpus, {"CPU": resources.cpus_per_worker / gpus, "GPU": 1.0}
 
 
 def precision_flags(precision: str, gpu: bool) -> dict[str, bool]:
@@ -59,6 +89,19 @@ def deepspeed_config(spec: DeepSpeedSpec) -> dict[str, Any] | None:
         "gradient_clipping": "auto",
         "zero_allow_untested_optimizer": True,
     }
+
+
+def attach_deepspeed(resources: ResourcesSpec, spec: DeepSpeedSpec) -> None:
+    """Point DeepSpeed's comm layer at the process group Ray Train already set up; call in each Ray Train worker.
+
+    Ray Train initialises torch.distributed but not DeepSpeed's `deepspeed.comm`, so `deepspeed.zero.Init` (ZeRO-3
+    loads weights partitioned) would otherwise assume a world of one ("train_batch_size ... 32 != 16 * 1 * 1"). With
+    torch.distributed initialised, `init_distributed` wraps the existing group; MPI discovery must stay off."""
+    if spec.zero_stage == 0:
+        return
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend(resources), auto_mpi_discovery=False)
 
 
 def single_process_env() -> None:

@@ -70,9 +70,14 @@ Rules the operator needs in every namespace it watches: exactly what the control
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["create", "get", "delete"]
+# Events on FineTuneJobs; listing reads the Warning Events of a stage's stuck Ray pods (FailedMount, ...).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create", "patch", "list"]
+# Why a stage's Ray pods do not start (scheduling, image pulls), named in status while they come up.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 # Existence checks of the Secrets a job names; values are never read into status, logs or events.
 - apiGroups: [""]
   resources: ["secrets"]
