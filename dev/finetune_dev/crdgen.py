@@ -151,7 +151,22 @@ PRINTER_COLUMNS = [
         "jsonPath": ".status.progress",
         "description": "Stages done out of the total.",
     },
+    {
+        # kstatus's Ready condition always carries the current reason: StageRunning, RetryingFromCheckpoint, Suspended,
+        # AllStagesSucceeded, or the failure's.
+        "name": "Reason",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
+        "description": "Why the job is where it is (the Ready condition's reason).",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {
+        "name": "Message",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Ready")].message',
+        "description": "The Ready condition's message.",
+        "priority": 1,
+    },
 ]
 
 _DROPPED_KEYS = {"title", "examples", "$defs"}

@@ -89,7 +89,9 @@ def test_printer_columns_read_the_status(crd: dict[str, Any]):
         "Phase": ".status.phase",
         "Stage": ".status.currentStage",
         "Progress": ".status.progress",
+        "Reason": '.status.conditions[?(@.type=="Ready")].reason',
         "Age": ".metadata.creationTimestamp",
+        "Message": '.status.conditions[?(@.type=="Ready")].message',
     }
 
 
