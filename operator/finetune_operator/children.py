@@ -171,7 +171,7 @@ def referenced_secrets(spec: FineTuneJobSpec, stage_index: int | None = None) ->
     return found
 
 
-def _pvc_claims(config: StageConfig) -> list[str]:
+def pvc_claims(config: StageConfig) -> list[str]:
     """Claims named by `pvc://` URIs the stage reads or writes, in first-seen order."""
     uris = [
         config.input_model,
@@ -302,7 +302,7 @@ def rayjob(
     """The RayJob (ray.io/v1) running one stage attempt: a head node for the driver plus one worker group."""
     compute = config.resources
     secrets = list(dict.fromkeys(name for _, name in referenced_secrets(spec, config.stage_index)))
-    claims = _pvc_claims(config)
+    claims = pvc_claims(config)
     worker_resources: dict[str, Any] = {"cpu": str(compute.cpus_per_worker)}
     if compute.memory_per_worker:
         worker_resources["memory"] = compute.memory_per_worker
