@@ -330,6 +330,8 @@ def rayjob(
         # submitter pod, so nothing that Pod Security `restricted` could refuse, no pull secrets or tolerations to
         # copy, and no submitter PodSet for Kueue to count (kueue rayjob_controller.go, addSubmitterPodSet).
         "submissionMode": "HTTPMode",
+        # Needed to suspend (KubeRay utils/validation.go ValidateRayJobSpec) and by Kueue's webhook, which also wants
+        # no autoscaling and no clusterSelector (kueue pkg/controller/jobs/rayjob/rayjob_webhook.go validateCreate).
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": settings.rayjob_ttl_seconds,
         # Kueue's webhook sets suspend on every RayJob with a queue label and clears it on admission
