@@ -108,6 +108,8 @@ class Observations:
     attempt: AttemptObservation = AttemptObservation()
     report: StageReport | None = None
     missing_secrets: tuple[tuple[str, str], ...] = ()
+    # Storage the attempt's pods share but that cannot be shared across nodes (a ReadWriteOnce claim), in words.
+    storage_warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -601,6 +603,8 @@ class _Machine:
         self.condition(RUNNING, True, Reason.STAGE_STARTING, message)
         if new_attempt:
             self.decision.event(Reason.STAGE_STARTING, message)
+            for warning in self.obs.storage_warnings:
+                self.decision.event(Reason.STORAGE_NOT_SHARED, f"stage {stage.name}: {warning}", warning=True)
 
     def wait_for_secrets(self, stage: StageStatus) -> None:
         missing = "; ".join(

@@ -67,6 +67,8 @@ class Reason(StrEnum):
     PENDING = "Pending"
     # The FineTuneJob was deleted `ttlSecondsAfterFinished` after finishing (Event only).
     TTL_EXPIRED = "TTLExpired"
+    # A `pvc://` claim every Ray pod mounts is not ReadWriteMany: pods on a second node cannot attach it (Event only).
+    STORAGE_NOT_SHARED = "StorageNotShared"
     # Finalizer work on deletion (Events only): children could not be deleted (retried); artifacts removed on request.
     CLEANUP_FAILED = "CleanupFailed"
     ARTIFACTS_DELETED = "ArtifactsDeleted"

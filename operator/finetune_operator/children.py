@@ -171,7 +171,7 @@ def referenced_secrets(spec: FineTuneJobSpec, stage_index: int | None = None) ->
     return found
 
 
-def _pvc_claims(config: StageConfig) -> list[str]:
+def pvc_claims(config: StageConfig) -> list[str]:
     """Claims named by `pvc://` URIs the stage reads or writes, in first-seen order."""
     uris = [
         config.input_model,
@@ -302,7 +302,7 @@ def rayjob(
     """The RayJob (ray.io/v1) running one stage attempt: a head node for the driver plus one worker group."""
     compute = config.resources
     secrets = list(dict.fromkeys(name for _, name in referenced_secrets(spec, config.stage_index)))
-    claims = _pvc_claims(config)
+    claims = pvc_claims(config)
     worker_resources: dict[str, Any] = {"cpu": str(compute.cpus_per_worker)}
     if compute.memory_per_worker:
         worker_resources["memory"] = compute.memory_per_worker
@@ -330,6 +330,8 @@ def rayjob(
         # submitter pod, so nothing that Pod Security `restricted` could refuse, no pull secrets or tolerations to
         # copy, and no submitter PodSet for Kueue to count (kueue rayjob_controller.go, addSubmitterPodSet).
         "submissionMode": "HTTPMode",
+        # Needed to suspend (KubeRay utils/validation.go ValidateRayJobSpec) and by Kueue's webhook, which also wants
+        # no autoscaling and no clusterSelector (kueue pkg/controller/jobs/rayjob/rayjob_webhook.go validateCreate).
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": settings.rayjob_ttl_seconds,
         # Kueue's webhook sets suspend on every RayJob with a queue label and clears it on admission

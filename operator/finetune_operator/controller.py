@@ -33,13 +33,13 @@ from finetune_api.pipeline import (
     reconcile,
 )
 from finetune_api.reasons import Reason
-from finetune_api.render import report_configmap_name
+from finetune_api.render import render_stage, report_configmap_name
 from finetune_api.report import REPORT_KEY, StageReport
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import FineTuneJobStatus
 from finetune_operator import children
 from finetune_operator.executors import delete_artifacts, make_executor
-from finetune_operator.kube import CONFIGMAP, FINETUNEJOB, Kube
+from finetune_operator.kube import CONFIGMAP, FINETUNEJOB, PVC, Kube
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.settings import Settings
 
@@ -140,7 +140,27 @@ class Controller:
                     present[name] = self.kube.exists(("v1", "Secret"), job.namespace, name)
                 if not present[name]:
                     missing.append((path, name))
-        return Observations(attempt=child, report=report, missing_secrets=tuple(missing))
+        warnings = self.storage_warnings(job, spec, stage) if child.state not in LIVE_STATES else []
+        return Observations(
+            attempt=child, report=report, missing_secrets=tuple(missing), storage_warnings=tuple(warnings)
+        )
+
+    def storage_warnings(self, job: JobRef, spec: FineTuneJobSpec, stage: str) -> list[str]:
+        """`pvc://` claims of the stage that its Ray pods, on different nodes, cannot all mount."""
+        if self.settings.executor != "kuberay":
+            return []
+        config = render_stage(job.name, spec, stage, namespace=job.namespace)
+        warnings = []
+        for claim in children.pvc_claims(config):
+            pvc = self.kube.get(PVC, job.namespace, claim)
+            modes = ((pvc or {}).get("spec") or {}).get("accessModes") or []
+            if pvc is not None and "ReadWriteMany" not in modes:
+                warnings.append(
+                    f"pvc://{claim}: PersistentVolumeClaim {claim!r} is {', '.join(modes) or 'without access modes'}; "
+                    f"the head and {config.resources.workers} worker pod(s) all mount it, and pods on a second node "
+                    "cannot attach it: use a ReadWriteMany claim (or s3://)"
+                )
+        return warnings
 
     def read_report(self, job: JobRef, stage: str) -> StageReport | None:
         configmap = self.kube.get(CONFIGMAP, job.namespace, report_configmap_name(job.name, stage))

@@ -26,6 +26,7 @@ _RESOURCES = {
     ("v1", "Secret"): ("/api/v1", "secrets"),
     ("v1", "Event"): ("/api/v1", "events"),
     ("v1", "Pod"): ("/api/v1", "pods"),
+    ("v1", "PersistentVolumeClaim"): ("/api/v1", "persistentvolumeclaims"),
     ("rbac.authorization.k8s.io/v1", "Role"): ("/apis/rbac.authorization.k8s.io/v1", "roles"),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     ("ray.io/v1", "RayJob"): ("/apis/ray.io/v1", "rayjobs"),
@@ -34,6 +35,7 @@ _RESOURCES = {
 RAYJOB = ("ray.io/v1", "RayJob")
 CONFIGMAP = ("v1", "ConfigMap")
 POD = ("v1", "Pod")
+PVC = ("v1", "PersistentVolumeClaim")
 FINETUNEJOB = (f"{GROUP}/{VERSION}", "FineTuneJob")
 MERGE_PATCH = "application/merge-patch+json"
 

@@ -540,3 +540,11 @@ def test_local_paths_are_refused_where_the_trainer_runs_in_pods(job, sample_spec
     assert "spec.stages[0].dataset.uri: './instruct.jsonl'" in failed.message and "pvc://" in failed.message
     # The local executor (and `finetune run`) run the trainer where those paths are.
     assert starts(reconcile(job, spec, None, Observations(), T0, Policy()))
+
+
+def test_a_claim_that_cannot_span_nodes_is_announced_when_an_attempt_starts(job, sample_spec):
+    warning = "pvc://data: PersistentVolumeClaim 'data' is ReadWriteOnce; ... use a ReadWriteMany claim (or s3://)"
+    decision = reconcile(job, sample_spec(), None, Observations(storage_warnings=(warning,)), T0)
+    assert starts(decision)
+    [event] = [e for e in decision.events if e.reason == Reason.STORAGE_NOT_SHARED]
+    assert event.type == "Warning" and event.message == f"stage sft: {warning}"

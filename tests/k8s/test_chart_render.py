@@ -30,6 +30,7 @@ NAMESPACED = {
     *(("", "events", v) for v in ("create", "patch", "list")),
     ("", "secrets", "get"),
     ("", "pods", "list"),
+    ("", "persistentvolumeclaims", "get"),
 }
 CRD_READ = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}
 TOKEN_CREATE = {("", "serviceaccounts/token", "create")}

@@ -557,3 +557,23 @@ def test_a_rayjob_refused_by_admission_fails_the_attempt_in_status_and_an_event(
         harness.control_plane.kubectl(
             "delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", policy, check=False
         )
+
+
+def test_a_readwriteonce_claim_shared_by_the_ray_pods_is_announced(harness: Harness):
+    harness.admin.create(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "data", "namespace": harness.namespace},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+        }
+    )
+    manifest = job_manifest("rwo")
+    manifest["spec"]["stages"][0]["dataset"] = {"uri": "pvc://data/instruct.jsonl"}
+    harness.create(manifest)
+    harness.wait_for_rayjob(rj("rwo", "sft", 1))
+    event = harness.wait(
+        lambda: next((e for e in harness.events("rwo") if e["reason"] == Reason.STORAGE_NOT_SHARED), None),
+        "the StorageNotShared event",
+    )
+    assert event["type"] == "Warning" and "ReadWriteOnce" in event["message"] and "ReadWriteMany" in event["message"]

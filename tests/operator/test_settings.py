@@ -82,3 +82,12 @@ def test_replicas_get_distinct_stable_peering_priorities():
     assert len(set(priorities)) == len(names)
     assert priorities == [replica_priority(name) for name in names]
     assert all(1 <= p <= 1_000_000 for p in priorities)
+
+
+def test_pull_secrets_and_start_timeout_come_from_the_environment():
+    from finetune_operator.settings import from_env
+
+    settings = from_env({"FINETUNE_IMAGE_PULL_SECRETS": "regcred, mirror", "FINETUNE_START_TIMEOUT_SECONDS": "600"})
+    assert (settings.image_pull_secrets, settings.start_timeout_seconds) == (("regcred", "mirror"), 600.0)
+    defaults = from_env({"FINETUNE_IMAGE_PULL_SECRETS": ""})
+    assert (defaults.image_pull_secrets, defaults.start_timeout_seconds) == ((), 1200.0)

@@ -78,6 +78,10 @@ Rules the operator needs in every namespace it watches: exactly what the control
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]
+# Access modes of the `pvc://` claims a stage's pods share (a ReadWriteOnce claim cannot span nodes).
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get"]
 # Existence checks of the Secrets a job names; values are never read into status, logs or events.
 - apiGroups: [""]
   resources: ["secrets"]
