@@ -15,7 +15,7 @@ export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install lock lock-check lint format run test test-unit crds check-crds k8s-binaries dev-cluster operator bench-operator clean
+.PHONY: install lock lock-check lint format run test test-unit crds check-crds k8s-binaries browser dev-cluster operator bench-operator clean
 
 $(UV):
 	python3 -m venv $(CACHE_DIR)/uv-$(UV_VERSION)
@@ -44,7 +44,7 @@ run: install
 	$(VENV)/bin/finetune tiny-model models/tiny --data-dir examples/data
 	$(VENV)/bin/finetune run examples/quickstart.yaml --status-file out/quickstart/status.json
 
-test: lock-check lint check-crds k8s-binaries
+test: lock-check lint check-crds k8s-binaries browser
 	$(PY) -m pytest
 
 test-unit: install
@@ -59,6 +59,12 @@ check-crds: install
 # Kubernetes' own binaries (kube-apiserver, etcd, kubectl, helm) built from their Go modules, cached under ~/.cache.
 k8s-binaries: install
 	$(PY) -m finetune_dev --build-only
+
+# Debian's Chromium for the report's browser test (as root; elsewhere that test is skipped and says why).
+browser:
+	@command -v chromium >/dev/null || { test "$$(id -u)" = 0 && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium not installed: the browser test of report.html will be skipped"
 
 dev-cluster: install
 	$(PY) -m finetune_dev

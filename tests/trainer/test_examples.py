@@ -34,9 +34,17 @@ def run_example(name: str, workdir: Path, tiny_model_dir: Path) -> dict:
     status = json.loads(status_file.read_text())
     assert status["phase"] == "Succeeded"
     assert {c["type"]: c["status"] for c in status["conditions"]}["Succeeded"] == "True"
+    # Quiet: the stages' own output went to their stage.log; the terminal got the pipeline's lines and the table.
+    printed = (result.stdout + result.stderr).splitlines()
+    assert len(printed) <= 40, "\n".join(printed)
     for stage in status["stages"]:
         assert stage["phase"] == "Succeeded" and stage["attempts"] == 1, stage
         assert (workdir / stage["checkpoint"] / "config.json").is_file(), stage
+        stage_dir = (workdir / stage["checkpoint"]).parent
+        assert (stage_dir / "stage.log").stat().st_size > 0, stage
+        history = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+        assert any("loss" in row for row in history) and history[-1].get("final"), stage["name"]
+    assert (workdir / stage["checkpoint"]).parent.parent.joinpath("report.html").is_file()
     return {stage["name"]: stage["metrics"] for stage in status["stages"]}
 
 

@@ -30,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="print the stage table of a run from its status file")
     status.add_argument("path", help="a status.json, or the storage directory that holds it")
 
+    report = commands.add_parser("report", help="render report.html (curves, metrics, gates) of a local run")
+    report.add_argument("out_dir", help="the run's storage directory (it holds status.json and a folder per stage)")
+    report.add_argument("--status-file", help="the run's status file (default: OUT_DIR/status.json)")
+
     check = commands.add_parser("validate", help="check manifests, their data and models before anything trains")
     check.add_argument("manifests", nargs="+", help="FineTuneJob YAML files")
     check.add_argument("--all", action="store_true", help="accept several FineTuneJobs per file")
@@ -62,6 +66,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run_manifest(args.manifest, args.status_file, use_ray=not args.no_ray, verbose=args.verbose))
     elif args.command == "status":
         sys.exit(_print_status(Path(args.path)))
+    elif args.command == "report":
+        from finetune_trainer.report import write_report
+
+        status_file = Path(args.status_file) if args.status_file else None
+        try:
+            print(f"wrote {write_report(Path(args.out_dir), status_file)}")
+        except (OSError, ValueError) as exc:
+            sys.exit(f"finetune report: {exc}")
     elif args.command == "validate":
         from finetune_trainer.validate import validate_files
 

@@ -300,6 +300,10 @@ class LocalPipeline:
             return EXIT_INTERRUPTED
         print_table(self.status)
         print(f"\nstatus: {self.status_path}")
+        if not storage.is_remote(self.job.spec.storage.uri):
+            from finetune_trainer.report import write_report
+
+            print(f"report: {write_report(storage.local_path(self.job.spec.storage.uri), self.status_path)}")
         return self.exit_code()
 
     def exit_code(self) -> int:

@@ -7,12 +7,13 @@ writes. Only rank 0 reports.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from finetune_api.report import REPORT_KEY, StageReport
 from finetune_api.timeutil import format_duration, now_rfc3339
@@ -221,13 +222,44 @@ def reporter_from_url(url: str) -> Reporter:
     return FileReporter(url.removeprefix("file://"))
 
 
+class MetricsHistory:
+    """`metrics.jsonl`: one JSON line per logged step (training and held-out evaluation), the stage's curves.
+
+    Each line has `step`, `epoch` (when known), `time` (RFC 3339) and the step's finite numeric values, e.g.
+    `{"step": 10, "epoch": 0.5, "time": "...", "loss": 2.1, "learning_rate": 0.001}`; the final line has `final: true`
+    and the stage's final metrics.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, step: int, values: dict[str, Any], epoch: float | None = None, **flags: bool) -> None:
+        numbers = {
+            key: float(value)
+            for key, value in values.items()
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        }
+        line = {"step": step, **({"epoch": round(epoch, 4)} if epoch is not None else {}), "time": now_rfc3339()}
+        with self.path.open("a") as out:
+            out.write(json.dumps({**line, **numbers, **flags}) + "\n")
+
+
 class ReportChannel:
     """Holds the running StageReport and publishes snapshots of it. Disabled (a no-op) on ranks other than 0."""
 
-    def __init__(self, reporter: Reporter | None, attempt: int, enabled: bool = True):
+    def __init__(
+        self, reporter: Reporter | None, attempt: int, enabled: bool = True, history: MetricsHistory | None = None
+    ):
         self.reporter = reporter
         self.enabled = enabled and reporter is not None
+        self.history = history if enabled else None
         self.report = StageReport(phase="Running", attempt=attempt)
+
+    def record(self, step: int, values: dict[str, Any], epoch: float | None = None) -> None:
+        """One logged step into metrics.jsonl (progress snapshots are throttled; the history keeps every step)."""
+        if self.history is not None:
+            self.history.append(step, values, epoch)
 
     def _publish(self, urgent: bool) -> None:
         if self.enabled:
@@ -283,7 +315,10 @@ def progress_callback(channel: ReportChannel, checkpoint_saved):
             self.started_at, self.first_step = time.monotonic(), state.global_step
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs or "loss" not in logs:
+            if not state.is_world_process_zero or not logs:
+                return
+            channel.record(state.global_step, logs, state.epoch)
+            if "loss" not in logs:
                 return
             done = state.global_step - self.first_step
             eta = (

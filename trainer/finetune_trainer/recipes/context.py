@@ -15,11 +15,11 @@ from typing import Any
 
 from transformers import set_seed
 
-from finetune_api.render import StageConfig, join_uri
+from finetune_api.render import StageConfig, join_uri, stage_root
 from finetune_trainer import modeling, storage, strategy
 from finetune_trainer.data import StageData, load_stage_data
 from finetune_trainer.recipes import guards
-from finetune_trainer.reporting import ReportChannel, Reporter, progress_callback
+from finetune_trainer.reporting import MetricsHistory, ReportChannel, Reporter, progress_callback
 
 
 class StageContext:
@@ -37,7 +37,16 @@ class StageContext:
         self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
         self.is_main = rank == 0
         self.work_dir = Path(work_dir)
-        self.channel = ReportChannel(reporter, config.attempt, enabled=self.is_main)
+        # metrics.jsonl lives beside the stage's outputs; on remote storage it is written here and uploaded with each
+        # checkpoint and the final model.
+        self.history_uri = join_uri(stage_root(config.storage, config.stage.name), "metrics.jsonl")
+        local_history = (
+            self.work_dir / "metrics.jsonl"
+            if storage.is_remote(self.history_uri)
+            else storage.local_path(self.history_uri)
+        )
+        history = MetricsHistory(local_history) if self.is_main else None
+        self.channel = ReportChannel(reporter, config.attempt, enabled=self.is_main, history=history)
         self.gpu = strategy.use_gpu(config.resources)
         self.precision = strategy.precision_flags(config.training.precision, self.gpu)
         self._cache = self.work_dir / "cache"
@@ -170,8 +179,15 @@ class StageContext:
             for _, old in kept[: max(0, len(kept) - (self.config.training.save_total_limit or len(kept)))]:
                 storage.delete(old, self._endpoint)
             self.channel.checkpoint(destination, step)
+            self.publish_history()
         strategy.barrier()
         return destination
+
+    def publish_history(self) -> None:
+        """Copy metrics.jsonl to remote storage (rank 0; local storage is written in place)."""
+        history = self.channel.history
+        if history is not None and storage.is_remote(self.history_uri) and history.path.exists():
+            storage.upload_file(history.path, self.history_uri, self._endpoint)
 
     def resume_checkpoint(self) -> str | None:
         """Local path of this stage's latest complete checkpoint (fetched when remote), or None on a fresh start."""
@@ -199,6 +215,9 @@ class StageContext:
         Non-finite metrics or weights fail the stage (TrainingDiverged), and so does a held-out loss that dropped less
         than `training.minImprovement` (QualityGateFailed); nothing is written then.
         """
+        if self.channel.history is not None:
+            self.channel.history.append(self.channel.report.step, metrics, final=True)
+            self.publish_history()
         guards.check_metrics(self.config, metrics)
         guards.check_improvement(self.config, metrics)
         output = self.config.output_uri
@@ -246,4 +265,5 @@ class StageContext:
             self._progress_clock = (now, step)
         started, first_step = self._progress_clock
         eta = (now - started) / (step - first_step) * (total - step) if step > first_step else None
+        self.channel.record(step, {**({"loss": loss} if loss is not None else {}), **extra})
         self.channel.progress(step, total, loss=loss, eta=eta, **extra)
