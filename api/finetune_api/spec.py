@@ -327,6 +327,15 @@ class TrainingSpec(SpecModel):
     save_total_limit: int | None = Field(
         default=None, ge=1, le=10000, description="Keep at most this many intermediate checkpoints (default 2)."
     )
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] | None = Field(
+        default=None,
+        max_length=3,
+        description=(
+            "Experiment trackers the trainer logs to, besides the stage's metrics.jsonl. `tensorboard` writes under "
+            "`<storage>/<stage>/tensorboard`; `mlflow` and `wandb` read their settings and credentials from the "
+            "environment (put them in a Secret named in `envFromSecrets`). The tracker's package must be in the image."
+        ),
+    )
     min_improvement: float | None = Field(
         default=None,
         ge=0,

@@ -8,6 +8,8 @@ process and in every Ray Train worker.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 import shutil
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ from transformers import set_seed
 from finetune_api.render import StageConfig, join_uri, stage_root
 from finetune_trainer import modeling, storage, strategy
 from finetune_trainer.data import StageData, load_stage_data
+from finetune_trainer.errors import ConfigError
 from finetune_trainer.recipes import guards
 from finetune_trainer.reporting import MetricsHistory, ReportChannel, Reporter, progress_callback
 
@@ -106,6 +109,31 @@ class StageContext:
         return load_stage_data(self.config, accepted, cache=self._cache)
 
     # ---- training -----------------------------------------------------------------------------------------------
+    def trackers(self) -> list[str] | str:
+        """`training.reportTo` for the HF trainers, once each tracker's package is known to be importable."""
+        wanted = list(self.config.training.report_to or [])
+        packages = {"tensorboard": ("tensorboardX", "tensorboard"), "mlflow": ("mlflow",), "wandb": ("wandb",)}
+        for tracker in wanted:
+            if not any(importlib.util.find_spec(name) for name in packages[tracker]):
+                raise ConfigError(
+                    f"spec.training.reportTo: {tracker!r} needs the {' or '.join(packages[tracker])} package, which "
+                    "the trainer image lacks; install it in the image or drop the tracker"
+                )
+        if "tensorboard" in wanted:
+            # transformers' TensorBoardCallback reads its directory from the environment.
+            os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.tensorboard_dir)
+        return wanted or "none"
+
+    @property
+    def tensorboard_uri(self) -> str:
+        return join_uri(stage_root(self.config.storage, self.config.stage.name), "tensorboard")
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        """Written in place on local storage; on remote storage here, then uploaded with the final model."""
+        uri = self.tensorboard_uri
+        return self.work_dir / "tensorboard" if storage.is_remote(uri) else storage.local_path(uri)
+
     def training_args(self, args_cls, **overrides):
         """An `args_cls` (TrainingArguments or a TRL config) filled from the resolved TrainingSpec, plus `overrides`."""
         training = self.config.training
@@ -131,7 +159,7 @@ class StageContext:
             "eval_strategy": "no",
             # One held-out evaluation before the first step gives the recipes their `eval_loss_before`.
             "eval_on_start": True,
-            "report_to": "none",
+            "report_to": self.trackers(),
             "disable_tqdm": True,
             "use_cpu": not self.gpu,
             "activation_checkpointing": bool(training.gradient_checkpointing),
@@ -184,10 +212,14 @@ class StageContext:
         return destination
 
     def publish_history(self) -> None:
-        """Copy metrics.jsonl to remote storage (rank 0; local storage is written in place)."""
+        """Copy metrics.jsonl and the TensorBoard logs to remote storage (rank 0; local storage is written in place)."""
         history = self.channel.history
-        if history is not None and storage.is_remote(self.history_uri) and history.path.exists():
+        if history is None or not storage.is_remote(self.history_uri):
+            return
+        if history.path.exists():
             storage.upload_file(history.path, self.history_uri, self._endpoint)
+        if self.tensorboard_dir.is_dir():
+            storage.upload_dir(self.tensorboard_dir, self.tensorboard_uri, self._endpoint)
 
     def resume_checkpoint(self) -> str | None:
         """Local path of this stage's latest complete checkpoint (fetched when remote), or None on a fresh start."""
