@@ -41,12 +41,10 @@ def test_bad_dataset_fails_before_training_naming_stage_file_and_line(tmp_path, 
     stages = [{"name": "tune", "type": "sft", "dataset": {"uri": str(data)}}]
     manifest = write_manifest(tmp_path / "job.yaml", pipeline_spec(tiny_model_dir, storage, stages))
     result = run_cli("run", str(manifest), "--no-ray")
-    assert result.returncode == EXIT_PERMANENT_FAILURE
-    assert f"stage 'tune': {data}:line 2: malformed JSON" in result.stderr and "InvalidDataset" in result.stderr
-    assert not (storage / "tune" / "checkpoints").exists()  # no training step ran
-    status = FineTuneJobStatus.model_validate(json.loads((storage / "status.json").read_text()))
-    assert status.phase == "Failed" and status.stages[0].phase == "Failed" and "line 2" in status.stages[0].message
-    assert status.condition("Failed").status == "True" and status.condition("Failed").reason == "InvalidDataset"
+    # Found by the pre-flight check, before anything ran: exit 2, the field, the file and the line.
+    assert result.returncode == 2
+    assert f"spec.stages[0].dataset.uri: stage 'tune': {data}:line 2: malformed JSON" in result.stderr
+    assert not (storage / "tune").exists() and not (storage / "status.json").exists()
 
     # The operator's entrypoint: a permanent failure exits 3 and reports the reason.
     config = render_stage("e2e", FineTuneJob.model_validate(yaml.safe_load(manifest.read_text())).spec, "tune")
@@ -153,3 +151,21 @@ def test_version_and_status_commands(tmp_path):
     assert shown.stdout.splitlines()[0] == "Failed 1/2: InvalidDataset: line 3"
     assert "domain    cpt   Succeeded" in shown.stdout and "eval_loss_after=1.5" in shown.stdout
     assert run_cli("status", str(tmp_path / "absent"), timeout=60).returncode == 2
+
+
+@pytest.mark.train
+def test_a_broken_file_of_a_later_stage_is_found_before_the_first_stage_trains(tmp_path, tiny_model_dir):
+    data = tmp_path / "prefs.jsonl"
+    lines = (DATA / "prefs.jsonl").read_text().splitlines()
+    lines[36] = '{"prompt": "x", "chosen": 4, "rejected": "y"}'
+    data.write_text("\n".join(lines) + "\n")
+    storage = tmp_path / "out"
+    stages = [
+        {"name": "instruct", "type": "sft", "dataset": {"uri": str(DATA / "instruct.jsonl")}},
+        {"name": "align", "type": "dpo", "dataset": {"uri": str(data)}},
+    ]
+    manifest = write_manifest(tmp_path / "job.yaml", pipeline_spec(tiny_model_dir, storage, stages))
+    result = run_cli("run", str(manifest), "--no-ray")
+    assert result.returncode == 2, result.stderr
+    assert "spec.stages[1].dataset" in result.stderr and "line 37" in result.stderr, result.stderr
+    assert not (storage / "instruct").exists()  # stage 1 never started

@@ -326,5 +326,13 @@ def run_manifest(path: str, status_file: str | None, use_ray: bool, verbose: boo
     except ManifestError as exc:
         print(exc, file=sys.stderr)
         return EXIT_INVALID
+    # Every stage's data, the model and the storage are checked before the first stage trains (`finetune validate`).
+    from finetune_trainer.validate import preflight
+
+    problems, _ = preflight(job)
+    if problems:
+        print(f"{path}: {len(problems)} problem(s) found before anything ran:", file=sys.stderr)
+        print("\n".join(f"  {problem}" for problem in problems), file=sys.stderr)
+        return EXIT_INVALID
     status_path = Path(status_file) if status_file else default_status_file(job)
     return LocalPipeline(job, status_path, use_ray, verbose).run()
