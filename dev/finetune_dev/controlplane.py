@@ -48,7 +48,8 @@ _LOG_TAIL_LINES = 60
 _STATE_ENTRIES = ("pki", "etcd", "logs", "apiserver-certs", "helm", "kubeconfigs", "kubeconfig", "components")
 # The neighbours a cluster can run, in the order they start.
 COMPONENTS = ("kube-controller-manager", "kube-scheduler", "kwok", "kuberay-operator", "kueue")
-# The kube-controller-manager loops the neighbours rely on: owner-reference garbage collection,
+# The kube-controller-manager loops the neighbours rely on (names from k8s.io/kubernetes
+# cmd/kube-controller-manager/names/controller_names.go): owner-reference garbage collection,
 # namespace deletion, `default` ServiceAccounts, Jobs (KubeRay's submitter), EndpointSlices,
 # PersistentVolumeClaim binding, and node lifecycle (it lifts the not-ready taint the apiserver
 # puts on every new Node).
@@ -515,6 +516,7 @@ class ControlPlane:
 
     def _start_kwok(self, paths: ComponentPaths) -> None:
         port = _free_port()
+        # Flags from sigs.k8s.io/kwok pkg/kwok/cmd/root.go; each --config file is one Stage (pkg/config/flags.go).
         stages = [f"--config={paths.asset(name)}" for _, name in paths.component.assets]
         proc = self._spawn(
             "kwok",
@@ -580,6 +582,8 @@ class ControlPlane:
             [str(paths.binary), f"--config={config_path}", f"--visibility-server-port={_free_port()}"],
             env={"KUBECONFIG": str(self.kubeconfig), KUEUE_METRICS_CERT_ENV: str(metrics_certs)},
         )
+        # Ready once the webhook server serves (cmd/kueue/main.go, the readyz check); only then may the apiserver
+        # route admission to it.
         self._wait_ready("kueue", proc, lambda: self._http_ok(f"http://127.0.0.1:{probe}/readyz"))
         for configuration in kueue_webhook_configurations(
             paths.asset("webhooks.yaml"), f"https://127.0.0.1:{webhook_port}", self._pki.ca_cert.read_bytes()
