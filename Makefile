@@ -44,6 +44,8 @@ run: install
 	$(VENV)/bin/finetune tiny-model models/tiny --data-dir examples/data
 	$(VENV)/bin/finetune run examples/quickstart.yaml --status-file out/quickstart/status.json
 
+# The neighbour tests need every component; building them up front shows the (first-run) build outside pytest.
+test: WITH = all
 test: lock-check lint check-crds k8s-binaries browser
 	$(PY) -m pytest
 
@@ -57,8 +59,11 @@ check-crds: install
 	$(PY) -m finetune_dev.crdgen --check
 
 # Kubernetes' own binaries (kube-apiserver, etcd, kubectl, helm) built from their Go modules, cached under ~/.cache.
+# WITH="kube-scheduler kwok ..." (or WITH=all) adds neighbours; GPU_NODES=N fake GPU nodes (needs kwok).
+WITH_FLAGS = $(foreach c,$(WITH),--with $(c))
+
 k8s-binaries: install
-	$(PY) -m finetune_dev --build-only
+	$(PY) -m finetune_dev --build-only $(WITH_FLAGS)
 
 # Debian's Chromium for the report's browser test (as root; elsewhere that test is skipped and says why).
 browser:
@@ -67,7 +72,7 @@ browser:
 		echo "chromium not installed: the browser test of report.html will be skipped"
 
 dev-cluster: install
-	$(PY) -m finetune_dev
+	$(PY) -m finetune_dev $(WITH_FLAGS) $(if $(GPU_NODES),--gpu-nodes $(GPU_NODES))
 
 operator: install
 	$(VENV)/bin/finetune-operator run --executor local --standalone

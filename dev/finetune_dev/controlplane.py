@@ -1,8 +1,14 @@
 """Run etcd + kube-apiserver on loopback: a real API server with RBAC, CRDs and TokenRequest.
 
-There is no controller-manager, scheduler or kubelet, so Pods never run, garbage collection of
-owned objects does not happen and deleted namespaces stay Terminating. What the operator needs
-(CRDs, status subresources, RBAC, watches, server-side validation) is the real thing.
+By default nothing else runs: no controller-manager, scheduler or kubelet, so Pods never run,
+garbage collection of owned objects does not happen and deleted namespaces stay Terminating.
+What the operator needs (CRDs, status subresources, RBAC, watches, server-side validation) is the
+real thing.
+
+`components` adds the real neighbours, each built from its pinned Go module on first use:
+kube-controller-manager (garbage collection, namespaces, Jobs, node lifecycle), kube-scheduler,
+KWOK (fake nodes whose Pods become Running and Ready without a kubelet), the KubeRay operator and
+Kueue (its webhooks served on loopback with a certificate from this cluster's CA).
 """
 
 from __future__ import annotations
@@ -24,12 +30,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .binaries import REPO_ROOT, Paths, ensure_binaries
+from .binaries import KUEUE_METRICS_CERT_ENV, REPO_ROOT, ComponentPaths, Paths, ensure_binaries, ensure_component
 
 SERVICE_CIDR = "10.0.0.0/24"
 # The first address of SERVICE_CIDR: the ClusterIP of the `kubernetes` Service, which in-cluster
@@ -38,7 +45,28 @@ KUBERNETES_SERVICE_IP = "10.0.0.1"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 _LOG_TAIL_LINES = 60
 # Everything start() writes into the state directory.
-_STATE_ENTRIES = ("pki", "etcd", "logs", "apiserver-certs", "helm", "kubeconfigs", "kubeconfig")
+_STATE_ENTRIES = ("pki", "etcd", "logs", "apiserver-certs", "helm", "kubeconfigs", "kubeconfig", "components")
+# The neighbours a cluster can run, in the order they start.
+COMPONENTS = ("kube-controller-manager", "kube-scheduler", "kwok", "kuberay-operator", "kueue")
+# The kube-controller-manager loops the neighbours rely on (names from k8s.io/kubernetes
+# cmd/kube-controller-manager/names/controller_names.go): owner-reference garbage collection,
+# namespace deletion, `default` ServiceAccounts, Jobs (KubeRay's submitter), EndpointSlices,
+# PersistentVolumeClaim binding, and node lifecycle (it lifts the not-ready taint the apiserver
+# puts on every new Node).
+CONTROLLERS = (
+    "garbage-collector-controller",
+    "namespace-controller",
+    "serviceaccount-controller",
+    "job-controller",
+    "endpointslice-controller",
+    "persistentvolume-binder-controller",
+    "node-lifecycle-controller",
+)
+GPU_RESOURCE = "nvidia.com/gpu"
+KUEUE_NAMESPACE = "kueue-system"
+# Kueue's RayJob and RayCluster integrations only (config API: apis/config/v1beta2/configuration_types.go).
+KUEUE_FRAMEWORKS = ("ray.io/rayjob", "ray.io/raycluster")
+KUEUE_WEBHOOK_PREFIX = "finetune-dev-kueue"
 
 
 class ControlPlaneError(RuntimeError):
@@ -64,6 +92,52 @@ def default_crds(binaries: Paths) -> list[Path]:
     """KubeRay's CRDs plus every CRD the repository ships under crds/."""
     repo_crds = sorted((REPO_ROOT / "crds").glob("*.yaml"))
     return [*binaries.kuberay_crds, *repo_crds]
+
+
+def kueue_webhook_configurations(manifests: Path, base_url: str, ca_bundle: bytes) -> list[dict]:
+    """Kueue's own webhook configurations (config/components/webhook/manifests.yaml), cut down to the webhooks
+    for Kueue's API and the RayJob/RayCluster integrations, and pointed at `base_url` instead of a Service.
+
+    Webhooks of the other integrations are left out: Kueue does not serve them here, and with their
+    `failurePolicy: Fail` every batch Job or Pod create (KubeRay's submitter among them) would be refused.
+    """
+    kept_groups = {"kueue.x-k8s.io"}
+    kept_ray = {"rayjobs", "rayclusters"}
+    configurations = []
+    for document in yaml.safe_load_all(manifests.read_text()):
+        if not document:
+            continue
+        webhooks = []
+        for webhook in document.get("webhooks", []):
+            rules = webhook.get("rules", [])
+            groups = {group for rule in rules for group in rule.get("apiGroups", [])}
+            resources = {resource for rule in rules for resource in rule.get("resources", [])}
+            if not (groups <= kept_groups or (groups == {"ray.io"} and resources <= kept_ray)):
+                continue
+            path = webhook["clientConfig"]["service"]["path"]
+            webhook["clientConfig"] = {"url": base_url + path, "caBundle": base64.b64encode(ca_bundle).decode()}
+            webhooks.append(webhook)
+        name = f"{KUEUE_WEBHOOK_PREFIX}-{document['kind'].removesuffix('WebhookConfiguration').lower()}"
+        configurations.append(
+            {
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": document["kind"],
+                "metadata": {"name": name},
+                "webhooks": webhooks,
+            }
+        )
+    return configurations
+
+
+def _unverified_tls() -> ssl.SSLContext:
+    # Only for /healthz of components serving a certificate they generated themselves.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+_UNVERIFIED_TLS = _unverified_tls()
 
 
 def free_port() -> int:
@@ -93,6 +167,7 @@ class _Pki:
     def __init__(self, directory: Path):
         self.dir = directory
         self.ca_cert = directory / "ca.crt"
+        self.ca_key = directory / "ca.key"
         self.serving_cert = directory / "apiserver.crt"
         self.serving_key = directory / "apiserver.key"
         self.admin_cert = directory / "admin.crt"
@@ -114,6 +189,7 @@ class _Pki:
             .sign(ca_key, hashes.SHA256())
         )
         self._write_cert(self.ca_cert, ca)
+        self._write_key(self.ca_key, ca_key)
 
         sans = [
             x509.DNSName(n)
@@ -154,6 +230,16 @@ class _Pki:
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             )
         )
+
+    def issue_loopback_serving(self, directory: Path, name: str) -> tuple[Path, Path]:
+        """A serving certificate for 127.0.0.1 signed by this CA, as `tls.crt`/`tls.key` (controller-runtime's names)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        ca = x509.load_pem_x509_certificate(self.ca_cert.read_bytes())
+        ca_key = serialization.load_pem_private_key(self.ca_key.read_bytes(), password=None)
+        cert, key = directory / "tls.crt", directory / "tls.key"
+        sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        self._issue(ca, ca_key, cert, key, name, None, ExtendedKeyUsageOID.SERVER_AUTH, sans)
+        return cert, key
 
     @staticmethod
     def _builder(subject: x509.Name, issuer: x509.Name, public_key) -> x509.CertificateBuilder:
@@ -210,6 +296,7 @@ class ControlPlane:
         state_dir: Path | str | None = None,
         crds: list[Path] | None = None,
         startup_timeout: float = 60.0,
+        components: tuple[str, ...] | list[str] = (),
     ):
         self._owns_dir = state_dir is None
         self.dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="finetune-k8s-"))
@@ -222,6 +309,10 @@ class ControlPlane:
         self.url = ""
         self._admin_tls: ssl.SSLContext | None = None
         self._processes: list[tuple[str, subprocess.Popen]] = []
+        unknown = sorted(set(components) - set(COMPONENTS))
+        if unknown:
+            raise ValueError(f"unknown components {unknown}; expected some of {', '.join(COMPONENTS)}")
+        self.components = tuple(name for name in COMPONENTS if name in components)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -243,6 +334,8 @@ class ControlPlane:
             # plugin rejects Pods in a namespace whose `default` ServiceAccount is missing.
             self.create_namespace("default")
             self.install_crds(self._crds if self._crds is not None else default_crds(self.binaries))
+            for name in self.components:
+                self._start_component(name)
         except BaseException:
             self.stop()
             raise
@@ -284,10 +377,11 @@ class ControlPlane:
                 path.unlink()
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         with open(self.log_dir / f"{name}.log", "wb") as log:
             proc = subprocess.Popen(
                 argv,
+                env=dict(os.environ, **env) if env else None,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -373,6 +467,180 @@ class ControlPlane:
     def _fail(self, message: str, name: str) -> None:
         log = self.log_dir / f"{name}.log"
         raise ControlPlaneError(f"{message}; last lines of {log}:\n{_tail(log)}")
+
+    # -- neighbours --------------------------------------------------------------------------
+    # Every neighbour authenticates as cluster admin: their own RBAC is not what the tests check.
+
+    def _start_component(self, name: str) -> None:
+        started = time.monotonic()
+        paths = ensure_component(name)
+        {
+            "kube-controller-manager": self._start_controller_manager,
+            "kube-scheduler": self._start_scheduler,
+            "kwok": self._start_kwok,
+            "kuberay-operator": self._start_kuberay,
+            "kueue": self._start_kueue,
+        }[name](paths)
+        print(f"[devcluster] {name} ready in {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
+
+    def _secure_component_args(self, name: str) -> tuple[list[str], str]:
+        """Flags for a Kubernetes component serving /healthz on a free loopback port, and that URL."""
+        port = free_port()
+        args = [
+            f"--kubeconfig={self.kubeconfig}",
+            "--leader-elect=false",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={port}",
+            f"--cert-dir={self.dir / 'components' / name}",
+            "--v=1",
+        ]
+        return args, f"https://127.0.0.1:{port}/healthz"
+
+    def _start_controller_manager(self, paths: ComponentPaths) -> None:
+        args, healthz = self._secure_component_args("kube-controller-manager")
+        proc = self._spawn(
+            "kube-controller-manager",
+            [
+                str(paths.binary),
+                *args,
+                f"--controllers={','.join(CONTROLLERS)}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+            ],
+        )
+        self._wait_ready("kube-controller-manager", proc, lambda: self._http_ok(healthz, _UNVERIFIED_TLS))
+
+    def _start_scheduler(self, paths: ComponentPaths) -> None:
+        args, healthz = self._secure_component_args("kube-scheduler")
+        proc = self._spawn("kube-scheduler", [str(paths.binary), *args])
+        self._wait_ready("kube-scheduler", proc, lambda: self._http_ok(healthz, _UNVERIFIED_TLS))
+
+    def _start_kwok(self, paths: ComponentPaths) -> None:
+        port = free_port()
+        # Flags from sigs.k8s.io/kwok pkg/kwok/cmd/root.go; each --config file is one Stage (pkg/config/flags.go).
+        stages = [f"--config={paths.asset(name)}" for _, name in paths.component.assets]
+        proc = self._spawn(
+            "kwok",
+            [
+                str(paths.binary),
+                f"--kubeconfig={self.kubeconfig}",
+                # Every Node is a KWOK node: there is no kubelet here to share them with.
+                "--manage-all-nodes=true",
+                *stages,
+                f"--server-address=127.0.0.1:{port}",
+                # Pod IPs outside the Service range.
+                "--cidr=10.244.0.1/16",
+            ],
+        )
+        self._wait_ready("kwok", proc, lambda: self._http_ok(f"http://127.0.0.1:{port}/healthz"))
+
+    def _start_kuberay(self, paths: ComponentPaths) -> None:
+        self.install_crds([paths.asset("ray.io_rayservices.yaml")])
+        probe = free_port()
+        # Flags from ray-operator/main.go (v1.5.1); the kubeconfig reaches controller-runtime's
+        # ctrl.GetConfigOrDie through $KUBECONFIG.
+        proc = self._spawn(
+            "kuberay-operator",
+            [
+                str(paths.binary),
+                f"--metrics-addr=127.0.0.1:{free_port()}",
+                f"--health-probe-bind-address=127.0.0.1:{probe}",
+                "--enable-leader-election=false",
+                "--log-stdout-encoder=console",
+            ],
+            env={"KUBECONFIG": str(self.kubeconfig)},
+        )
+        self._wait_ready("kuberay-operator", proc, lambda: self._http_ok(f"http://127.0.0.1:{probe}/readyz"))
+
+    def _start_kueue(self, paths: ComponentPaths) -> None:
+        self.install_crds(sorted(paths.asset("crds").glob("*.yaml")))
+        self.create_namespace(KUEUE_NAMESPACE)
+        state = self.dir / "components" / "kueue"
+        webhook_certs, metrics_certs = state / "webhook-certs", state / "metrics-certs"
+        self._pki.issue_loopback_serving(webhook_certs, "kueue-webhook")
+        self._pki.issue_loopback_serving(metrics_certs, "kueue-metrics")
+        webhook_port, probe = free_port(), free_port()
+        config = {
+            "apiVersion": "config.kueue.x-k8s.io/v1beta2",
+            "kind": "Configuration",
+            "namespace": KUEUE_NAMESPACE,
+            "health": {"healthProbeBindAddress": f"127.0.0.1:{probe}"},
+            "metrics": {"bindAddress": f"127.0.0.1:{free_port()}"},
+            "webhook": {"host": "127.0.0.1", "port": webhook_port, "certDir": str(webhook_certs)},
+            "leaderElection": {"leaderElect": False},
+            # The certificate comes from this cluster's CA instead of Kueue's in-cluster rotator,
+            # which issues it for a Service name the apiserver could not reach here.
+            "internalCertManagement": {"enable": False},
+            "manageJobsWithoutQueueName": False,
+            "integrations": {"frameworks": list(KUEUE_FRAMEWORKS)},
+            # The on-demand visibility API is an aggregated apiserver on a fixed port; not needed.
+            "featureGates": {"VisibilityOnDemand": False},
+        }
+        config_path = state / "config.yaml"
+        config_path.write_text(json.dumps(config, indent=2))
+        proc = self._spawn(
+            "kueue",
+            [str(paths.binary), f"--config={config_path}", f"--visibility-server-port={free_port()}"],
+            env={"KUBECONFIG": str(self.kubeconfig), KUEUE_METRICS_CERT_ENV: str(metrics_certs)},
+        )
+        # Ready once the webhook server serves (cmd/kueue/main.go, the readyz check); only then may the apiserver
+        # route admission to it.
+        self._wait_ready("kueue", proc, lambda: self._http_ok(f"http://127.0.0.1:{probe}/readyz"))
+        for configuration in kueue_webhook_configurations(
+            paths.asset("webhooks.yaml"), f"https://127.0.0.1:{webhook_port}", self._pki.ca_cert.read_bytes()
+        ):
+            kind = configuration["kind"].lower() + "s"
+            name = configuration["metadata"]["name"]
+            self._server_side_apply(f"/apis/admissionregistration.k8s.io/v1/{kind}/{name}", configuration)
+
+    def create_node(
+        self,
+        name: str,
+        cpu: str = "32",
+        memory: str = "256Gi",
+        gpus: int = 0,
+        labels: dict[str, str] | None = None,
+        taints: list[dict[str, str]] | None = None,
+        timeout: float = 60.0,
+    ) -> dict:
+        """A KWOK node with this capacity (GPUs as `nvidia.com/gpu`), waited on until Ready and schedulable.
+
+        A GPU node carries the `nvidia.com/gpu` NoSchedule taint GPU node pools usually have, unless
+        `taints` says otherwise.
+        """
+        capacity = {"cpu": cpu, "memory": memory, "pods": "110"}
+        if gpus:
+            capacity[GPU_RESOURCE] = str(gpus)
+        if taints is None:
+            taints = [{"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}] if gpus else []
+        node = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": name,
+                "labels": {"kubernetes.io/hostname": name, "type": "kwok", **(labels or {})},
+                "annotations": {"kwok.x-k8s.io/node": "fake"},
+            },
+            "spec": {"taints": taints},
+            "status": {"capacity": capacity, "allocatable": capacity},
+        }
+        self.api("POST", "/api/v1/nodes", node)
+        deadline = time.monotonic() + timeout
+        while True:
+            current = self.api("GET", f"/api/v1/nodes/{name}")
+            ready = any(
+                c["type"] == "Ready" and c["status"] == "True" for c in current.get("status", {}).get("conditions", [])
+            )
+            # The apiserver's TaintNodesByCondition admission adds node.kubernetes.io/not-ready at
+            # creation; kube-controller-manager's node lifecycle lifts it once the node reports Ready.
+            not_ready_taint = any(
+                t["key"].startswith("node.kubernetes.io/") for t in current.get("spec", {}).get("taints", [])
+            )
+            if ready and not not_ready_taint:
+                return current
+            if time.monotonic() > deadline:
+                self.raise_if_exited()
+                raise ControlPlaneError(f"node {name} not Ready and untainted after {timeout:.0f}s: {current}")
+            time.sleep(0.5)
 
     # -- kubeconfigs -------------------------------------------------------------------------
 

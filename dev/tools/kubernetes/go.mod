@@ -1,4 +1,4 @@
-// Pins the Kubernetes release whose kube-apiserver and kubectl the dev cluster builds.
+// Pins the Kubernetes release whose kube-apiserver, kubectl, kube-controller-manager and kube-scheduler the dev cluster builds.
 module finetune.dev/tools/kubernetes
 
 go 1.25.0

@@ -1,0 +1,6 @@
+//go:build tools
+
+// Package tools records the commands built from this module so `go mod tidy` keeps them.
+package tools
+
+import _ "github.com/ray-project/kuberay/ray-operator"
