@@ -15,7 +15,7 @@ export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install lock lock-check lint format run test test-unit crds check-crds k8s-binaries browser dev-cluster operator bench-operator clean
+.PHONY: install lock lock-check lint format run test test-unit crds check-crds k8s-binaries browser dev-cluster operator bench-operator images clean
 
 $(UV):
 	python3 -m venv $(CACHE_DIR)/uv-$(UV_VERSION)
@@ -79,6 +79,12 @@ operator: install
 
 bench-operator: install
 	$(PY) bench/operator_scale.py 200 1000
+
+# The operator and trainer images from their Dockerfiles, with buildah on a local Debian base (root, buildah and
+# debootstrap needed; docs/install.md). Cached under ~/.cache/finetune-operator/images.
+images: install
+	$(PY) -m finetune_dev.images build operator
+	$(PY) -m finetune_dev.images build trainer
 
 clean:
 	rm -rf out models .pytest_cache
