@@ -15,7 +15,7 @@ export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install lock lock-check lint format run test test-unit crds check-crds k8s-binaries browser dev-cluster operator bench-operator images clean
+.PHONY: install lock lock-check lint format run test test-unit crds check-crds k8s-binaries system-packages dev-cluster operator bench-operator images clean
 
 $(UV):
 	python3 -m venv $(CACHE_DIR)/uv-$(UV_VERSION)
@@ -46,7 +46,7 @@ run: install
 
 # The neighbour tests need every component; building them up front shows the (first-run) build outside pytest.
 test: WITH = all
-test: lock-check lint check-crds k8s-binaries browser
+test: lock-check lint check-crds k8s-binaries system-packages
 	$(PY) -m pytest
 
 test-unit: install
@@ -65,11 +65,16 @@ WITH_FLAGS = $(foreach c,$(WITH),--with $(c))
 k8s-binaries: install
 	$(PY) -m finetune_dev --build-only $(WITH_FLAGS)
 
-# Debian's Chromium for the report's browser test (as root; elsewhere that test is skipped and says why).
-browser:
-	@command -v chromium >/dev/null || { test "$$(id -u)" = 0 && apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
-		echo "chromium not installed: the browser test of report.html will be skipped"
+# Debian packages that some tests drive for real: Chromium (the report's browser test), buildah and debootstrap
+# (the image builds). Installed when run as root; elsewhere those tests are skipped and say why.
+SYSTEM_PACKAGES := chromium buildah debootstrap
+system-packages:
+	@missing="$$(for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || echo $$p; done)"; \
+	if [ -n "$$missing" ]; then \
+		{ test "$$(id -u)" = 0 && apt-get update -qq && \
+		  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } || \
+		echo "not installed: $$missing (the tests that need them will be skipped)"; \
+	fi
 
 dev-cluster: install
 	$(PY) -m finetune_dev $(WITH_FLAGS) $(if $(GPU_NODES),--gpu-nodes $(GPU_NODES))
