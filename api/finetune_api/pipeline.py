@@ -93,6 +93,7 @@ class AttemptObservation:
 class Observations:
     attempt: AttemptObservation = AttemptObservation()
     report: StageReport | None = None
+    # (field path, name) of each Secret the job names, for any stage, that does not exist.
     missing_secrets: tuple[tuple[str, str], ...] = ()
 
 
@@ -458,8 +459,15 @@ class _Machine:
 
     def start(self, index: int, attempt: int) -> None:
         stage, spec = self.status.stages[index], self.spec
-        if self.obs.missing_secrets:
-            self.wait_for_secrets(stage)
+        # The job's Secrets and this stage's: a stage that starts in the pass where the one before it ended must not
+        # go by what was observed for that one alone.
+        missing = [
+            (path, name)
+            for path, name in self.obs.missing_secrets
+            if not path.startswith("spec.stages[") or path.startswith(f"spec.stages[{index}].")
+        ]
+        if missing:
+            self.wait_for_secrets(stage, missing)
             return
         config = render_stage(self.job.name, spec, stage.name, namespace=self.job.namespace, attempt=attempt)
         self.decision.actions.append(StartAttempt(config))
@@ -479,10 +487,9 @@ class _Machine:
         if new_attempt:
             self.decision.event(Reason.STAGE_STARTING, message)
 
-    def wait_for_secrets(self, stage: StageStatus) -> None:
+    def wait_for_secrets(self, stage: StageStatus, missing_secrets: list[tuple[str, str]]) -> None:
         missing = "; ".join(
-            f"{path}: Secret {name!r} not found in namespace {self.job.namespace}"
-            for path, name in self.obs.missing_secrets
+            f"{path}: Secret {name!r} not found in namespace {self.job.namespace}" for path, name in missing_secrets
         )
         message = f"waiting for Secrets before starting stage {stage.name}: {missing}"
         stage.message = message

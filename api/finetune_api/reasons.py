@@ -43,6 +43,8 @@ class Reason(StrEnum):
     INVALID_DATASET = "InvalidDataset"
     INVALID_MODEL = "InvalidModel"
     INVALID_CONFIG = "InvalidConfig"
+    # Reported by the trainer: storage did not answer (connection refused, timeout, 5xx, throttling); retried.
+    STORAGE_UNAVAILABLE = "StorageUnavailable"
     # The job is waiting for its first stage to start.
     PENDING = "Pending"
     # The FineTuneJob was deleted `ttlSecondsAfterFinished` after finishing (Event only).

@@ -106,10 +106,13 @@ class Controller:
             seen = self.failures_seen.setdefault((job.uid, stage, attempt), datetime.now(UTC))
             child = dataclasses.replace(child, finished_at=seen)
         missing: list[tuple[str, str]] = []
-        if child.state not in LIVE_STATES:
-            # Only before (re)starting an attempt: a running one already has what it needs.
+        ending = report is not None and report.attempt == attempt and report.phase in ("Succeeded", "Failed")
+        if child.state not in LIVE_STATES or ending:
+            # Only before (re)starting an attempt: a running one already has what it needs. An attempt whose report
+            # says it ended counts as not running (its RayJob may not say so yet), and the check covers every
+            # stage: the next one may start in this same pass.
             present: dict[str, bool] = {}
-            for path, name in children.referenced_secrets(spec, index):
+            for path, name in children.referenced_secrets(spec):
                 if name not in present:
                     present[name] = self.kube.exists(("v1", "Secret"), job.namespace, name)
                 if not present[name]:
