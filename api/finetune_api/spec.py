@@ -144,7 +144,11 @@ class StorageSpec(SpecModel):
     )
     retain_on_delete: bool = Field(
         default=True,
-        description="Keep checkpoints and models when the FineTuneJob is deleted (artifacts are never deleted unless this is false).",
+        description=(
+            "Keep checkpoints and models when the FineTuneJob is deleted. With false, deletion removes the "
+            "`checkpoints/` and `model/` directories of the stages this job started, where the operator can reach "
+            "them; other files and S3 objects are kept."
+        ),
     )
 
 

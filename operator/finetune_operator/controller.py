@@ -192,7 +192,11 @@ class Controller:
         except ValidationError:
             return
         if not spec.storage.retain_on_delete:
-            lines = delete_artifacts(spec, self.settings.pvc_root)
+            try:
+                status = FineTuneJobStatus.model_validate(body.get("status") or {})
+            except ValidationError:
+                status = None  # unknown progress: delete only the directories stages write
+            lines = delete_artifacts(spec, self.settings.pvc_root, status)
             self.post_event(
                 job, "Normal", Reason.ARTIFACTS_DELETED, "storage.retainOnDelete is false: " + "; ".join(lines)
             )
