@@ -17,6 +17,7 @@ from finetune_api.manifest import ManifestError, load_manifest
 from finetune_api.spec import (
     DATASET_SCHEMES,
     MODEL_SCHEMES,
+    OPTION_STAGES,
     STORAGE_SCHEMES,
     PeftSpec,
     ResourcesSpec,
@@ -201,7 +202,7 @@ def test_constraints_come_from_the_field_definitions(root: dict[str, Any]):
 def test_cel_rules_cover_the_cross_field_checks(root: dict[str, Any]):
     spec = root["properties"]["spec"]["properties"]
     stage_rules = {r["fieldPath"] for r in spec["stages"]["items"]["x-kubernetes-validations"]}
-    assert stage_rules == {".rewardFrom", *(f".{option}" for option in crdgen.OPTION_STAGES)}
+    assert stage_rules == {".rewardFrom", *(f".{option}" for option in OPTION_STAGES)}
     list_rules = [r["message"] for r in spec["stages"]["x-kubernetes-validations"]]
     assert list_rules == ["stage names must be unique", "rewardFrom must name an earlier stage of type reward"]
     (immutable,) = root["x-kubernetes-validations"]
