@@ -3,12 +3,10 @@
     python -m finetune_dev.crdgen           # write crds/, the chart's crds/, docs/crd-reference.md, docs/helm-values.md
     python -m finetune_dev.crdgen --check   # exit 1 with a diff when the committed files drift
 
-The spec and status models are the one source of truth. Their JSON Schema is rewritten into a Kubernetes structural
-schema: `$ref`s inlined, `X | None` becomes an optional field (a null sent by a client is pruned by the API server, so
-null means "unset" exactly as in pydantic), `const` becomes `enum`, numeric `exclusiveMinimum` becomes `minimum` plus the
-boolean flag, `default_factory` defaults are written out, and `additionalProperties: false` is dropped (the API server
-prunes unknown fields, and kubectl's default strict field validation reports them). Cross-field checks that pydantic
-makes in model validators are restated as CEL rules below; `tests/k8s/test_crd_apply.py` proves both agree.
+The spec and status models are the one source of truth. `StructuralSchema`, a pydantic JSON Schema generator, writes
+them as a Kubernetes structural schema (see its docstring for each rewrite). Cross-field checks that pydantic makes in
+validators are restated as CEL next to them, through `json_schema_extra`; `tests/k8s/test_crd_apply.py` proves both
+agree. The Markdown references are rendered by `finetune_dev.crddoc`.
 """
 
 from __future__ import annotations
@@ -23,6 +21,8 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, JsonSchemaValue
+from pydantic_core import CoreSchema, core_schema
 
 from finetune_api.spec import DNS_LABEL, GROUP, KIND, PLURAL, VERSION, FineTuneJobSpec, cel
 from finetune_api.status import FineTuneJobStatus
@@ -68,117 +68,100 @@ PRINTER_COLUMNS = [
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
-_DROPPED_KEYS = {"title", "examples", "$defs"}
-
 
 class SchemaError(ValueError):
     """The contract uses a construct that has no structural-schema equivalent here."""
 
 
-def _model_classes(
-    model: type[BaseModel], found: dict[str, type[BaseModel]] | None = None
-) -> dict[str, type[BaseModel]]:
-    """Every model reachable from `model`'s fields, by class name (which is its JSON Schema definition name)."""
-    found = {} if found is None else found
-    found[model.__name__] = model
-    for field in model.model_fields.values():
-        for candidate in _types_in(field.annotation):
-            if isinstance(candidate, type) and issubclass(candidate, BaseModel) and candidate.__name__ not in found:
-                _model_classes(candidate, found)
-    return found
+class StructuralSchema(GenerateJsonSchema):
+    """pydantic's JSON Schema, written as a Kubernetes structural schema.
 
+    `X | None` becomes an optional `X` (a null sent by a client is pruned by the API server, so null means "unset"
+    exactly as in pydantic); `const` becomes `enum`; numeric `exclusiveMinimum` becomes `minimum` plus the boolean
+    flag, and fractional bounds become CEL; `default_factory` defaults are written out; map-key bounds become CEL;
+    titles and `additionalProperties: false` (the API server prunes unknown fields, and kubectl's default strict field
+    validation reports them) are left out; and every `$ref` is inlined, as a CRD has no definitions.
+    """
 
-def _types_in(annotation: Any) -> list[Any]:
-    args = getattr(annotation, "__args__", None)
-    if not args:
-        return [annotation]
-    return [t for arg in args for t in _types_in(arg)]
+    def generate(self, schema: CoreSchema, mode: JsonSchemaMode = "validation") -> JsonSchemaValue:
+        generated = super().generate(schema, mode)
+        definitions = generated.pop("$defs", {})
 
+        def inline(node: Any) -> Any:
+            if isinstance(node, dict):
+                if "$ref" in node:
+                    target = definitions[node["$ref"].rsplit("/", 1)[-1]]
+                    inlined = {k: inline(v) for k, v in target.items() if k != "title"}
+                    return {**inlined, **{k: inline(v) for k, v in node.items() if k != "$ref"}}
+                return {k: inline(v) for k, v in node.items()}
+            return [inline(item) for item in node] if isinstance(node, list) else node
 
-def _factory_default(model: type[BaseModel], field_name: str) -> Any:
-    """The wire form of a `default_factory` default. A nested model is written out in full: the API server validates
-    a default as it stands, without filling in the nested fields' own defaults first."""
-    value = model.model_fields[field_name].default_factory()
-    return value.to_wire() if isinstance(value, BaseModel) else value
+        return inline(generated)
 
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False
 
-class _Converter:
-    def __init__(self, root: type[BaseModel]):
-        raw = root.model_json_schema(by_alias=True)
-        self.defs: dict[str, Any] = raw.pop("$defs", {})
-        self.defs[root.__name__] = raw
-        self.models = _model_classes(root)
-
-    def model(self, name: str, description: str | None = None) -> dict[str, Any]:
-        schema = self.node(self.defs[name], f"#{name}", model_name=name)
-        if description:
-            schema["description"] = description
-        return schema
-
-    def node(self, raw: dict[str, Any], where: str, model_name: str | None = None) -> dict[str, Any]:
-        if "$ref" in raw:
-            target = raw["$ref"].rsplit("/", 1)[-1]
-            siblings = {k: v for k, v in raw.items() if k != "$ref"}
-            inlined = self.model(target) if target in self.models else self.node(self.defs[target], f"#{target}")
-            return self._merge(inlined, self.node(siblings, where) if siblings else {})
-        if "anyOf" in raw:
-            options = [o for o in raw["anyOf"] if o.get("type") != "null"]
-            if len(options) != 1 or len(options) == len(raw["anyOf"]):
-                raise SchemaError(f"{where}: only `X | None` unions can be expressed in a CRD, got {raw['anyOf']}")
-            siblings = {k: v for k, v in raw.items() if k != "anyOf"}
-            return self._merge(self.node(options[0], where), self.node(siblings, where))
-
-        out: dict[str, Any] = {}
-        for key, value in raw.items():
-            if key in _DROPPED_KEYS:
-                continue
-            if key == "const":
-                out["enum"] = [value]
-            elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
-                out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
-                out[key] = True
-            elif key == "default":
-                if value is not None:
-                    out["default"] = value
-            elif key == "properties":
-                out["properties"] = {name: self.node(prop, f"{where}.{name}") for name, prop in value.items()}
-            elif key == "items":
-                out["items"] = self.node(value, f"{where}[]")
-            elif key == "additionalProperties":
-                if isinstance(value, dict):
-                    out["additionalProperties"] = self.node(value, f"{where}{{}}")
-                # `false` (extra="forbid") next to properties is not allowed in a structural schema.
-            elif key == "propertyNames":
-                out.setdefault("x-kubernetes-validations", []).extend(_key_rules(value, where))
-            else:
-                out[key] = value
-        if "enum" in out and "type" not in out:
-            out["type"] = _json_type(out["enum"][0])
-        _fractional_bounds_to_cel(out)
-        if model_name is not None:
-            self._decorate_model(out, model_name)
+    def model_schema(self, schema: core_schema.ModelSchema) -> JsonSchemaValue:
+        out = super().model_schema(schema)
+        out.pop("title", None)
+        if out.get("additionalProperties") is False:
+            del out["additionalProperties"]
         return out
 
-    def _decorate_model(self, out: dict[str, Any], model_name: str) -> None:
-        model = self.models[model_name]
-        for field_name, field in model.model_fields.items():
-            wire = field.alias or field_name
-            prop = out["properties"][wire]
-            if field.default_factory is not None and "default" not in prop:
-                prop["default"] = _factory_default(model, field_name)
+    def nullable_schema(self, schema: core_schema.NullableSchema) -> JsonSchemaValue:
+        return self.generate_inner(schema["schema"])
 
-    @staticmethod
-    def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-        merged = dict(base)
-        merged.update(override)
-        return merged
+    def union_schema(self, schema: core_schema.UnionSchema) -> JsonSchemaValue:
+        raise SchemaError(f"only `X | None` unions can be expressed in a CRD, got {schema}")
+
+    def literal_schema(self, schema: core_schema.LiteralSchema) -> JsonSchemaValue:
+        out = super().literal_schema(schema)
+        if "const" in out:
+            out["enum"] = [out.pop("const")]
+        out.setdefault("type", _json_type(out["enum"][0]))
+        return out
+
+    def default_schema(self, schema: core_schema.WithDefaultSchema) -> JsonSchemaValue:
+        if "default_factory" in schema:
+            # Written out in full: the API server validates a default as it stands, without filling in the nested
+            # fields' own defaults first.
+            value = schema["default_factory"]()
+            return {
+                **self.generate_inner(schema["schema"]),
+                "default": value.to_wire() if isinstance(value, BaseModel) else value,
+            }
+        out = super().default_schema(schema)
+        if out.get("default", ...) is None:
+            del out["default"]
+        return out
+
+    def int_schema(self, schema: core_schema.IntSchema) -> JsonSchemaValue:
+        return _openapi_bounds(super().int_schema(schema))
+
+    def float_schema(self, schema: core_schema.FloatSchema) -> JsonSchemaValue:
+        return _openapi_bounds(super().float_schema(schema))
+
+    def dict_schema(self, schema: core_schema.DictSchema) -> JsonSchemaValue:
+        out = super().dict_schema(schema)
+        names = out.pop("propertyNames", None)
+        if names:
+            out.setdefault("x-kubernetes-validations", []).extend(_key_rules(names))
+        return out
 
 
-def _key_rules(names: dict[str, Any], where: str) -> list[dict[str, str]]:
+def _openapi_bounds(schema: JsonSchemaValue) -> JsonSchemaValue:
+    for key, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if key in schema and not isinstance(schema[key], bool):
+            schema[bound], schema[key] = schema[key], True
+    _fractional_bounds_to_cel(schema)
+    return schema
+
+
+def _key_rules(names: dict[str, Any]) -> list[dict[str, str]]:
     """Map-key bounds (`propertyNames`, which a structural schema lacks) as CEL over the keys."""
     unknown = set(names) - {"minLength", "maxLength"}
     if unknown:
-        raise SchemaError(f"{where}: map keys may only be bounded by length here, got {sorted(unknown)}")
+        raise SchemaError(f"map keys may only be bounded by length here, got {sorted(unknown)}")
     rules = []
     if "maxLength" in names:
         limit = names["maxLength"]
@@ -259,21 +242,20 @@ def _json_type(value: Any) -> str:
     return "string"
 
 
+def _structural(model: type[BaseModel], description: str) -> dict[str, Any]:
+    schema = model.model_json_schema(by_alias=True, schema_generator=StructuralSchema)
+    return _ordered({**schema, "description": description})
+
+
 def spec_schema() -> dict[str, Any]:
-    return _ordered(
-        _Converter(FineTuneJobSpec).model(
-            "FineTuneJobSpec",
-            "The fine-tuning pipeline: a base model, where outputs go, and the stages to run in order.",
-        )
+    return _structural(
+        FineTuneJobSpec, "The fine-tuning pipeline: a base model, where outputs go, and the stages to run in order."
     )
 
 
 def status_schema() -> dict[str, Any]:
-    return _ordered(
-        _Converter(FineTuneJobStatus).model(
-            "FineTuneJobStatus",
-            "Observed state, written only by the operator: phase, conditions and one entry per stage.",
-        )
+    return _structural(
+        FineTuneJobStatus, "Observed state, written only by the operator: phase, conditions and one entry per stage."
     )
 
 

@@ -279,3 +279,18 @@ def test_uri_fields_carry_the_contracts_uri_rules_as_cel(root: dict[str, Any]):
         assert node["maxLength"] == uris.URI_MAX_LENGTH and node["minLength"] == 1, path
     storage_rules = " ".join(r["rule"] for r in spec["storage"]["properties"]["uri"]["x-kubernetes-validations"])
     assert "hf://" not in storage_rules and "(s3|pvc|file)://" in storage_rules
+
+
+def test_unions_other_than_optional_have_no_crd_form():
+    from pydantic import BaseModel
+
+    class Optional(BaseModel):
+        value: int | None = None
+
+    class Either(BaseModel):
+        value: int | str
+
+    schema = Optional.model_json_schema(schema_generator=crdgen.StructuralSchema)
+    assert schema["properties"]["value"] == {"type": "integer"}
+    with pytest.raises(crdgen.SchemaError, match="only `X | None` unions"):
+        Either.model_json_schema(schema_generator=crdgen.StructuralSchema)
