@@ -107,6 +107,7 @@ class AttemptObservation:
 class Observations:
     attempt: AttemptObservation = AttemptObservation()
     report: StageReport | None = None
+    # (field path, name) of each Secret the job names, for any stage, that does not exist.
     missing_secrets: tuple[tuple[str, str], ...] = ()
     # Storage the attempt's pods share but that cannot be shared across nodes (a ReadWriteOnce claim), in words.
     storage_warnings: tuple[str, ...] = ()
@@ -569,8 +570,15 @@ class _Machine:
 
     def start(self, index: int, attempt: int) -> None:
         stage, spec = self.status.stages[index], self.spec
-        if self.obs.missing_secrets:
-            self.wait_for_secrets(stage)
+        # The job's Secrets and this stage's: a stage that starts in the pass where the one before it ended must not
+        # go by what was observed for that one alone.
+        missing = [
+            (path, name)
+            for path, name in self.obs.missing_secrets
+            if not path.startswith("spec.stages[") or path.startswith(f"spec.stages[{index}].")
+        ]
+        if missing:
+            self.wait_for_secrets(stage, missing)
             return
         config = render_stage(self.job.name, spec, stage.name, namespace=self.job.namespace, attempt=attempt)
         size = len(stage_config_json(config).encode())
@@ -606,10 +614,9 @@ class _Machine:
             for warning in self.obs.storage_warnings:
                 self.decision.event(Reason.STORAGE_NOT_SHARED, f"stage {stage.name}: {warning}", warning=True)
 
-    def wait_for_secrets(self, stage: StageStatus) -> None:
+    def wait_for_secrets(self, stage: StageStatus, missing_secrets: list[tuple[str, str]]) -> None:
         missing = "; ".join(
-            f"{path}: Secret {name!r} not found in namespace {self.job.namespace}"
-            for path, name in self.obs.missing_secrets
+            f"{path}: Secret {name!r} not found in namespace {self.job.namespace}" for path, name in missing_secrets
         )
         message = f"waiting for Secrets before starting stage {stage.name}: {missing}"
         stage.message = message

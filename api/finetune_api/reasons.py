@@ -63,6 +63,8 @@ class Reason(StrEnum):
     STATUS_PATCH_REFUSED = "StatusPatchRefused"
     # A worker that `resources.gpusPerWorker` gives GPUs sees no CUDA device (driver, device plugin or image).
     GPU_UNAVAILABLE = "GPUUnavailable"
+    # Reported by the trainer: storage did not answer (connection refused, timeout, 5xx, throttling); retried.
+    STORAGE_UNAVAILABLE = "StorageUnavailable"
     # The job is waiting for its first stage to start.
     PENDING = "Pending"
     # The FineTuneJob was deleted `ttlSecondsAfterFinished` after finishing (Event only).

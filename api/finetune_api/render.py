@@ -59,18 +59,23 @@ def join_uri(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 
 
+# What a stage writes under `<storage.uri>/<stage name>/`; nothing else there is the job's.
+STAGE_MODEL_DIR = "model"
+STAGE_CHECKPOINTS_DIR = "checkpoints"
+
+
 def stage_root(storage: StorageSpec, stage_name: str) -> str:
     return join_uri(storage.uri, stage_name)
 
 
 def stage_output_uri(storage: StorageSpec, stage_name: str) -> str:
     """The stage's final model (merged when trained with adapters): the next stage's input."""
-    return join_uri(storage.uri, stage_name, "model")
+    return join_uri(storage.uri, stage_name, STAGE_MODEL_DIR)
 
 
 def stage_checkpoint_dir(storage: StorageSpec, stage_name: str) -> str:
     """Resumable checkpoints (`checkpoint-<step>`) written while the stage runs."""
-    return join_uri(storage.uri, stage_name, "checkpoints")
+    return join_uri(storage.uri, stage_name, STAGE_CHECKPOINTS_DIR)
 
 
 # KubeRay v1.5.1 refuses RayJob names longer than 47 characters (MaxRayJobNameLength = MaxRayClusterNameLength - 6, in

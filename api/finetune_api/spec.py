@@ -57,6 +57,16 @@ def uri_type(allowed: tuple[str, ...]) -> Any:
     ]
 
 
+def cel(rule: str, message: str, **extra: str) -> dict[str, str]:
+    """One CRD `x-kubernetes-validations` entry: the API server's restatement of a validator next to it."""
+    return {"rule": rule, "message": message, **extra}
+
+
+def cel_rules(*rules: dict[str, str]) -> dict[str, Any]:
+    """`json_schema_extra` carrying CEL rules into the generated CRD."""
+    return {"x-kubernetes-validations": list(rules)}
+
+
 ModelUri = uri_type(MODEL_SCHEMES)
 DatasetUri = uri_type(DATASET_SCHEMES)
 StorageUri = uri_type(STORAGE_SCHEMES)
@@ -147,7 +157,11 @@ class StorageSpec(SpecModel):
     )
     retain_on_delete: bool = Field(
         default=True,
-        description="Keep checkpoints and models when the FineTuneJob is deleted (artifacts are never deleted unless this is false).",
+        description=(
+            "Keep checkpoints and models when the FineTuneJob is deleted. With false, deletion removes the "
+            "`checkpoints/` and `model/` directories of the stages this job started, where the operator can reach "
+            "them; other files and S3 objects are kept."
+        ),
     )
 
 
@@ -240,6 +254,21 @@ class ResourcesSpec(SpecModel):
 
 
 class DeepSpeedSpec(SpecModel):
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel(
+                "!self.offloadParams || self.zeroStage == 3",
+                "offloadParams requires zeroStage 3",
+                fieldPath=".offloadParams",
+            ),
+            cel(
+                "!self.offloadOptimizer || self.zeroStage > 0",
+                "offloadOptimizer requires zeroStage 1, 2 or 3",
+                fieldPath=".offloadOptimizer",
+            ),
+        )
+    )
+
     zero_stage: int = Field(
         default=0,
         ge=0,
@@ -513,7 +542,39 @@ class GRPOOptions(SpecModel):
     epsilon: float = Field(default=0.2, gt=0, le=100, description="Policy ratio clip.")
 
 
+# Stage types with their own options block (`stages[].dpo`, `stages[].ppo`, ...), allowed only on stages of that type.
+OPTION_STAGES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo")
+_RL_TYPES = "[" + ", ".join(f"'{t}'" for t in sorted(RL_STAGES)) + "]"
+
+
 class StageSpec(SpecModel):
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel(
+                f"!(self.type in {_RL_TYPES}) || has(self.rewardFrom)",
+                "rewardFrom is required for ppo and grpo stages: the name of an earlier reward stage",
+                fieldPath=".rewardFrom",
+                reason="FieldValueRequired",
+            ),
+            cel(
+                f"!has(self.rewardFrom) || self.type in {_RL_TYPES}",
+                "rewardFrom is only allowed on ppo and grpo stages",
+                fieldPath=".rewardFrom",
+                reason="FieldValueForbidden",
+            ),
+            *(
+                cel(
+                    f"!has(self.{option}) || self.type == '{option}'",
+                    f"{option} options are only allowed on a stage of type {option}",
+                    messageExpression=f"'{option} options are only allowed on a stage of type {option}, not ' + self.type",
+                    fieldPath=f".{option}",
+                    reason="FieldValueForbidden",
+                )
+                for option in OPTION_STAGES
+            ),
+        )
+    )
+
     name: str = Field(
         description="Stage name, unique in the job (DNS-1123 label, at most 30 characters).",
         max_length=STAGE_NAME_MAX,
@@ -548,7 +609,7 @@ class StageSpec(SpecModel):
 
     @model_validator(mode="after")
     def _options_match_type(self) -> StageSpec:
-        for option in ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo"):
+        for option in OPTION_STAGES:
             if getattr(self, option) is not None and self.type != option:
                 raise ValueError(f"{option}: options only allowed on a stage of type {option}, not {self.type}")
         if self.type in RL_STAGES and not self.reward_from:
@@ -558,6 +619,24 @@ class StageSpec(SpecModel):
         return self
 
 
+# CEL for `_check_stage_graph` below. Stage names are unique (the first rule), so `indexOf` on the stage objects gives
+# their positions. Messages map to names before filtering: the API server's cost estimate only bounds strings that way.
+_STAGE_NAMES_UNIQUE = cel(
+    "self.all(s, self.exists_one(t, t.name == s.name))",
+    "stage names must be unique",
+    # No `reason: FieldValueDuplicate`: the API server prints that reason without the message.
+    messageExpression="'stage names must be unique: ' + "
+    "self.map(s, s.name).filter(n, self.filter(t, t.name == n).size() > 1)[0] + ' appears more than once'",
+)
+_VALID_REWARD_FROM = "self.exists(r, r.name == s.rewardFrom && r.type == 'reward' && self.indexOf(r) < self.indexOf(s))"
+_REWARD_FROM_EARLIER_REWARD_STAGE = cel(
+    f"self.all(s, !has(s.rewardFrom) || {_VALID_REWARD_FROM})",
+    "rewardFrom must name an earlier stage of type reward",
+    messageExpression="'stage ' + self.map(n, n.name).filter(n, self.exists(s, s.name == n && has(s.rewardFrom) && "
+    f"!{_VALID_REWARD_FROM}))[0] + ': rewardFrom must name an earlier stage of type reward'",
+)
+
+
 class FineTuneJobSpec(SpecModel):
     model: ModelSpec = Field(description="The base model the first stage starts from.")
     storage: StorageSpec = Field(description="Where checkpoints and stage outputs are written.")
@@ -565,6 +644,7 @@ class FineTuneJobSpec(SpecModel):
         min_length=1,
         max_length=16,
         description="Stages run in order; each starts from the previous stage's output model.",
+        json_schema_extra=cel_rules(_STAGE_NAMES_UNIQUE, _REWARD_FROM_EARLIER_REWARD_STAGE),
     )
     peft: PeftSpec = Field(
         default_factory=PeftSpec, description="Parameter-efficient fine-tuning settings for every stage."

@@ -94,8 +94,11 @@ class StageStatus(ApiModel):
 
 class FineTuneJobStatus(ApiModel):
     phase: JobPhase = Field(default=JobPhase.pending, description="Pending, Running, Succeeded, Failed or Suspended.")
+    # Keyed lists, for server-side apply and per-item patches (the Kubernetes convention for conditions).
     conditions: list[Condition] = Field(
-        default_factory=list, description="Running, Succeeded, Failed and Suspended conditions."
+        default_factory=list,
+        description="Running, Succeeded, Failed and Suspended conditions.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     observed_generation: int | None = Field(default=None, description="The spec generation last acted on.")
     current_stage: str | None = Field(default=None, description="The stage running now, or the one that failed.")
@@ -105,7 +108,11 @@ class FineTuneJobStatus(ApiModel):
         default=0, description="Seconds spent suspended after the first start; excluded from activeDeadlineSeconds."
     )
     completion_time: str | None = Field(default=None, description="When the job succeeded or failed.")
-    stages: list[StageStatus] = Field(default_factory=list, description="One entry per stage, in order.")
+    stages: list[StageStatus] = Field(
+        default_factory=list,
+        description="One entry per stage, in order.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
 
     def stage(self, name: str) -> StageStatus:
         for stage in self.stages:

@@ -132,10 +132,13 @@ class Controller:
             seen = self.failures_seen.setdefault((job.uid, stage, attempt), datetime.now(UTC))
             child = dataclasses.replace(child, finished_at=seen)
         missing: list[tuple[str, str]] = []
-        if child.state not in LIVE_STATES:
-            # Only before (re)starting an attempt: a running one already has what it needs.
+        ending = report is not None and report.attempt == attempt and report.phase in ("Succeeded", "Failed")
+        if child.state not in LIVE_STATES or ending:
+            # Only before (re)starting an attempt: a running one already has what it needs. An attempt whose report
+            # says it ended counts as not running (its RayJob may not say so yet), and the check covers every
+            # stage: the next one may start in this same pass.
             present: dict[str, bool] = {}
-            for path, name in children.referenced_secrets(spec, index):
+            for path, name in children.referenced_secrets(spec):
                 if name not in present:
                     present[name] = self.kube.exists(("v1", "Secret"), job.namespace, name)
                 if not present[name]:
@@ -286,7 +289,11 @@ class Controller:
         except ValidationError:
             return
         if not spec.storage.retain_on_delete:
-            lines = delete_artifacts(spec, self.settings.pvc_root)
+            try:
+                status = FineTuneJobStatus.model_validate(body.get("status") or {})
+            except ValidationError:
+                status = None  # unknown progress: delete only the directories stages write
+            lines = delete_artifacts(spec, self.settings.pvc_root, status)
             self.post_event(
                 job, "Normal", Reason.ARTIFACTS_DELETED, "storage.retainOnDelete is false: " + "; ".join(lines)
             )

@@ -19,10 +19,19 @@ from typing import Any, Protocol
 
 from finetune_api.pipeline import AttemptObservation, ChildState, JobRef
 from finetune_api.reasons import Reason
-from finetune_api.render import StageConfig, rayjob_name, stage_config_json, stage_root
+from finetune_api.render import (
+    STAGE_CHECKPOINTS_DIR,
+    STAGE_MODEL_DIR,
+    StageConfig,
+    rayjob_name,
+    stage_config_json,
+    stage_root,
+)
 from finetune_api.report import EXIT_PERMANENT_FAILURE
 from finetune_api.spec import FineTuneJobSpec, uri_scheme
+from finetune_api.status import FineTuneJobStatus
 from finetune_api.timeutil import parse_time
+from finetune_api.uris import pvc_path
 from finetune_operator import children
 from finetune_operator.kube import CONFIGMAP, POD, RAYJOB, Kube
 from finetune_operator.settings import Settings
@@ -374,11 +383,14 @@ def _last_line(path: Path, limit: int = 300) -> str:
     return (lines[-1] if lines else "empty log")[:limit]
 
 
-def delete_artifacts(spec: FineTuneJobSpec, pvc_root: Path) -> list[str]:
-    """With `storage.retainOnDelete: false`, remove each stage's directory where this process can reach it.
+def delete_artifacts(spec: FineTuneJobSpec, pvc_root: Path, status: FineTuneJobStatus | None = None) -> list[str]:
+    """With `storage.retainOnDelete: false`, remove what the job's stages wrote where this process can reach it.
 
-    Returns one line per stage for the Event: what was deleted and what is left to the user (s3://, unreachable PVCs).
+    Only a stage that started an attempt wrote anything, and only its `checkpoints/` and `model/`: other files under
+    `<uri>/<stage>/` are the user's and are kept, and a `pvc://` path never leaves its claim's mount. Returns one line
+    per stage for the Event: what was deleted and what is left to the user (s3://, unreachable PVCs).
     """
+    started = {s.name for s in status.stages if s.attempts} if status is not None else None
     results = []
     for stage in spec.stages:
         uri = stage_root(spec.storage, stage.name)
@@ -386,12 +398,24 @@ def delete_artifacts(spec: FineTuneJobSpec, pvc_root: Path) -> list[str]:
         if scheme == "s3":
             results.append(f"{uri}: kept (objects in S3 are the user's to delete)")
             continue
-        path = Path(uri.removeprefix("file://")) if scheme == "file" else pvc_root / uri.removeprefix("pvc://")
-        if path.is_dir():
-            shutil.rmtree(path)
-            results.append(f"{uri}: deleted")
-        else:
+        if started is not None and stage.name not in started:
+            results.append(f"{uri}: never started, nothing to delete")
+            continue
+        try:
+            root = Path(uri.removeprefix("file://")) if scheme == "file" else pvc_path(uri, pvc_root)
+        except ValueError as exc:
+            results.append(f"{uri}: kept ({exc})")
+            continue
+        if not root.is_dir():
             results.append(f"{uri}: not reachable from the operator, kept")
+            continue
+        for written in (STAGE_CHECKPOINTS_DIR, STAGE_MODEL_DIR):
+            shutil.rmtree(root / written, ignore_errors=True)
+        if any(root.iterdir()):
+            results.append(f"{uri}: deleted checkpoints and model; other files kept")
+        else:
+            root.rmdir()
+            results.append(f"{uri}: deleted")
     return results
 
 

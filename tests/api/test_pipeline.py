@@ -366,6 +366,20 @@ def test_missing_secret_waits_names_the_field_and_rechecks(sim):
     assert [c.attempt for c in starts(sim.step())] == [1]
 
 
+def test_a_later_stages_missing_secret_blocks_that_stage_only_even_when_it_starts_in_the_same_pass(sim):
+    missing = [("spec.stages[1].dataset.credentialsSecret", "prefs-creds")]
+    assert [c.stage.name for c in starts(sim.step(missing=missing))] == ["sft"]
+    done = succeeded_report(1, "s3://runs/demo/sft/model")
+    decision = sim.step(AttemptObservation(ChildState.succeeded), done, missing=missing)
+    assert starts(decision) == []
+    running = sim.condition("Running")
+    assert (running.status, running.reason) == ("False", Reason.SECRET_NOT_FOUND)
+    assert "before starting stage reward: spec.stages[1].dataset.credentialsSecret: Secret 'prefs-creds'" in (
+        running.message
+    )
+    assert [c.stage.name for c in starts(sim.step())] == ["reward"]
+
+
 def test_an_invalid_spec_fails_with_the_field_path(sim):
     sim.spec["model"]["source"] = "ftp://models/base"
     decision = sim.step()

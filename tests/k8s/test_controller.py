@@ -387,13 +387,6 @@ def test_a_missing_secret_is_named_and_waited_for(harness: Harness):
     assert "do-not-leak-this" not in everything
 
 
-def test_an_invalid_uri_fails_with_invalid_spec(harness: Harness):
-    harness.create(job_manifest("badsrc", model={"source": "ftp://models/base"}))
-    condition = harness.wait_for_condition("badsrc", "Failed", reason=Reason.INVALID_SPEC)
-    assert condition["message"].startswith("spec.model: unsupported scheme 'ftp'")
-    assert harness.rayjobs("badsrc") == []
-
-
 def test_a_report_with_nan_written_by_an_older_trainer_does_not_freeze_the_status(harness: Harness):
     harness.create(job_manifest("nan"))
     harness.wait_for_rayjob("nan-sft-1")
@@ -577,3 +570,35 @@ def test_a_readwriteonce_claim_shared_by_the_ray_pods_is_announced(harness: Harn
         "the StorageNotShared event",
     )
     assert event["type"] == "Warning" and "ReadWriteOnce" in event["message"] and "ReadWriteMany" in event["message"]
+
+
+def test_a_missing_secret_of_the_next_stage_is_caught_when_the_stage_before_it_ends(harness: Harness):
+    stages = job_manifest("later")["spec"]["stages"]
+    stages[1]["dataset"]["credentialsSecret"] = "prefs-creds"
+    harness.create(job_manifest("later", stages=stages))
+    harness.wait_for_rayjob("later-sft-1")
+    harness.kuberay_sets("later-sft-1", "running")
+    harness.wait_for_condition("later", "Running", reason=Reason.STAGE_RUNNING)
+    harness.report("later", "sft", phase="Succeeded", attempt=1, checkpoint="s3://runs/later/sft/model")
+    harness.kuberay_sets("later-sft-1", "succeeded")
+    condition = harness.wait_for_condition("later", "Running", status="False", reason=Reason.SECRET_NOT_FOUND)
+    assert "spec.stages[1].dataset.credentialsSecret: Secret 'prefs-creds' not found" in condition["message"]
+    assert harness.rayjobs("later") == ["later-sft-1"]
+    harness.admin.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "prefs-creds", "namespace": harness.namespace},
+            "stringData": {"AWS_SECRET_ACCESS_KEY": "x"},
+        }
+    )
+    harness.wait_for_rayjob("later-dpo-1")
+
+
+def test_an_invalid_uri_is_refused_by_the_api_server_naming_the_field(harness: Harness):
+    manifest = job_manifest("badsrc", model={"source": "ftp://models/base"})
+    manifest["metadata"]["namespace"] = harness.namespace
+    refused = harness.control_plane.kubectl("create", "-f", "-", input=json.dumps(manifest), check=False)
+    assert refused.returncode != 0
+    assert "spec.model.source: Invalid value" in refused.stderr and "unsupported scheme" in refused.stderr
+    assert harness.job("badsrc") is None

@@ -17,6 +17,7 @@ from finetune_api.manifest import ManifestError, load_manifest
 from finetune_api.spec import (
     DATASET_SCHEMES,
     MODEL_SCHEMES,
+    OPTION_STAGES,
     STORAGE_SCHEMES,
     PeftSpec,
     ResourcesSpec,
@@ -203,7 +204,7 @@ def test_constraints_come_from_the_field_definitions(root: dict[str, Any]):
 def test_cel_rules_cover_the_cross_field_checks(root: dict[str, Any]):
     spec = root["properties"]["spec"]["properties"]
     stage_rules = {r["fieldPath"] for r in spec["stages"]["items"]["x-kubernetes-validations"]}
-    assert stage_rules == {".rewardFrom", *(f".{option}" for option in crdgen.OPTION_STAGES)}
+    assert stage_rules == {".rewardFrom", *(f".{option}" for option in OPTION_STAGES)}
     list_rules = [r["message"] for r in spec["stages"]["x-kubernetes-validations"]]
     assert list_rules == ["stage names must be unique", "rewardFrom must name an earlier stage of type reward"]
     (immutable,) = root["x-kubernetes-validations"]
@@ -280,3 +281,18 @@ def test_uri_fields_carry_the_contracts_uri_rules_as_cel(root: dict[str, Any]):
         assert node["maxLength"] == uris.URI_MAX_LENGTH and node["minLength"] == 1, path
     storage_rules = " ".join(r["rule"] for r in spec["storage"]["properties"]["uri"]["x-kubernetes-validations"])
     assert "hf://" not in storage_rules and "(s3|pvc|file)://" in storage_rules
+
+
+def test_unions_other_than_optional_have_no_crd_form():
+    from pydantic import BaseModel
+
+    class Optional(BaseModel):
+        value: int | None = None
+
+    class Either(BaseModel):
+        value: int | str
+
+    schema = Optional.model_json_schema(schema_generator=crdgen.StructuralSchema)
+    assert schema["properties"]["value"] == {"type": "integer"}
+    with pytest.raises(crdgen.SchemaError, match="only `X | None` unions"):
+        Either.model_json_schema(schema_generator=crdgen.StructuralSchema)

@@ -17,6 +17,7 @@ from finetune_api.reasons import Reason
 from finetune_api.render import StageConfig as RenderedConfig
 from finetune_api.render import rayjob_name, render_stage
 from finetune_api.spec import FineTuneJobSpec
+from finetune_api.status import FineTuneJobStatus, StageStatus
 from finetune_dev.testing import live_group_members
 from finetune_operator.executors import (
     KubeRayExecutor,
@@ -233,15 +234,33 @@ def test_trainer_kubeconfig_is_private_and_carries_the_ca_inline(tmp_path):
     assert config["contexts"][0]["context"]["namespace"] == "ml"
 
 
-def test_delete_artifacts_removes_reachable_stage_directories_only(tmp_path, sample_spec):
+def test_delete_artifacts_removes_only_what_started_stages_wrote(tmp_path, sample_spec):
     storage = tmp_path / "runs"
-    (storage / "sft" / "model").mkdir(parents=True)
+    for written in ("model", "checkpoints/checkpoint-5"):
+        (storage / "sft" / written).mkdir(parents=True)
+    (storage / "sft" / "precious.txt").write_text("the user's")
+    (storage / "reward" / "model").mkdir(parents=True)  # from an earlier job: this one never started the stage
     (storage / "unrelated").mkdir()
     spec = FineTuneJobSpec.model_validate(sample_spec(storage={"uri": str(storage), "retainOnDelete": False}))
-    lines = delete_artifacts(spec, pvc_root=tmp_path / "pvc")
-    assert not (storage / "sft").exists() and (storage / "unrelated").exists()
-    assert lines[0] == f"{storage}/sft: deleted"
-    assert lines[1].endswith("not reachable from the operator, kept")
+    status = FineTuneJobStatus(
+        stages=[
+            StageStatus(name="sft", type="sft", attempts=1),
+            StageStatus(name="reward", type="reward"),
+            StageStatus(name="dpo", type="dpo", attempts=1),
+        ]
+    )
+    lines = delete_artifacts(spec, tmp_path / "pvc", status)
+    assert sorted(p.name for p in (storage / "sft").iterdir()) == ["precious.txt"]
+    assert (storage / "reward" / "model").is_dir() and (storage / "unrelated").exists()
+    assert lines == [
+        f"{storage}/sft: deleted checkpoints and model; other files kept",
+        f"{storage}/reward: never started, nothing to delete",
+        f"{storage}/dpo: not reachable from the operator, kept",
+    ]
+    (storage / "sft" / "precious.txt").unlink()
+    (storage / "sft" / "model").mkdir()
+    assert delete_artifacts(spec, tmp_path / "pvc", status)[0] == f"{storage}/sft: deleted"
+    assert not (storage / "sft").exists()
     s3 = FineTuneJobSpec.model_validate(sample_spec(storage={"uri": "s3://runs/x", "retainOnDelete": False}))
     assert all("user's to delete" in line for line in delete_artifacts(s3, pvc_root=Path("/nonexistent")))
 
@@ -415,3 +434,13 @@ def test_resuming_while_the_old_rayjob_is_still_being_deleted_waits_for_it(job, 
     kube = RecordingKube({("RayJob", name): terminating})
     with pytest.raises(RuntimeError, match="still being deleted"):
         KubeRayExecutor(kube, Settings()).start(job, spec, config)
+
+
+def test_delete_artifacts_never_leaves_the_claim(tmp_path, sample_spec):
+    outside = tmp_path / "mnt" / "sft" / "model"  # where pvc://ckpts/../../sft would point
+    outside.mkdir(parents=True)
+    spec = FineTuneJobSpec.model_validate(sample_spec(storage={"uri": "pvc://ckpts/x", "retainOnDelete": False}))
+    # A spec stored before the URI rules existed: the resolver still refuses the traversal.
+    escaping = spec.model_copy(update={"storage": spec.storage.model_copy(update={"uri": "pvc://ckpts/../.."})})
+    lines = delete_artifacts(escaping, pvc_root=tmp_path / "mnt" / "pvc")
+    assert outside.is_dir() and all("kept" in line and "`..`" in line for line in lines), lines

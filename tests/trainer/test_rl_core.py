@@ -154,6 +154,7 @@ def test_score_shaping_penalises_missing_eos_then_normalises_then_clips():
         reference=None,
         reward=None,
         tokenizer=None,
+        stop_token_ids=[2],
         prompts=[],
         rank=0,
         world_size=1,

@@ -62,3 +62,57 @@ def test_only_complete_checkpoints_are_listed(tmp_path, remote, request):
             (checkpoint / "trainer_state.json").write_text("{}")
             storage.upload_file(checkpoint / "trainer_state.json", f"{root}/checkpoint-{step}/trainer_state.json")
     assert storage.list_checkpoints(root) == [(5, f"{root}/checkpoint-5"), (10, f"{root}/checkpoint-10")]
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_storage_is_transient_and_a_missing_object_is_permanent(tmp_path, s3_bucket, monkeypatch):
+    from finetune_api.spec import DatasetSpec
+    from finetune_trainer import modeling
+    from finetune_trainer.data import read_validated
+    from finetune_trainer.errors import DataValidationError, ModelLoadError, StorageUnavailableError
+
+    refused = f"http://127.0.0.1:{closed_port()}"
+    with pytest.raises(StorageUnavailableError) as unreachable:
+        modeling.resolve(f"s3://{s3_bucket}/models/base", tmp_path / "cache", refused)
+    assert not unreachable.value.permanent and unreachable.value.reason == "StorageUnavailable"
+    with pytest.raises(StorageUnavailableError):
+        read_validated(
+            "sft",
+            f"s3://{s3_bucket}/d.jsonl",
+            DatasetSpec(uri=f"s3://{s3_bucket}/d.jsonl"),
+            [("text",)],
+            tmp_path,
+            refused,
+        )
+
+    with pytest.raises(ModelLoadError) as missing:
+        modeling.resolve(f"s3://{s3_bucket}/models/absent", tmp_path / "cache")
+    assert missing.value.permanent
+    with pytest.raises(DataValidationError) as absent:
+        read_validated(
+            "sft",
+            f"s3://{s3_bucket}/absent.jsonl",
+            DatasetSpec(uri=f"s3://{s3_bucket}/absent.jsonl"),
+            [("text",)],
+            tmp_path,
+        )
+    assert absent.value.permanent
+
+
+def test_throttling_and_server_errors_are_transient():
+    from botocore.exceptions import ClientError
+
+    def answer(code: str, status: int) -> ClientError:
+        return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    assert storage.is_transient(answer("SlowDown", 503)) and storage.is_transient(answer("InternalError", 500))
+    assert storage.is_transient(answer("Throttling", 400))
+    assert not storage.is_transient(answer("NoSuchKey", 404)) and not storage.is_transient(answer("AccessDenied", 403))
+    assert not storage.is_transient(ValueError("malformed"))

@@ -19,7 +19,7 @@ from typing import Any
 from finetune_api.render import StageConfig
 from finetune_api.spec import DatasetSpec, uri_scheme
 from finetune_trainer import storage
-from finetune_trainer.errors import DataValidationError
+from finetune_trainer.errors import DataValidationError, StorageUnavailableError
 
 _EXTENSION_FORMATS = {
     ".jsonl": "jsonl",
@@ -208,6 +208,8 @@ def read_validated(
         try:
             path = storage.fetch(uri, cache, endpoint_url)
         except Exception as exc:  # noqa: BLE001 - any storage failure means the data is unreachable
+            if storage.is_transient(exc):
+                raise StorageUnavailableError(f"stage {stage!r}: {uri}: cannot reach storage ({exc})") from None
             raise DataValidationError(
                 f"stage {stage!r}: {uri}: cannot fetch dataset ({exc}); expected {_describe(accepted)}"
             ) from None

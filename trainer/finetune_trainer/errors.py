@@ -44,6 +44,13 @@ class ModelLoadError(StageError):
     permanent = True
 
 
+class StorageUnavailableError(StageError):
+    """Storage did not answer (connection refused, timeout, 5xx, throttling): a later attempt may succeed."""
+
+    reason = Reason.STORAGE_UNAVAILABLE
+    permanent = False
+
+
 class QualityGateError(StageError):
     """A trained model failed a configured quality gate (e.g. reward accuracy below the minimum)."""
 

@@ -13,7 +13,7 @@ from typing import Any
 from finetune_api.spec import ModelSpec, PeftSpec, uri_scheme
 from finetune_trainer import storage
 from finetune_trainer.chat_templates import END_OF_TURN_TOKENS, resolve_chat_template
-from finetune_trainer.errors import ConfigError, ModelLoadError
+from finetune_trainer.errors import ConfigError, ModelLoadError, StorageUnavailableError
 
 
 def resolve(uri: str, cache: Path, endpoint_url: str | None = None) -> str:
@@ -25,6 +25,8 @@ def resolve(uri: str, cache: Path, endpoint_url: str | None = None) -> str:
         try:
             return str(storage.fetch_dir(uri, cache, endpoint_url))
         except Exception as exc:  # noqa: BLE001 - any fetch failure means the model is unreachable
+            if storage.is_transient(exc):
+                raise StorageUnavailableError(f"cannot reach storage for model {uri}: {exc}") from None
             raise ModelLoadError(f"cannot fetch model {uri}: {exc}") from None
     path = storage.local_path(uri)
     if path.exists():

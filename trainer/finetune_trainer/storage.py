@@ -38,6 +38,29 @@ def local_path(uri: str) -> Path:
     raise ValueError(f"{uri!r} is not a local path")
 
 
+# S3 error codes that a later attempt may not see: throttling and the server's own trouble. Everything else S3 answers
+# (no such key or bucket, access denied, a malformed request) is definitive.
+_TRANSIENT_S3_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a storage error may go away by itself: connection refused, timeouts, 5xx and throttling."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or status == 429 or exc.response.get("Error", {}).get("Code") in _TRANSIENT_S3_CODES
+    return isinstance(exc, ConnectionError | HTTPClientError | TimeoutError | ConnectionRefusedError)
+
+
 def split_s3(uri: str) -> tuple[str, str]:
     """`s3://bucket/a/b` -> (`bucket`, `a/b`)."""
     bucket, _, key = uri.removeprefix("s3://").partition("/")

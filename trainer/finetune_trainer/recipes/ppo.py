@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from finetune_api.spec import PPOOptions
-from finetune_trainer import strategy
+from finetune_trainer import modeling, strategy
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.recipes.context import StageContext
 from finetune_trainer.rl.engines import DeepSpeedEngine, TorchEngine, deepspeed_batch_config
@@ -109,6 +109,7 @@ def build_loop(ctx: StageContext) -> PPOLoop:
             reward_model, reward_tokenizer, tokenizer, config.training.max_length or 512, plan.micro_batch
         ),
         tokenizer=tokenizer,
+        stop_token_ids=modeling.stop_token_ids(tokenizer, policy.module),
         prompts=prompts,
         rank=ctx.rank,
         world_size=ctx.world_size,

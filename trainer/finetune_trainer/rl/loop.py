@@ -22,7 +22,6 @@ from transformers import PreTrainedTokenizerBase
 
 from finetune_api.spec import PPOOptions, TrainingSpec
 from finetune_trainer.errors import ConfigError, KLLimitError
-from finetune_trainer.modeling import stop_token_ids
 from finetune_trainer.recipes.guards import diverged, non_finite
 from finetune_trainer.rl import core
 from finetune_trainer.rl.engines import Engine
@@ -129,6 +128,7 @@ class PPOLoop:
         reference: nn.Module | None,  # None: the policy with its adapter disabled
         reward: RewardScorer,
         tokenizer: PreTrainedTokenizerBase,
+        stop_token_ids: list[int],  # eos and the chat template's end-of-turn tokens (modeling.stop_token_ids)
         prompts: list[Prompt],
         rank: int,
         world_size: int,
@@ -140,7 +140,7 @@ class PPOLoop:
         self.policy, self.value, self.reference, self.reward = policy, value, reference, reward
         self.tokenizer, self.prompts = tokenizer, prompts
         # A response ends at eos or at the chat template's end of turn, whichever comes first.
-        self.stop_token_ids = stop_token_ids(tokenizer, policy.module)
+        self.stop_token_ids = stop_token_ids
         self.rank, self.world_size, self.device = rank, world_size, device
         self.checkpoint_root, self.hooks = checkpoint_root, hooks
         self.max_prompt_tokens = max(1, (training.max_length or 512) - options.max_new_tokens)
