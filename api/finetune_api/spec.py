@@ -236,7 +236,7 @@ class ResourcesSpec(SpecModel):
         pattern=QUANTITY,
     )
     env: dict[
-        Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")],
+        Annotated[str, Field(min_length=1, max_length=256)],
         Annotated[str, Field(max_length=4096)],
     ] = Field(
         default_factory=dict,

@@ -167,15 +167,20 @@ def test_status_is_validated_and_shown_in_columns(control_plane: ControlPlane, n
         "currentStage": "sft",
         "progress": "1/4",
         "startTime": "2026-01-01T00:00:00Z",
-        "conditions": [{"type": "Running", "status": "True", "reason": "StageRunning", "message": "sft"}],
+        "conditions": [
+            {"type": "Running", "status": "True", "reason": "StageRunning", "message": "sft"},
+            {"type": "Ready", "status": "False", "reason": "StageRunning", "message": "stage sft running step 3/40"},
+        ],
         "stages": [{"name": "cpt", "type": "cpt", "phase": "Succeeded", "metrics": {"eval_loss_after": 1.5}}],
     }
     patch(control_plane, namespace, {"status": status}, "--subresource=status", check=True)
     stored = get_job(control_plane, namespace)["status"]
     assert stored["stages"][0]["metrics"] == {"eval_loss_after": 1.5} and stored["stages"][0]["attempts"] == 0
     table = control_plane.kubectl("get", "ftj", "-n", namespace).stdout.split("\n")
-    assert table[0].split() == ["NAME", "PHASE", "STAGE", "PROGRESS", "AGE"]
-    assert table[1].split()[:4] == ["quickstart", "Running", "sft", "1/4"]
+    assert table[0].split() == ["NAME", "PHASE", "STAGE", "PROGRESS", "REASON", "AGE"]
+    assert table[1].split()[:5] == ["quickstart", "Running", "sft", "1/4", "StageRunning"]
+    wide = control_plane.kubectl("get", "ftj", "-n", namespace, "-o", "wide").stdout.split("\n")
+    assert wide[0].split()[-1] == "MESSAGE" and wide[1].endswith("stage sft running step 3/40")
     assert (
         "finetunejob.finetune.dev/quickstart"
         in control_plane.kubectl("get", "finetune", "-n", namespace, "-o", "name").stdout

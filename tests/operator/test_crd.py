@@ -99,7 +99,18 @@ def test_printer_columns_read_the_status(crd: dict[str, Any]):
 def test_schema_is_structural(root: dict[str, Any]):
     problems = []
     for path, node in walk(root):
-        for forbidden in ("$ref", "$defs", "anyOf", "oneOf", "allOf", "const", "title", "examples", "nullable"):
+        for forbidden in (
+            "$ref",
+            "$defs",
+            "anyOf",
+            "oneOf",
+            "allOf",
+            "const",
+            "title",
+            "examples",
+            "nullable",
+            "patternProperties",
+        ):
             if forbidden in node:
                 problems.append(f"{path}: {forbidden}")
         if "type" not in node:
