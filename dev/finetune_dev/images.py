@@ -72,10 +72,6 @@ IMAGES = {
 }
 
 
-class ImageToolMissing(RuntimeError):
-    """buildah or debootstrap is not installed, or this process cannot use them."""
-
-
 def images_dir() -> Path:
     return cache_dir() / "images"
 
