@@ -89,3 +89,25 @@ def test_training_args_carry_the_deepspeed_config_and_cpu_precision(render, tmp_
     assert not args.bf16 and not args.fp16 and args.use_cpu
     assert args.deepspeed == strategy.deepspeed_config(DeepSpeedSpec(zero_stage=2))
     assert args.output_dir == str(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize(
+    ("precision", "trainable", "peft", "deepspeed", "expected"),
+    [
+        # Full training without DeepSpeed keeps fp32 master weights under AMP (fp16's GradScaler needs them).
+        ({"fp16": True}, True, "full", False, "float32"),
+        ({"bf16": True}, True, "full", False, "float32"),
+        # DeepSpeed keeps its own fp32 master copy; frozen models and LoRA's frozen base compute in half precision.
+        ({"bf16": True}, True, "full", True, "bfloat16"),
+        ({"fp16": True}, False, "full", False, "float16"),
+        ({"bf16": True}, True, "lora", False, "bfloat16"),
+        ({}, True, "full", False, "float32"),
+    ],
+)
+def test_weights_load_in_fp32_where_the_optimizer_updates_them_itself(precision, trainable, peft, deepspeed, expected):
+    import torch
+
+    from finetune_trainer.modeling import load_dtype
+
+    dtype = load_dtype(precision, trainable=trainable, peft_method=peft, deepspeed=deepspeed)
+    assert dtype == getattr(torch, expected)

@@ -80,9 +80,18 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
-def _dtype(precision: dict[str, bool]):
+def load_dtype(precision: dict[str, bool], *, trainable: bool, peft_method: str, deepspeed: bool):
+    """The dtype weights load in.
+
+    Weights trained in full without DeepSpeed load in fp32 even under bf16/fp16: the Trainer's autocast computes in
+    half precision while AdamW (and fp16's GradScaler, which refuses fp16 gradients) update fp32 master weights.
+    DeepSpeed keeps its own fp32 master copy; frozen models, and LoRA's frozen base (PEFT keeps adapters in fp32),
+    load in the compute precision.
+    """
     import torch
 
+    if trainable and peft_method == "full" and not deepspeed:
+        return torch.float32
     return torch.bfloat16 if precision.get("bf16") else torch.float16 if precision.get("fp16") else torch.float32
 
 
@@ -168,11 +177,20 @@ def load_causal_lm(
     cache: Path,
     endpoint_url: str | None = None,
     gradient_checkpointing: bool = False,
+    deepspeed: bool = False,
 ):
     from transformers import AutoModelForCausalLM
 
     quantization = _quantization(peft, gpu) if trainable else {}
-    model = _load(AutoModelForCausalLM, uri, spec, cache, endpoint_url, dtype=_dtype(precision), **quantization)
+    model = _load(
+        AutoModelForCausalLM,
+        uri,
+        spec,
+        cache,
+        endpoint_url,
+        dtype=load_dtype(precision, trainable=trainable, peft_method=peft.method, deepspeed=deepspeed),
+        **quantization,
+    )
     return _prepare(model, tokenizer, peft, trainable, "CAUSAL_LM", gradient_checkpointing)
 
 
@@ -188,6 +206,7 @@ def load_sequence_classifier(
     cache: Path,
     endpoint_url: str | None = None,
     gradient_checkpointing: bool = False,
+    deepspeed: bool = False,
 ):
     """A one-logit scoring head on the model (reward/value models)."""
     from transformers import AutoModelForSequenceClassification
@@ -200,7 +219,7 @@ def load_sequence_classifier(
         cache,
         endpoint_url,
         num_labels=1,
-        dtype=_dtype(precision),
+        dtype=load_dtype(precision, trainable=trainable, peft_method=peft.method, deepspeed=deepspeed),
         **quantization,
     )
     return _prepare(model, tokenizer, peft, trainable, "SEQ_CLS", gradient_checkpointing)
