@@ -103,8 +103,8 @@ def _load(auto_cls, uri: str, spec: ModelSpec, cache: Path, endpoint_url: str | 
         raise ModelLoadError(f"cannot load model from {uri}: {exc}") from None
 
 
-def lora_config(peft: PeftSpec, task_type: str = "CAUSAL_LM"):
-    """The peft.LoraConfig for `peft`, or None for full fine-tuning."""
+def lora_config(peft: PeftSpec, task_type: str = "CAUSAL_LM", **fields: Any):
+    """The peft.LoraConfig for `peft` (plus extra LoraConfig `fields`), or None for full fine-tuning."""
     if peft.method == "full":
         return None
     from peft import LoraConfig
@@ -115,6 +115,7 @@ def lora_config(peft: PeftSpec, task_type: str = "CAUSAL_LM"):
         lora_dropout=peft.dropout,
         target_modules=peft.target_modules or "all-linear",
         task_type=task_type,
+        **fields,
     )
 
 
@@ -136,23 +137,40 @@ def _quantization(peft: PeftSpec, gpu: bool) -> dict[str, Any]:
     }
 
 
-def _fit_embeddings(model, tokenizer) -> None:
-    """Grow the embeddings when the tokenizer gained tokens (e.g. a chat template's turn markers)."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+def _fit_embeddings(model, tokenizer) -> list[int]:
+    """Grow the embeddings when the tokenizer gained tokens (e.g. a chat template's turn markers); the new rows' ids."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= rows:
+        return []
+    model.resize_token_embeddings(len(tokenizer))
+    return list(range(rows, len(tokenizer)))
 
 
-def _apply_peft(model, peft: PeftSpec, task_type: str, gradient_checkpointing: bool):
+def _train_new_tokens(model, new_ids: list[int]) -> dict[str, Any]:
+    """LoraConfig fields that train the rows of added tokens instead of leaving them at their initialisation: the new
+    input-embedding rows (PEFT trainable tokens), and the output layer in full when it is not tied to the embedding
+    (TRL's fused LM head reads the layer's weight directly, which trainable tokens would wrap)."""
+    if not new_ids:
+        return {}
+    names = {module: name for name, module in model.named_modules()}
+    embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
+    fields: dict[str, Any] = {"trainable_token_indices": {names[embedding]: new_ids}}
+    if output is not None and output.weight is not embedding.weight:
+        fields["modules_to_save"] = [names[output]]
+    return fields
+
+
+def _apply_peft(model, peft: PeftSpec, task_type: str, gradient_checkpointing: bool, new_ids: list[int]):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if peft.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    return get_peft_model(model, lora_config(peft, task_type))
+    return get_peft_model(model, lora_config(peft, task_type, **_train_new_tokens(model, new_ids)))
 
 
 def _prepare(model, tokenizer, peft: PeftSpec, trainable: bool, task_type: str, gradient_checkpointing: bool):
     """Match the tokenizer's vocabulary and pad token; frozen for inference, or with adapters when trained with PEFT."""
-    _fit_embeddings(model, tokenizer)
+    new_ids = _fit_embeddings(model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -161,7 +179,7 @@ def _prepare(model, tokenizer, peft: PeftSpec, trainable: bool, task_type: str, 
         model.eval().requires_grad_(False)
         return model
     if peft.method != "full":
-        model = _apply_peft(model, peft, task_type, gradient_checkpointing)
+        model = _apply_peft(model, peft, task_type, gradient_checkpointing, new_ids)
     return model
 
 
