@@ -52,13 +52,15 @@ def test_quickstart_learns_on_ray_with_zero2(tmp_path, tiny_model_dir):
     metrics = run_example("quickstart", tmp_path, tiny_model_dir)
     for stage in ("cpt", "sft"):
         assert metrics[stage]["eval_loss_after"] < metrics[stage]["eval_loss_before"], metrics[stage]
-    assert metrics["reward"]["eval_accuracy"] >= 0.8, metrics["reward"]
-    assert metrics["dpo"]["eval_reward_accuracy"] > 0.5 and metrics["dpo"]["eval_reward_margin"] > 0, metrics["dpo"]
+    assert metrics["reward"]["eval_reward_accuracy"] >= 0.8, metrics["reward"]
+    # The alignment stage really aligns: held-out pairs ranked right, by a clear implicit-reward margin.
+    assert metrics["dpo"]["eval_reward_accuracy"] >= 0.8, metrics["dpo"]
+    assert metrics["dpo"]["eval_reward_margin"] >= 0.2, metrics["dpo"]
 
 
 def test_rlhf_example_runs_ppo_on_the_pipelines_reward_model(tmp_path, tiny_model_dir):
     metrics = run_example("rlhf", tmp_path, tiny_model_dir)
-    assert metrics["reward"]["eval_accuracy"] > 0.5, metrics["reward"]
+    assert metrics["reward"]["eval_reward_accuracy"] > 0.5, metrics["reward"]
     ppo = metrics["ppo"]
     assert ppo["reward_mean_last"] > ppo["reward_mean_first"], ppo
     assert ppo["kl_mean"] <= 15, ppo  # the example's maxKl gate

@@ -130,3 +130,37 @@ def test_sft_on_chat_messages_stops_generating_at_the_end_of_turn(render, run_in
     # Answers come out as text, not as a run of end-of-turn markers that decodes to '' (ROUGE-L 0); the tiny model gets
     # about a fifth of the held-out sums right after 150 steps.
     assert metrics["rougeL"] > 0.1, metrics
+
+
+def test_tokens_a_chat_template_adds_are_trained_under_lora(render, run_in_process, tmp_path, monkeypatch):
+    import torch
+
+    from finetune_trainer import modeling
+
+    initial = {}
+    fit_embeddings = modeling._fit_embeddings
+
+    def record_new_rows(model, tokenizer):
+        new_ids = fit_embeddings(model, tokenizer)
+        if new_ids and "input" not in initial:
+            initial["ids"] = new_ids
+            initial["input"] = model.get_input_embeddings().weight[new_ids].detach().clone()
+            initial["output"] = model.get_output_embeddings().weight[new_ids].detach().clone()
+        return new_ids
+
+    monkeypatch.setattr(modeling, "_fit_embeddings", record_new_rows)
+    path = write_variant(tmp_path, "messages")
+    config = render(
+        {"type": "sft", "dataset": {"uri": str(path)}},
+        peft="lora",
+        model_options={"chatTemplate": "llama3"},  # its header and end-of-turn tokens are new to the tiny tokenizer
+        training={"learningRate": 1e-2},
+    )
+    run_in_process(config)
+
+    saved = AutoModelForCausalLM.from_pretrained(config.output_uri)
+    ids = initial["ids"]
+    assert len(ids) == 3
+    # The new rows moved from their initialisation, in the input embedding and in the (untied) output layer.
+    assert not torch.allclose(saved.get_input_embeddings().weight[ids], initial["input"])
+    assert not torch.allclose(saved.get_output_embeddings().weight[ids], initial["output"])

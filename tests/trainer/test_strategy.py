@@ -120,3 +120,25 @@ def test_a_multi_gpu_pod_runs_one_training_process_per_gpu():
         {"CPU": 2.0, "GPU": 1.0},
     )
     assert strategy.train_workers(ResourcesSpec(workers=3, cpus_per_worker=4)) == (3, {"CPU": 4.0})
+
+
+@pytest.mark.parametrize(
+    ("precision", "trainable", "peft", "deepspeed", "expected"),
+    [
+        # Full training without DeepSpeed keeps fp32 master weights under AMP (fp16's GradScaler needs them).
+        ({"fp16": True}, True, "full", False, "float32"),
+        ({"bf16": True}, True, "full", False, "float32"),
+        # DeepSpeed keeps its own fp32 master copy; frozen models and LoRA's frozen base compute in half precision.
+        ({"bf16": True}, True, "full", True, "bfloat16"),
+        ({"fp16": True}, False, "full", False, "float16"),
+        ({"bf16": True}, True, "lora", False, "bfloat16"),
+        ({}, True, "full", False, "float32"),
+    ],
+)
+def test_weights_load_in_fp32_where_the_optimizer_updates_them_itself(precision, trainable, peft, deepspeed, expected):
+    import torch
+
+    from finetune_trainer.modeling import load_dtype
+
+    dtype = load_dtype(precision, trainable=trainable, peft_method=peft, deepspeed=deepspeed)
+    assert dtype == getattr(torch, expected)

@@ -82,9 +82,18 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
-def _dtype(precision: dict[str, bool]):
+def load_dtype(precision: dict[str, bool], *, trainable: bool, peft_method: str, deepspeed: bool):
+    """The dtype weights load in.
+
+    Weights trained in full without DeepSpeed load in fp32 even under bf16/fp16: the Trainer's autocast computes in
+    half precision while AdamW (and fp16's GradScaler, which refuses fp16 gradients) update fp32 master weights.
+    DeepSpeed keeps its own fp32 master copy; frozen models, and LoRA's frozen base (PEFT keeps adapters in fp32),
+    load in the compute precision.
+    """
     import torch
 
+    if trainable and peft_method == "full" and not deepspeed:
+        return torch.float32
     return torch.bfloat16 if precision.get("bf16") else torch.float16 if precision.get("fp16") else torch.float32
 
 
@@ -96,8 +105,8 @@ def _load(auto_cls, uri: str, spec: ModelSpec, cache: Path, endpoint_url: str | 
         raise ModelLoadError(f"cannot load model from {uri}: {exc}") from None
 
 
-def lora_config(peft: PeftSpec, task_type: str = "CAUSAL_LM"):
-    """The peft.LoraConfig for `peft`, or None for full fine-tuning."""
+def lora_config(peft: PeftSpec, task_type: str = "CAUSAL_LM", **fields: Any):
+    """The peft.LoraConfig for `peft` (plus extra LoraConfig `fields`), or None for full fine-tuning."""
     if peft.method == "full":
         return None
     from peft import LoraConfig
@@ -108,6 +117,7 @@ def lora_config(peft: PeftSpec, task_type: str = "CAUSAL_LM"):
         lora_dropout=peft.dropout,
         target_modules=peft.target_modules or "all-linear",
         task_type=task_type,
+        **fields,
     )
 
 
@@ -129,23 +139,40 @@ def _quantization(peft: PeftSpec, gpu: bool) -> dict[str, Any]:
     }
 
 
-def _fit_embeddings(model, tokenizer) -> None:
-    """Grow the embeddings when the tokenizer gained tokens (e.g. a chat template's turn markers)."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+def _fit_embeddings(model, tokenizer) -> list[int]:
+    """Grow the embeddings when the tokenizer gained tokens (e.g. a chat template's turn markers); the new rows' ids."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= rows:
+        return []
+    model.resize_token_embeddings(len(tokenizer))
+    return list(range(rows, len(tokenizer)))
 
 
-def _apply_peft(model, peft: PeftSpec, task_type: str, gradient_checkpointing: bool):
+def _train_new_tokens(model, new_ids: list[int]) -> dict[str, Any]:
+    """LoraConfig fields that train the rows of added tokens instead of leaving them at their initialisation: the new
+    input-embedding rows (PEFT trainable tokens), and the output layer in full when it is not tied to the embedding
+    (TRL's fused LM head reads the layer's weight directly, which trainable tokens would wrap)."""
+    if not new_ids:
+        return {}
+    names = {module: name for name, module in model.named_modules()}
+    embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
+    fields: dict[str, Any] = {"trainable_token_indices": {names[embedding]: new_ids}}
+    if output is not None and output.weight is not embedding.weight:
+        fields["modules_to_save"] = [names[output]]
+    return fields
+
+
+def _apply_peft(model, peft: PeftSpec, task_type: str, gradient_checkpointing: bool, new_ids: list[int]):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if peft.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    return get_peft_model(model, lora_config(peft, task_type))
+    return get_peft_model(model, lora_config(peft, task_type, **_train_new_tokens(model, new_ids)))
 
 
 def _prepare(model, tokenizer, peft: PeftSpec, trainable: bool, task_type: str, gradient_checkpointing: bool):
     """Match the tokenizer's vocabulary and pad token; frozen for inference, or with adapters when trained with PEFT."""
-    _fit_embeddings(model, tokenizer)
+    new_ids = _fit_embeddings(model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -154,7 +181,7 @@ def _prepare(model, tokenizer, peft: PeftSpec, trainable: bool, task_type: str, 
         model.eval().requires_grad_(False)
         return model
     if peft.method != "full":
-        model = _apply_peft(model, peft, task_type, gradient_checkpointing)
+        model = _apply_peft(model, peft, task_type, gradient_checkpointing, new_ids)
     return model
 
 
@@ -170,11 +197,20 @@ def load_causal_lm(
     cache: Path,
     endpoint_url: str | None = None,
     gradient_checkpointing: bool = False,
+    deepspeed: bool = False,
 ):
     from transformers import AutoModelForCausalLM
 
     quantization = _quantization(peft, gpu) if trainable else {}
-    model = _load(AutoModelForCausalLM, uri, spec, cache, endpoint_url, dtype=_dtype(precision), **quantization)
+    model = _load(
+        AutoModelForCausalLM,
+        uri,
+        spec,
+        cache,
+        endpoint_url,
+        dtype=load_dtype(precision, trainable=trainable, peft_method=peft.method, deepspeed=deepspeed),
+        **quantization,
+    )
     return _prepare(model, tokenizer, peft, trainable, "CAUSAL_LM", gradient_checkpointing)
 
 
@@ -190,6 +226,7 @@ def load_sequence_classifier(
     cache: Path,
     endpoint_url: str | None = None,
     gradient_checkpointing: bool = False,
+    deepspeed: bool = False,
 ):
     """A one-logit scoring head on the model (reward/value models)."""
     from transformers import AutoModelForSequenceClassification
@@ -202,7 +239,7 @@ def load_sequence_classifier(
         cache,
         endpoint_url,
         num_labels=1,
-        dtype=_dtype(precision),
+        dtype=load_dtype(precision, trainable=trainable, peft_method=peft.method, deepspeed=deepspeed),
         **quantization,
     )
     return _prepare(model, tokenizer, peft, trainable, "SEQ_CLS", gradient_checkpointing)

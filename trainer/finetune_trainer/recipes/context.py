@@ -81,6 +81,7 @@ class StageContext:
             "cache": self._cache,
             "endpoint_url": self._endpoint,
             "gradient_checkpointing": bool(self.config.training.gradient_checkpointing),
+            "deepspeed": strategy.deepspeed_config(self.config.deepspeed) is not None,
         }
 
     def causal_lm(self, uri: str | None = None, trainable: bool = True):
