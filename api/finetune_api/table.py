@@ -12,8 +12,6 @@ LEADING_METRICS = (
     "perplexity_after",
     "rougeL",
     "bleu",
-    "eval_accuracy",
-    "eval_margin",
     "eval_reward_accuracy",
     "eval_reward_margin",
     "reward_mean_first",

@@ -309,11 +309,6 @@ def test_kuberay_builds_our_ray_cluster_and_the_pods_run_on_gpu_nodes(hood: Neig
     hood.wait(lambda: hood.condition("place", "Running").get("reason") == "StageRunning", "the stage Running")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rayjob_name() cuts names at 63 characters, but KubeRay v1.5.1 refuses RayJob names over 47 "
-    "(MaxRayJobNameLength in ray-operator/controllers/ray/utils/constant.go)",
-)
 def test_a_long_job_name_passes_kuberays_name_validation(hood: Neighbourhood):
     name = "a-job-whose-name-is-quite-long-but-still-valid-for-kubernetes"
     hood.create_job(name)
@@ -381,12 +376,6 @@ def test_deleting_a_job_removes_every_child_through_garbage_collection(hood: Nei
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KubeRay's default submitter Pod has no securityContext, so Pod Security `restricted` refuses it; the "
-    "RayJob needs a compliant submitterPodTemplate, or a submission mode without a submitter Pod "
-    "(operator/finetune_operator/children.py)",
-)
 def test_everything_we_create_is_admitted_under_pod_security_restricted(restricted_hood: Neighbourhood):
     hood = restricted_hood
     rayjob = rayjob_name("psa", "sft", 1)
@@ -404,11 +393,6 @@ def test_everything_we_create_is_admitted_under_pod_security_restricted(restrict
     assert not refused, refused
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a RayJob without activeDeadlineSeconds waits in Initializing forever when its Pods cannot be "
-    "scheduled, and the stage with it (no start timeout in the operator yet)",
-)
 def test_unschedulable_gpus_fail_the_attempt_with_the_schedulers_reason(hood: Neighbourhood):
     # One worker wants 8 GPUs; no node has more than 4.
     hood.create_job("toobig", resources=gpu_resources(workers=1, gpus=2 * GPUS_PER_NODE))
@@ -499,11 +483,6 @@ def workload_of(hood: Neighbourhood, rayjob: str) -> dict[str, Any] | None:
 
 
 @pytest.mark.neighbours(*KUBERAY, "kueue")
-@pytest.mark.xfail(
-    strict=True,
-    reason="the operator un-suspends RayJobs that Kueue holds (KubeRayExecutor.start patches spec.suspend=false), "
-    "so the queued job's Ray cluster is built, and Kueue suspends it again",
-)
 def test_kueue_admits_one_job_and_holds_the_other(hood: Neighbourhood):
     """Kueue's webhook creates each queued RayJob suspended (rayjob_webhook.go Default -> ApplyDefaultForSuspend)
     and un-suspends it on admission; the operator must leave `spec.suspend` to Kueue."""
@@ -564,10 +543,6 @@ def assert_no_ray_cluster_for(hood: Neighbourhood, job: str, seconds: float) -> 
 
 
 @pytest.mark.neighbours(*KUBERAY, "kueue")
-@pytest.mark.xfail(
-    strict=True,
-    reason="the operator un-suspends RayJobs that Kueue holds (KubeRayExecutor.start patches spec.suspend=false)",
-)
 def test_suspend_and_resume_of_a_queued_job_keep_it_off_the_cluster(hood: Neighbourhood):
     queue = create_gpu_queue(hood.cluster, hood.namespace, gpus=6)
     hood.create_job("holder", labels={QUEUE_LABEL: queue})

@@ -28,7 +28,7 @@ def run_example(name: str, workdir: Path, tiny_model_dir: Path) -> dict:
         env=source_env(),
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1800,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     status = json.loads(status_file.read_text())
