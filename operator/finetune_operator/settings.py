@@ -1,25 +1,29 @@
-"""Operator settings: defaults < environment (`FINETUNE_<FIELD>`) < command-line flags."""
+"""Operator settings: defaults < environment (`FINETUNE_<FIELD>`, read by pydantic-settings) < command-line flags."""
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from finetune_api.render import PVC_MOUNT_ROOT
 
 EXECUTORS = ("kuberay", "local")
 ENV_PREFIX = "FINETUNE_"
+# A list in the environment is comma-separated (`FINETUNE_NAMESPACES=ml,research`), not JSON.
+CommaList = Annotated[tuple[str, ...], NoDecode]
 
 
-@dataclass(frozen=True)
-class Settings:
-    executor: str = "kuberay"
+class Settings(BaseSettings):
+    # Other FINETUNE_* variables (the trainer's, the dev tools') are not settings of the operator: ignored.
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    executor: Literal["kuberay", "local"] = "kuberay"
     # Namespaces to watch; empty means every namespace (cluster-wide mode).
-    namespaces: tuple[str, ...] = ()
+    namespaces: CommaList = ()
     # 0 disables the endpoint.
     metrics_port: int = 8080
     health_port: int = 8081
@@ -41,61 +45,57 @@ class Settings:
     # RayJob `ttlSecondsAfterFinished`: how long a finished stage's Ray cluster stays for log inspection.
     rayjob_ttl_seconds: int = 60
     # Image pull secrets of every stage's Ray pods (a job may add its own with `spec.resources.imagePullSecrets`).
-    image_pull_secrets: tuple[str, ...] = ()
+    image_pull_secrets: CommaList = ()
     # An attempt whose Ray cluster is still not up this long after KubeRay began creating it fails, naming the pods'
     # own reasons (Unschedulable, ImagePullBackOff, ...). Time queued in Kueue does not count. 0 disables it.
     start_timeout_seconds: float = 1200.0
     head_cpu: str = "1"
     head_memory: str = "2Gi"
     # Local executor: per-attempt directories (log, pid, exit code, kubeconfig) live here.
-    state_dir: Path = field(default_factory=lambda: Path.home() / ".local" / "state" / "finetune-operator")
+    state_dir: Path = Field(default_factory=lambda: Path.home() / ".local" / "state" / "finetune-operator")
     trainer_python: str = sys.executable
     local_poll_seconds: float = 2.0
     local_token_seconds: int = 86400
     # Where `pvc://<claim>/...` volumes are reachable from the operator (for retainOnDelete: false cleanup).
     pvc_root: Path = Path(PVC_MOUNT_ROOT)
 
-    def __post_init__(self) -> None:
-        if self.executor not in EXECUTORS:
-            raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+    @field_validator("namespaces", "image_pull_secrets", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return tuple(part.strip() for part in value.split(",") if part.strip()) if isinstance(value, str) else value
+
+    @field_validator("peering", "kubeconfig", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _peering_or_standalone(self) -> Settings:
         if self.standalone and self.peering:
             raise ValueError("--peering and --standalone exclude each other")
+        return self
 
     @property
     def clusterwide(self) -> bool:
         return not self.namespaces
 
     def replace(self, **changes: Any) -> Settings:
-        return dataclasses.replace(self, **changes)
+        return self.model_copy(update=changes)
 
 
-def _coerce(name: str, kind: Any, text: str) -> Any:
-    kind = str(kind)
+def from_env(**overrides: Any) -> Settings:
+    """Settings from `FINETUNE_*` variables, then explicit overrides (flags); None overrides are ignored.
+
+    A bad value raises ValueError naming where it came from: `FINETUNE_METRICS_PORT='eighty': ...` or `--executor`.
+    """
+    given = {key: value for key, value in overrides.items() if value is not None}
     try:
-        if "tuple" in kind:
-            return tuple(part.strip() for part in text.split(",") if part.strip())
-        if kind.startswith("bool"):
-            if text.lower() not in ("1", "true", "yes", "0", "false", "no", ""):
-                raise ValueError("expected true or false")
-            return text.lower() in ("1", "true", "yes")
-        if kind.startswith("int"):
-            return int(text)
-        if kind.startswith("float"):
-            return float(text)
-        if kind.startswith("Path"):
-            return Path(text)
-        return text or None if "None" in kind else text
-    except ValueError as exc:
-        raise ValueError(f"{ENV_PREFIX}{name.upper()}={text!r}: {exc}") from None
-
-
-def from_env(environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
-    """Settings from `FINETUNE_*` variables, then explicit overrides (flags); None overrides are ignored."""
-    environ = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    for spec in dataclasses.fields(Settings):
-        text = environ.get(ENV_PREFIX + spec.name.upper())
-        if text is not None:
-            values[spec.name] = _coerce(spec.name, spec.type, text)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return Settings(**values)
+        return Settings(**given)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = str(error["loc"][0]) if error["loc"] else ""
+            where = f"--{name.replace('_', '-')}" if name in given else f"{ENV_PREFIX}{name.upper()}"
+            value = f"={error['input']!r}" if name and not isinstance(error["input"], dict) else ""
+            problems.append(f"{where}{value}: {error['msg']}" if name else error["msg"].removeprefix("Value error, "))
+        raise ValueError("; ".join(problems)) from None

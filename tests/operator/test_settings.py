@@ -14,7 +14,12 @@ from finetune_operator.settings import from_env
 pytestmark = pytest.mark.unit
 
 
-def test_environment_then_flags():
+def environment(monkeypatch, variables: dict[str, str]) -> None:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_environment_then_flags(monkeypatch):
     env = {
         "FINETUNE_EXECUTOR": "local",
         "FINETUNE_NAMESPACES": "ml, research",
@@ -24,7 +29,8 @@ def test_environment_then_flags():
         "FINETUNE_STATE_DIR": "/var/lib/ft",
         "FINETUNE_PEERING": "",
     }
-    settings = from_env(env)
+    environment(monkeypatch, env)
+    settings = from_env()
     assert (settings.executor, settings.namespaces, settings.metrics_port) == ("local", ("ml", "research"), 9090)
     assert (settings.standalone, settings.retry_base_seconds, settings.state_dir, settings.peering) == (
         True,
@@ -33,22 +39,27 @@ def test_environment_then_flags():
         None,
     )
     assert not settings.clusterwide
-    assert from_env(env, executor="kuberay", metrics_port=None).executor == "kuberay"
-    assert from_env({"FINETUNE_NAMESPACES": ""}).clusterwide
+    assert from_env(executor="kuberay", metrics_port=None).executor == "kuberay"
+    monkeypatch.setenv("FINETUNE_NAMESPACES", "")
+    assert from_env().clusterwide
 
 
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"FINETUNE_EXECUTOR": "slurm"}, "executor must be one of kuberay, local, got 'slurm'"),
-        ({"FINETUNE_METRICS_PORT": "eighty"}, "FINETUNE_METRICS_PORT='eighty'"),
-        ({"FINETUNE_STANDALONE": "maybe"}, "FINETUNE_STANDALONE='maybe': expected true or false"),
+        ({"FINETUNE_EXECUTOR": "slurm"}, "FINETUNE_EXECUTOR='slurm': Input should be 'kuberay' or 'local'"),
+        ({"FINETUNE_METRICS_PORT": "eighty"}, "FINETUNE_METRICS_PORT='eighty': Input should be a valid integer"),
+        ({"FINETUNE_STANDALONE": "maybe"}, "FINETUNE_STANDALONE='maybe': Input should be a valid boolean"),
         ({"FINETUNE_STANDALONE": "1", "FINETUNE_PEERING": "ops"}, "--peering and --standalone exclude each other"),
     ],
 )
-def test_bad_settings_are_named(env, message):
+def test_bad_settings_are_named(monkeypatch, env, message):
+    environment(monkeypatch, env)
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        from_env(env)
+        from_env()
+    monkeypatch.delenv(next(iter(env)))
+    with pytest.raises(ValueError, match="--metrics-port='x': Input should be a valid integer"):
+        from_env(metrics_port="x")
 
 
 def test_cli_flags():
@@ -84,10 +95,13 @@ def test_replicas_get_distinct_stable_peering_priorities():
     assert all(1 <= p <= 1_000_000 for p in priorities)
 
 
-def test_pull_secrets_and_start_timeout_come_from_the_environment():
-    from finetune_operator.settings import from_env
-
-    settings = from_env({"FINETUNE_IMAGE_PULL_SECRETS": "regcred, mirror", "FINETUNE_START_TIMEOUT_SECONDS": "600"})
+def test_pull_secrets_and_start_timeout_come_from_the_environment(monkeypatch):
+    environment(
+        monkeypatch, {"FINETUNE_IMAGE_PULL_SECRETS": "regcred, mirror", "FINETUNE_START_TIMEOUT_SECONDS": "600"}
+    )
+    settings = from_env()
     assert (settings.image_pull_secrets, settings.start_timeout_seconds) == (("regcred", "mirror"), 600.0)
-    defaults = from_env({"FINETUNE_IMAGE_PULL_SECRETS": ""})
+    monkeypatch.setenv("FINETUNE_IMAGE_PULL_SECRETS", "")
+    monkeypatch.delenv("FINETUNE_START_TIMEOUT_SECONDS")
+    defaults = from_env()
     assert (defaults.image_pull_secrets, defaults.start_timeout_seconds) == ((), 1200.0)
