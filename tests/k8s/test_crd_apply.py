@@ -209,6 +209,16 @@ def test_stages_are_immutable_once_started(control_plane: ControlPlane, namespac
     assert "spec.stages" in refused.stderr and "cannot be changed once the job has started" in refused.stderr
     refused = patch(control_plane, namespace, {"spec": {"stages": stages[:2]}})
     assert refused.returncode != 0 and "cannot be changed once the job has started" in refused.stderr
+    # Nor anything else the pipeline runs with: a later stage would otherwise train with settings the first did not.
+    for change in (
+        {"training": {"learningRate": 0.777}},
+        {"resources": {"workers": 7}},
+        {"storage": {"uri": "./elsewhere"}},
+        {"envFromSecrets": ["late"]},
+    ):
+        refused = patch(control_plane, namespace, {"spec": change})
+        (field,) = change
+        assert refused.returncode != 0 and f"spec.{field}: Forbidden: spec.{field} cannot be changed" in refused.stderr
 
     # Suspension and the deadlines stay editable: Kueue and users flip them on running jobs.
     patch(

@@ -218,8 +218,15 @@ def test_cel_rules_cover_the_cross_field_checks(root: dict[str, Any]):
     assert stage_rules == {".rewardFrom", *(f".{option}" for option in OPTION_STAGES)}
     list_rules = [r["message"] for r in spec["stages"]["x-kubernetes-validations"]]
     assert list_rules == ["stage names must be unique", "rewardFrom must name an earlier stage of type reward"]
-    (immutable,) = root["x-kubernetes-validations"]
-    assert "oldSelf.spec.stages" in immutable["rule"] and "oldSelf.status.startTime" in immutable["rule"]
+    # Once started, every spec field but the live ones is frozen, each by its own rule naming it.
+    frozen = {r["fieldPath"]: r["rule"] for r in root["x-kubernetes-validations"]}
+    assert set(frozen) == {f".spec.{name}" for name in spec} - {
+        ".spec.suspend",
+        ".spec.activeDeadlineSeconds",
+        ".spec.ttlSecondsAfterFinished",
+    }
+    assert all("oldSelf.status.startTime" in rule for rule in frozen.values())
+    assert "self.spec.stages == oldSelf.spec.stages" in frozen[".spec.stages"]
     # Every rule and message expression may only use strings the API server can bound (maxLength) for cost estimates.
     assert spec["stages"]["items"]["properties"]["rewardFrom"]["maxLength"] == 30
 
