@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from finetune_api.reasons import Reason
 from finetune_api.render import StageConfig, rayjob_name, report_configmap_name
@@ -389,9 +390,11 @@ def test_a_missing_secret_is_named_and_waited_for(harness: Harness):
 
 def test_a_report_with_nan_written_by_an_older_trainer_does_not_freeze_the_status(harness: Harness):
     harness.create(job_manifest("nan"))
-    harness.wait_for_rayjob("nan-sft-1")
+    harness.wait_for_rayjob(rj("nan", "sft", 1))
     text = '{"phase": "Running", "attempt": 1, "step": 3, "totalSteps": 9, "loss": NaN, "metrics": {"x": Infinity}}'
-    harness.trainer("nan").patch(CONFIGMAP, harness.namespace, "nan-sft-report", {"data": {"report.json": text}})
+    harness.trainer("nan").patch(
+        CONFIGMAP, harness.namespace, report_configmap_name("nan", "sft"), {"data": {"report.json": text}}
+    )
     stage = harness.wait(
         lambda: (s := harness.status("nan")["stages"][0]).get("progress", {}).get("step") == 3 and s,
         "progress of a report with NaN mirrored into status",
@@ -446,10 +449,22 @@ def test_a_refused_status_update_shows_as_a_warning_event_and_a_condition(harnes
     policy_file.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": policy}))
     harness.control_plane.kubectl("apply", "-f", str(policy_file))
     try:
+        # The apiserver loads a new policy some seconds later: only go on once it refuses a probe job's status.
+        harness.create(job_manifest("probe", suspend=True))
+        succeeded = {"stages": [{"name": "sft", "type": "sft", "phase": "Succeeded"}]}
+
+        def policy_refuses() -> bool:
+            try:
+                harness.admin.patch_job_status(harness.namespace, "probe", succeeded)
+            except ApiException as exc:
+                return exc.status == 422
+            return False
+
+        harness.wait(policy_refuses, "the admission policy to take effect", timeout=60)
         harness.create(job_manifest("refused"))
-        harness.wait_for_rayjob("refused-sft-1")
+        harness.wait_for_rayjob(rj("refused", "sft", 1))
         harness.report("refused", "sft", phase="Succeeded", attempt=1, checkpoint="s3://runs/refused/sft/model")
-        harness.kuberay_sets("refused-sft-1", "succeeded")
+        harness.kuberay_sets(rj("refused", "sft", 1), "succeeded")
         condition = harness.wait(
             lambda: (
                 harness.condition("refused", "StatusUpdated").get("reason") == Reason.STATUS_PATCH_REFUSED
@@ -576,14 +591,14 @@ def test_a_missing_secret_of_the_next_stage_is_caught_when_the_stage_before_it_e
     stages = job_manifest("later")["spec"]["stages"]
     stages[1]["dataset"]["credentialsSecret"] = "prefs-creds"
     harness.create(job_manifest("later", stages=stages))
-    harness.wait_for_rayjob("later-sft-1")
-    harness.kuberay_sets("later-sft-1", "running")
+    harness.wait_for_rayjob(rj("later", "sft", 1))
+    harness.kuberay_sets(rj("later", "sft", 1), "running")
     harness.wait_for_condition("later", "Running", reason=Reason.STAGE_RUNNING)
     harness.report("later", "sft", phase="Succeeded", attempt=1, checkpoint="s3://runs/later/sft/model")
-    harness.kuberay_sets("later-sft-1", "succeeded")
+    harness.kuberay_sets(rj("later", "sft", 1), "succeeded")
     condition = harness.wait_for_condition("later", "Running", status="False", reason=Reason.SECRET_NOT_FOUND)
     assert "spec.stages[1].dataset.credentialsSecret: Secret 'prefs-creds' not found" in condition["message"]
-    assert harness.rayjobs("later") == ["later-sft-1"]
+    assert harness.rayjobs("later") == [rj("later", "sft", 1)]
     harness.admin.create(
         {
             "apiVersion": "v1",
@@ -592,7 +607,7 @@ def test_a_missing_secret_of_the_next_stage_is_caught_when_the_stage_before_it_e
             "stringData": {"AWS_SECRET_ACCESS_KEY": "x"},
         }
     )
-    harness.wait_for_rayjob("later-dpo-1")
+    harness.wait_for_rayjob(rj("later", "dpo", 1))
 
 
 def test_an_invalid_uri_is_refused_by_the_api_server_naming_the_field(harness: Harness):
