@@ -549,9 +549,36 @@ class StageSpec(SpecModel):
         return self
 
 
+RUNTIME_KINDS = ("FineTuneRuntime", "ClusterFineTuneRuntime")
+
+
+class RuntimeRef(SpecModel):
+    kind: Literal["FineTuneRuntime", "ClusterFineTuneRuntime"] = Field(
+        description="`FineTuneRuntime` (in the job's namespace) or `ClusterFineTuneRuntime` (cluster-wide)."
+    )
+    name: str = Field(
+        min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Name of the runtime the job runs with."
+    )
+
+
 class FineTuneJobSpec(SpecModel):
-    model: ModelSpec = Field(description="The base model the first stage starts from.")
-    storage: StorageSpec = Field(description="Where checkpoints and stage outputs are written.")
+    runtime_ref: RuntimeRef | None = Field(
+        default=None,
+        description=(
+            "A runtime whose `spec.defaults` fill what this job leaves out and whose `spec.policy` the job must keep. "
+            "Merge rules: objects merge key by key (recursively), lists and scalars set here replace the runtime's. "
+            "The merged spec is recorded in `status.effectiveSpec` when the first stage starts; later runtime edits "
+            "do not change a started job."
+        ),
+    )
+    model: ModelSpec | None = Field(
+        default=None,
+        description="The base model the first stage starts from. Required unless `runtimeRef` names a runtime that sets it.",
+    )
+    storage: StorageSpec | None = Field(
+        default=None,
+        description="Where checkpoints and stage outputs are written. Required unless `runtimeRef` names a runtime that sets it.",
+    )
     stages: list[StageSpec] = Field(
         min_length=1,
         max_length=16,
@@ -592,6 +619,10 @@ class FineTuneJobSpec(SpecModel):
 
     @model_validator(mode="after")
     def _check_stage_graph(self) -> FineTuneJobSpec:
+        if self.runtime_ref is None:
+            for name in ("model", "storage"):
+                if getattr(self, name) is None:
+                    raise ValueError(f"{name}: required (or name a runtime that sets it in runtimeRef)")
         seen: dict[str, str] = {}
         for index, stage in enumerate(self.stages):
             if stage.name in seen:
