@@ -6,6 +6,7 @@ Kubernetes conventions: `conditions` with type/status/reason/message/lastTransit
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 from pydantic import Field
 
@@ -92,6 +93,13 @@ class StageStatus(ApiModel):
     message: str = Field(default="", description="Why the stage is in its phase.")
 
 
+class RuntimeRecord(ApiModel):
+    kind: str = Field(description="FineTuneRuntime or ClusterFineTuneRuntime.")
+    name: str = Field(description="The runtime's name.")
+    uid: str | None = Field(default=None, description="The runtime object's uid.")
+    generation: int | None = Field(default=None, description="The runtime's metadata.generation that was merged.")
+
+
 class FineTuneJobStatus(ApiModel):
     phase: JobPhase = Field(default=JobPhase.pending, description="Pending, Running, Succeeded, Failed or Suspended.")
     conditions: list[Condition] = Field(
@@ -106,6 +114,19 @@ class FineTuneJobStatus(ApiModel):
     )
     completion_time: str | None = Field(default=None, description="When the job succeeded or failed.")
     stages: list[StageStatus] = Field(default_factory=list, description="One entry per stage, in order.")
+    runtime: RuntimeRecord | None = Field(
+        default=None, description="The runtime (`spec.runtimeRef`) whose defaults and policy `effectiveSpec` came from."
+    )
+    effective_spec: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "With `spec.runtimeRef`: the runtime's defaults merged with the job's fields, every default written out. "
+            "Recomputed until the first stage starts, then fixed: stages render from it, so editing or deleting the "
+            "runtime never changes a started job. Only `suspend` and `ttlSecondsAfterFinished` are still read from "
+            "the job's spec after that."
+        ),
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
 
     def stage(self, name: str) -> StageStatus:
         for stage in self.stages:
