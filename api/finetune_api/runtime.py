@@ -312,7 +312,7 @@ def _stage_resources(spec: FineTuneJobSpec, stage: StageSpec, index: int) -> tup
     return spec.resources, "spec.resources"
 
 
-def _validation_problems(exc: ValidationError, prefix: list[str | int], reason: str) -> list[Problem]:
+def validation_problems(exc: ValidationError, prefix: list[str | int], reason: str) -> list[Problem]:
     problems = []
     for loc, message in map(describe_error, exc.errors()):
         problems.append(Problem(field_path([*prefix, *loc]), message, reason))
@@ -329,7 +329,7 @@ def parse_runtime(
         name = (runtime_wire.get("metadata") or {}).get("name", "?")
         return None, [
             Problem(f"runtime {name}: {p.field}", p.message, Reason.INVALID_SPEC)
-            for p in _validation_problems(exc, [], Reason.INVALID_SPEC)
+            for p in validation_problems(exc, [], Reason.INVALID_SPEC)
         ]
 
 
@@ -362,5 +362,5 @@ def effective_spec(
     try:
         spec = FineTuneJobSpec.model_validate(merged)
     except ValidationError as exc:
-        return None, problems + _validation_problems(exc, ["spec"], Reason.INVALID_SPEC)
+        return None, problems + validation_problems(exc, ["spec"], Reason.INVALID_SPEC)
     return spec, problems + policy_problems(spec, policy)

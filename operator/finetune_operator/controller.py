@@ -31,15 +31,16 @@ from finetune_api.pipeline import (
     StopAttempt,
     attempt_to_observe,
     reconcile,
+    resolve_spec,
+    runtime_needed,
 )
 from finetune_api.reasons import Reason
 from finetune_api.render import report_configmap_name
 from finetune_api.report import REPORT_KEY, StageReport
-from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import FineTuneJobStatus
 from finetune_operator import children
 from finetune_operator.executors import delete_artifacts, make_executor
-from finetune_operator.kube import CONFIGMAP, FINETUNEJOB, Kube
+from finetune_operator.kube import CLUSTER_RUNTIME, CONFIGMAP, FINETUNEJOB, RUNTIME, Kube
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.settings import Settings
 
@@ -109,10 +110,10 @@ class Controller:
     # -- one reconcile pass ----------------------------------------------------------------------
 
     def observe(self, job: JobRef, spec_raw: dict[str, Any], status: FineTuneJobStatus) -> Observations:
-        try:
-            spec = FineTuneJobSpec.model_validate(spec_raw)
-        except ValidationError:
-            return Observations()
+        runtime = self.read_runtime(job, spec_raw["runtimeRef"]) if runtime_needed(spec_raw, status) else None
+        spec = resolve_spec(spec_raw, status, runtime).spec
+        if spec is None:
+            return Observations(runtime=runtime)
         target = attempt_to_observe(spec, status)
         if target is None:
             return Observations()
@@ -140,7 +141,16 @@ class Controller:
                     present[name] = self.kube.exists(("v1", "Secret"), job.namespace, name)
                 if not present[name]:
                     missing.append((path, name))
-        return Observations(attempt=child, report=report, missing_secrets=tuple(missing))
+        return Observations(attempt=child, report=report, missing_secrets=tuple(missing), runtime=runtime)
+
+    def read_runtime(self, job: JobRef, ref: dict[str, Any]) -> dict[str, Any] | None:
+        """The runtime a job names: a FineTuneRuntime in the job's namespace, or a ClusterFineTuneRuntime."""
+        name = ref.get("name")
+        if not isinstance(name, str) or not name:
+            return None
+        if ref.get("kind") == CLUSTER_RUNTIME[1]:
+            return self.kube.get(CLUSTER_RUNTIME, None, name)
+        return self.kube.get(RUNTIME, job.namespace, name)
 
     def read_report(self, job: JobRef, stage: str) -> StageReport | None:
         configmap = self.kube.get(CONFIGMAP, job.namespace, report_configmap_name(job.name, stage))
@@ -153,13 +163,11 @@ class Controller:
             log.warning("%s/%s: ignoring an unreadable report for stage %s: %s", job.namespace, job.name, stage, exc)
             return None
 
-    def execute(self, job: JobRef, spec_raw: dict[str, Any], action: StartAttempt | StopAttempt | DeleteJob) -> None:
+    def execute(self, job: JobRef, action: StartAttempt | StopAttempt | DeleteJob) -> None:
         if isinstance(action, StartAttempt):
             config = action.config
             try:
-                self.executor.start(
-                    job, FineTuneJobSpec.model_validate(spec_raw), config, action.active_deadline_seconds
-                )
+                self.executor.start(job, action.spec, config, action.active_deadline_seconds)
             except ApiException as exc:
                 if exc.status not in REFUSED_STATUSES:
                     raise
@@ -214,7 +222,7 @@ class Controller:
         decision = reconcile(job, spec_raw, current, observations, datetime.now(UTC), self.policy)
         new_attempt = any(event.reason == Reason.STAGE_STARTING for event in decision.events)
         for action in decision.actions:
-            self.execute(job, spec_raw, action)
+            self.execute(job, action)
             if new_attempt and isinstance(action, StartAttempt):
                 self.metrics.stage_attempts.labels(type=action.config.stage.type).inc()
         if any(isinstance(action, DeleteJob) for action in decision.actions):
@@ -261,9 +269,10 @@ class Controller:
                 job, "Warning", Reason.CLEANUP_FAILED, f"deleting the job's children failed, retrying: {exc.reason}"
             )
             raise
-        try:
-            spec = FineTuneJobSpec.model_validate(body.get("spec") or {})
-        except ValidationError:
+        status = FineTuneJobStatus.model_validate(body.get("status") or {})
+        # A job under a runtime that never started has no effective spec, and so no artifacts.
+        spec = resolve_spec(body.get("spec") or {}, status, None).spec
+        if spec is None:
             return
         if not spec.storage.retain_on_delete:
             lines = delete_artifacts(spec, self.settings.pvc_root)
