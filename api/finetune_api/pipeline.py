@@ -198,7 +198,9 @@ class Resolution:
     runtime_missing: bool = False
 
 
-def resolve_spec(spec_raw: dict[str, Any], status: FineTuneJobStatus, runtime: dict[str, Any] | None) -> Resolution:
+def resolve_spec(
+    job: JobRef, spec_raw: dict[str, Any], status: FineTuneJobStatus, runtime: dict[str, Any] | None
+) -> Resolution:
     """The job's own spec; with a runtimeRef, the effective spec: merged from `runtime` until the first stage starts,
     then the one recorded in status (with the live fields from the job)."""
     ref = spec_raw.get("runtimeRef")
@@ -212,7 +214,7 @@ def resolve_spec(spec_raw: dict[str, Any], status: FineTuneJobStatus, runtime: d
             return Resolution(None, (Problem("spec.runtimeRef", message, Reason.INVALID_SPEC),))
         if runtime is None:
             return Resolution(None, runtime_missing=True)
-        spec, problems = effective_spec(spec_raw, runtime)
+        spec, problems = effective_spec(spec_raw, runtime, job.name, job.namespace)
         return Resolution(None if problems else spec, tuple(problems))
     else:
         wire, prefix = spec_raw, ["spec"]
@@ -296,7 +298,7 @@ class _Machine:
         if status.phase in FINISHED_PHASES:
             self.expire()
             return self.decision
-        resolution = resolve_spec(spec_raw, status, self.obs.runtime)
+        resolution = resolve_spec(self.job, spec_raw, status, self.obs.runtime)
         if resolution.runtime_missing:
             self.wait_for_runtime(spec_raw["runtimeRef"])
             return self.decision
@@ -368,6 +370,7 @@ class _Machine:
             name=meta.get("name", ""),
             uid=meta.get("uid"),
             generation=meta.get("generation"),
+            queue_name=(runtime.get("spec") or {}).get("queueName"),
         )
         self.status.effective_spec = spec.to_wire()
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, mode
 
 from finetune_api.manifest import describe_error, field_path
 from finetune_api.reasons import Reason
+from finetune_api.render import join_uri
 from finetune_api.spec import (
     COUNT_MAX,
     DNS_SUBDOMAIN,
@@ -86,7 +87,13 @@ class RuntimeDefaults(SpecModel):
     """What a job gets for every field it leaves out. The same fields, bounds and meaning as in a FineTuneJob's spec."""
 
     model: ModelSpec | None = Field(default=None, description=f"Default `spec.model`. {_MERGE_NOTE}")
-    storage: StorageSpec | None = Field(default=None, description=f"Default `spec.storage`. {_MERGE_NOTE}")
+    storage: StorageSpec | None = Field(
+        default=None,
+        description=(
+            f"Default `spec.storage`. {_MERGE_NOTE} Its `uri` is a root shared by the runtime's jobs: a job that sets "
+            "no `storage.uri` of its own writes under `<uri>/<namespace>/<job name>/`."
+        ),
+    )
     peft: PeftSpec | None = Field(default=None, description=f"Default `spec.peft`. {_MERGE_NOTE}")
     deepspeed: DeepSpeedSpec | None = Field(default=None, description=f"Default `spec.deepspeed`. {_MERGE_NOTE}")
     resources: ResourcesSpec | None = Field(
@@ -158,6 +165,17 @@ class FineTuneRuntimeSpec(SpecModel):
         description="Defaults for every field of a FineTuneJob's spec except `stages`.",
     )
     policy: RuntimePolicy = Field(default_factory=RuntimePolicy, description="Limits and rules a job must keep.")
+    queue_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=63,
+        pattern=DNS_SUBDOMAIN,
+        description=(
+            "Kueue LocalQueue (in the job's namespace) for the stages of every job using this runtime: their RayJobs "
+            "get the label `kueue.x-k8s.io/queue-name` with this value, in place of any the job carries. With one "
+            "LocalQueue per team namespace pointing at the team's ClusterQueue, each team gets its GPU quota."
+        ),
+    )
 
 
 class RuntimeMeta(BaseModel):
@@ -334,7 +352,7 @@ def parse_runtime(
 
 
 def effective_spec(
-    job_spec_wire: dict[str, Any], runtime_wire: dict[str, Any]
+    job_spec_wire: dict[str, Any], runtime_wire: dict[str, Any], job_name: str = "", namespace: str = ""
 ) -> tuple[FineTuneJobSpec | None, list[Problem]]:
     """The job's spec with the runtime's defaults filled in, checked against the runtime's policy.
 
@@ -348,6 +366,9 @@ def effective_spec(
     policy = runtime.spec.policy
     problems = locked_problems(job_spec_wire, policy.locked_fields or [], name)
     merged = merge(defaults, job_spec_wire)
+    if "uri" in defaults.get("storage", {}) and not _has(job_spec_wire, "storage.uri") and job_name:
+        # Jobs sharing a runtime must not share stage directories.
+        merged["storage"]["uri"] = join_uri(defaults["storage"]["uri"], *filter(None, (namespace, job_name)))
     for required in ("model", "storage"):
         if merged.get(required) is None:
             problems.append(

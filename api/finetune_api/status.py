@@ -98,6 +98,9 @@ class RuntimeRecord(ApiModel):
     name: str = Field(description="The runtime's name.")
     uid: str | None = Field(default=None, description="The runtime object's uid.")
     generation: int | None = Field(default=None, description="The runtime's metadata.generation that was merged.")
+    queue_name: str | None = Field(
+        default=None, description="The runtime's `queueName`: the Kueue LocalQueue the job's stages are queued in."
+    )
 
 
 class FineTuneJobStatus(ApiModel):

@@ -35,6 +35,7 @@ from finetune_api.runtime import (
 )
 from finetune_api.spec import DNS_LABEL, GROUP, KIND, PLURAL, RL_STAGES, VERSION, FineTuneJobSpec, StageSpec, StageType
 from finetune_api.status import FineTuneJobStatus
+from finetune_dev.admission import admission_policies
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = f"{GROUP}_{PLURAL}.yaml"
@@ -42,6 +43,7 @@ RUNTIME_CRD_FILE = f"{GROUP}_{RUNTIME_PLURAL}.yaml"
 CLUSTER_RUNTIME_CRD_FILE = f"{GROUP}_{CLUSTER_RUNTIME_PLURAL}.yaml"
 PEERING_FILE = "kopf.dev_peerings.yaml"
 CHART_CRD_DIR = REPO_ROOT / "charts" / "finetune-operator" / "crds"
+ADMISSION_POLICY_TEMPLATE = REPO_ROOT / "charts" / "finetune-operator" / "templates" / "runtime-admission-policy.yaml"
 REFERENCE_DOC = REPO_ROOT / "docs" / "crd-reference.md"
 RUNTIME_REFERENCE_DOC = REPO_ROOT / "docs" / "runtime-reference.md"
 VALUES_SCHEMA = REPO_ROOT / "charts" / "finetune-operator" / "values.schema.json"
@@ -753,8 +755,14 @@ def generated_files() -> dict[Path, str]:
         **{CHART_CRD_DIR / name: text for name, text in crds.items()},
         REFERENCE_DOC: reference_doc(crd, {"spec": spec_schema(), "status": status_schema()}),
         RUNTIME_REFERENCE_DOC: runtime_doc,
+        ADMISSION_POLICY_TEMPLATE: admission_policy_template(),
         HELM_VALUES_DOC: helm_values_doc(json.loads(VALUES_SCHEMA.read_text())),
     }
+
+
+def admission_policy_template() -> str:
+    """The chart's runtime admission policies (`finetune_dev.admission`), behind `admissionPolicy.enabled`."""
+    return "{{- if .Values.admissionPolicy.enabled }}\n" + _dump(*admission_policies()) + "{{- end }}\n"
 
 
 def check(files: dict[Path, str]) -> list[str]:

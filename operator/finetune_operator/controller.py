@@ -111,7 +111,7 @@ class Controller:
 
     def observe(self, job: JobRef, spec_raw: dict[str, Any], status: FineTuneJobStatus) -> Observations:
         runtime = self.read_runtime(job, spec_raw["runtimeRef"]) if runtime_needed(spec_raw, status) else None
-        spec = resolve_spec(spec_raw, status, runtime).spec
+        spec = resolve_spec(job, spec_raw, status, runtime).spec
         if spec is None:
             return Observations(runtime=runtime)
         target = attempt_to_observe(spec, status)
@@ -148,9 +148,24 @@ class Controller:
         name = ref.get("name")
         if not isinstance(name, str) or not name:
             return None
-        if ref.get("kind") == CLUSTER_RUNTIME[1]:
-            return self.kube.get(CLUSTER_RUNTIME, None, name)
-        return self.kube.get(RUNTIME, job.namespace, name)
+        try:
+            if ref.get("kind") == CLUSTER_RUNTIME[1]:
+                return self.kube.get(CLUSTER_RUNTIME, None, name)
+            return self.kube.get(RUNTIME, job.namespace, name)
+        except ApiException as exc:
+            if exc.status != 403:
+                raise
+            # Namespace-scoped installs may not read ClusterFineTuneRuntimes: the job waits as for a missing one.
+            log.warning("%s/%s: not allowed to read %s %s", job.namespace, job.name, ref.get("kind"), name)
+            return None
+
+    @staticmethod
+    def with_runtime_queue(job: JobRef, status: FineTuneJobStatus) -> JobRef:
+        """The job as its children see it: the runtime's Kueue queue, when it names one, replaces the job's label."""
+        queue = status.runtime.queue_name if status.runtime else None
+        if not queue:
+            return job
+        return dataclasses.replace(job, labels={**job.labels, children.KUEUE_QUEUE_LABEL: queue})
 
     def read_report(self, job: JobRef, stage: str) -> StageReport | None:
         configmap = self.kube.get(CONFIGMAP, job.namespace, report_configmap_name(job.name, stage))
@@ -218,11 +233,11 @@ class Controller:
         job = JobRef.from_body(body)
         spec_raw = body.get("spec") or {}
         current = known if known is not None else FineTuneJobStatus.model_validate(body.get("status") or {})
-        observations = self.observe(job, spec_raw, current)
+        observations = self.observe(self.with_runtime_queue(job, current), spec_raw, current)
         decision = reconcile(job, spec_raw, current, observations, datetime.now(UTC), self.policy)
         new_attempt = any(event.reason == Reason.STAGE_STARTING for event in decision.events)
         for action in decision.actions:
-            self.execute(job, action)
+            self.execute(self.with_runtime_queue(job, decision.status), action)
             if new_attempt and isinstance(action, StartAttempt):
                 self.metrics.stage_attempts.labels(type=action.config.stage.type).inc()
         if any(isinstance(action, DeleteJob) for action in decision.actions):
@@ -271,7 +286,7 @@ class Controller:
             raise
         status = FineTuneJobStatus.model_validate(body.get("status") or {})
         # A job under a runtime that never started has no effective spec, and so no artifacts.
-        spec = resolve_spec(body.get("spec") or {}, status, None).spec
+        spec = resolve_spec(job, body.get("spec") or {}, status, None).spec
         if spec is None:
             return
         if not spec.storage.retain_on_delete:

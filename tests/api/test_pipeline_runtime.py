@@ -29,6 +29,7 @@ def runtime(workers: int = 2, generation: int = 1, **policy: Any) -> dict[str, A
         "kind": "ClusterFineTuneRuntime",
         "metadata": {"name": "gpu-small", "uid": "rt-uid", "generation": generation},
         "spec": {
+            "queueName": "team-a",
             "defaults": {
                 "model": {"source": "s3://models/base"},
                 "storage": {"uri": "s3://runs/team-a"},
@@ -76,7 +77,8 @@ def test_the_effective_spec_is_recorded_and_the_stage_renders_from_it(sim):
     [start] = starts(sim.step(runtime()))
     config = start.config
     assert config.input_model == "s3://models/base"
-    assert config.output_uri == "s3://runs/team-a/sft/model"
+    # The runtime's storage is a root: each job writes under <uri>/<namespace>/<job name>/.
+    assert config.output_uri == "s3://runs/team-a/ml/demo/sft/model"
     assert (config.resources.workers, config.resources.image) == (2, "registry.acme.dev/trainer:1")
     assert config.training.max_steps == 20
     assert start.spec.resources.workers == 2
@@ -91,6 +93,7 @@ def test_the_effective_spec_is_recorded_and_the_stage_renders_from_it(sim):
         "rt-uid",
         1,
     )
+    assert record.queue_name == "team-a"
 
 
 def test_editing_or_deleting_the_runtime_never_changes_a_started_job(sim):

@@ -196,3 +196,12 @@ def test_runtime_is_validated_like_a_spec():
 def test_lockable_fields_are_the_defaultable_spec_fields():
     assert "stages" not in LOCKABLE_FIELDS and "suspend" not in LOCKABLE_FIELDS and "runtimeRef" not in LOCKABLE_FIELDS
     assert {"storage", "resources.nodeSelector", "model.source", "training.learningRate"} <= set(LOCKABLE_FIELDS)
+
+
+def test_a_runtime_storage_uri_is_a_root_per_job():
+    spec, _ = effective_spec(job(), runtime(), "chat-v2", "team-a")
+    assert spec.storage.uri == "s3://ckpts/team-a/team-a/chat-v2"
+    # A job that sets its own uri keeps it, and merges the rest of the runtime's storage settings.
+    shared = runtime({"storage": {"uri": "s3://ckpts/x", "endpointUrl": "http://minio:9000"}})
+    own, _ = effective_spec(job(storage={"uri": "s3://mine/run"}), shared, "j", "ns")
+    assert (own.storage.uri, own.storage.endpoint_url) == ("s3://mine/run", "http://minio:9000")

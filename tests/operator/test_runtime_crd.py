@@ -41,7 +41,7 @@ def test_names_and_scope(crd: dict[str, Any]):
 
 def test_spec_holds_defaults_and_policy(crd: dict[str, Any]):
     spec = spec_of(crd)["properties"]
-    assert set(spec) == {"defaults", "policy"}
+    assert set(spec) == {"defaults", "policy", "queueName"}
     assert "stages" not in spec["defaults"]["properties"] and "suspend" not in spec["defaults"]["properties"]
     assert spec["defaults"]["properties"]["resources"]["properties"]["nodeSelector"]["maxProperties"] == 64
     policy = spec["policy"]["properties"]
