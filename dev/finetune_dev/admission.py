@@ -18,9 +18,9 @@ from typing import Any
 from finetune_api.runtime import CLUSTER_RUNTIME_KIND, LOCKABLE_FIELDS, RUNTIME_KIND, STAGE_OVERRIDES
 from finetune_api.spec import GROUP, PLURAL, VERSION, ResourcesSpec
 
-POLICY_NAMES = {
-    RUNTIME_KIND: "finetune.dev-runtime-policy",
-    CLUSTER_RUNTIME_KIND: "finetune.dev-cluster-runtime-policy",
+POLICY_SUFFIXES = {
+    RUNTIME_KIND: "runtime-policy",
+    CLUSTER_RUNTIME_KIND: "cluster-runtime-policy",
 }
 
 
@@ -152,11 +152,11 @@ def _validations() -> list[dict[str, str]]:
     ]
 
 
-def admission_policies() -> list[dict[str, Any]]:
-    """A ValidatingAdmissionPolicy and its binding for each runtime kind."""
+def admission_policies(prefix: str) -> list[dict[str, Any]]:
+    """A ValidatingAdmissionPolicy and its binding for each runtime kind, named `<prefix>-<kind>-policy`."""
     documents: list[dict[str, Any]] = []
     for kind in (RUNTIME_KIND, CLUSTER_RUNTIME_KIND):
-        name = POLICY_NAMES[kind]
+        name = f"{prefix}-{POLICY_SUFFIXES[kind]}"
         documents.append(
             {
                 "apiVersion": "admissionregistration.k8s.io/v1",

@@ -43,6 +43,7 @@ RUNTIME_CRD_FILE = f"{GROUP}_{RUNTIME_PLURAL}.yaml"
 CLUSTER_RUNTIME_CRD_FILE = f"{GROUP}_{CLUSTER_RUNTIME_PLURAL}.yaml"
 PEERING_FILE = "kopf.dev_peerings.yaml"
 CHART_CRD_DIR = REPO_ROOT / "charts" / "finetune-operator" / "crds"
+RELEASE_NAME = '{{ include "finetune-operator.fullname" . }}'
 ADMISSION_POLICY_TEMPLATE = REPO_ROOT / "charts" / "finetune-operator" / "templates" / "runtime-admission-policy.yaml"
 REFERENCE_DOC = REPO_ROOT / "docs" / "crd-reference.md"
 RUNTIME_REFERENCE_DOC = REPO_ROOT / "docs" / "runtime-reference.md"
@@ -762,7 +763,9 @@ def generated_files() -> dict[Path, str]:
 
 def admission_policy_template() -> str:
     """The chart's runtime admission policies (`finetune_dev.admission`), behind `admissionPolicy.enabled`."""
-    return "{{- if .Values.admissionPolicy.enabled }}\n" + _dump(*admission_policies()) + "{{- end }}\n"
+    # Named after the release: cluster-scoped objects of two releases must not collide.
+    documents = admission_policies(RELEASE_NAME)
+    return "{{- if .Values.admissionPolicy.enabled }}\n" + _dump(*documents) + "{{- end }}\n"
 
 
 def check(files: dict[Path, str]) -> list[str]:

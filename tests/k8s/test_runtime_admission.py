@@ -13,7 +13,7 @@ import pytest
 
 from finetune_api.runtime import effective_spec
 from finetune_dev import ControlPlane
-from finetune_dev.crdgen import ADMISSION_POLICY_TEMPLATE
+from finetune_dev.crdgen import ADMISSION_POLICY_TEMPLATE, RELEASE_NAME
 
 POLICY = {
     "maxWorkers": 8,
@@ -73,7 +73,8 @@ def dry_run(cp: ControlPlane, namespace: str, document: dict[str, Any]):
 def policies(control_plane: ControlPlane) -> None:
     """The chart's policy objects as `helm install` creates them (the template without its values switch)."""
     text = ADMISSION_POLICY_TEMPLATE.read_text()
-    body = "\n".join(line for line in text.splitlines() if not line.startswith("{{"))
+    lines = [line for line in text.splitlines() if not line.startswith("{{")]
+    body = "\n".join(lines).replace(RELEASE_NAME, "test")
     control_plane.kubectl("apply", "-f", "-", input=body)
     apply(control_plane, runtime("ClusterFineTuneRuntime", "team-a", POLICY))
     apply(control_plane, runtime("ClusterFineTuneRuntime", "anything-goes", {}))
