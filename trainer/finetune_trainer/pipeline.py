@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import yaml
+
 from finetune_api.manifest import ManifestError, load_manifest
 from finetune_api.pipeline import (
     AttemptObservation,
@@ -38,6 +40,7 @@ from finetune_api.pipeline import (
 from finetune_api.reasons import PERMANENT, Reason
 from finetune_api.render import StageConfig, join_uri, render_stage, stage_root
 from finetune_api.report import EXIT_PERMANENT_FAILURE, StageReport
+from finetune_api.runtime import effective_spec
 from finetune_api.spec import FineTuneJob, FineTuneJobSpec
 from finetune_api.status import FINISHED_PHASES, ConditionType, FineTuneJobStatus, JobPhase, StagePhase, StageStatus
 from finetune_api.table import print_table
@@ -316,9 +319,41 @@ class LocalPipeline:
         return EXIT_RETRYABLE
 
 
-def run_manifest(path: str, status_file: str | None, use_ray: bool, verbose: bool = False) -> int:
+def with_runtime(job: FineTuneJob, source: str, runtime_path: str | None) -> FineTuneJob:
+    """The job with the runtime its spec.runtimeRef names merged in and its policy checked, as the operator does."""
+    ref = job.spec.runtime_ref
+    if runtime_path is None:
+        if ref is None:
+            return job
+        raise ManifestError(source, [f"spec.runtimeRef: names {ref.kind} {ref.name}: pass its manifest with --runtime"])
+    if ref is None:
+        raise ManifestError(source, ["spec.runtimeRef: not set, so --runtime has nothing to apply to"])
     try:
-        job = load_manifest(path)
+        documents = [d for d in yaml.safe_load_all(Path(runtime_path).read_text()) if d]
+    except (OSError, yaml.YAMLError) as exc:
+        raise ManifestError(runtime_path, [f"cannot read the runtime: {exc}"]) from exc
+    named = [
+        d
+        for d in documents
+        if isinstance(d, dict) and d.get("kind") == ref.kind and (d.get("metadata") or {}).get("name") == ref.name
+    ]
+    if not named:
+        raise ManifestError(
+            runtime_path, [f"no {ref.kind} named {ref.name!r} (the job's spec.runtimeRef) in this file"]
+        )
+    written = job.spec.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    spec, problems = effective_spec(written, named[0], job.metadata.name, job.metadata.namespace or "")
+    if problems:
+        raise ManifestError(source, [str(problem) for problem in problems])
+    # The merged spec needs no runtime any more: the local run is then an ordinary job.
+    return job.model_copy(update={"spec": spec.model_copy(update={"runtime_ref": None})})
+
+
+def run_manifest(
+    path: str, status_file: str | None, use_ray: bool, verbose: bool = False, runtime: str | None = None
+) -> int:
+    try:
+        job = with_runtime(load_manifest(path), path, runtime)
     except ManifestError as exc:
         print(exc, file=sys.stderr)
         return EXIT_INVALID
