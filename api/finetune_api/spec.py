@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 from finetune_api import uris
@@ -617,12 +617,28 @@ class FineTuneJobSpec(SpecModel):
         description="Delete the FineTuneJob this many seconds after it succeeded or failed.",
     )
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _model_and_storage_need_a_runtime_to_be_left_out(cls, data: Any, handler: Any) -> FineTuneJobSpec:
+        """Without a runtimeRef, `model` and `storage` are required: reported as missing fields, beside the others."""
+        missing = []
+        if isinstance(data, dict) and data.get("runtimeRef", data.get("runtime_ref")) is None:
+            missing = [name for name in ("model", "storage") if data.get(name) is None]
+        try:
+            spec = handler(data)
+        except ValidationError as exc:
+            errors = [
+                {"type": e["type"], "loc": e["loc"], "input": e["input"], "ctx": e.get("ctx", {})} for e in exc.errors()
+            ]
+        else:
+            if not missing:
+                return spec
+            errors = []
+        missing_errors = [{"type": "missing", "loc": (name,), "input": data} for name in missing]
+        raise ValidationError.from_exception_data(cls.__name__, missing_errors + errors)
+
     @model_validator(mode="after")
     def _check_stage_graph(self) -> FineTuneJobSpec:
-        if self.runtime_ref is None:
-            for name in ("model", "storage"):
-                if getattr(self, name) is None:
-                    raise ValueError(f"{name}: required (or name a runtime that sets it in runtimeRef)")
         seen: dict[str, str] = {}
         for index, stage in enumerate(self.stages):
             if stage.name in seen:

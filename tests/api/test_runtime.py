@@ -92,7 +92,7 @@ def test_job_lists_replace_the_runtime_lists():
 
 def test_model_and_storage_are_required_only_without_a_runtime():
     FineTuneJobSpec.model_validate(job())
-    with pytest.raises(ValueError, match="model: required"):
+    with pytest.raises(ValueError, match=r"model\n  Field required"):
         FineTuneJobSpec.model_validate({"stages": STAGES, "storage": {"uri": "s3://ckpts/x"}})
     bare = runtime()
     del bare["spec"]["defaults"]["storage"]

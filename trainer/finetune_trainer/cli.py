@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("validate", help="check manifests, their data and models before anything trains")
     check.add_argument("manifests", nargs="+", help="FineTuneJob YAML files")
     check.add_argument("--all", action="store_true", help="accept several FineTuneJobs per file")
+    check.add_argument("--runtime", metavar="RUNTIME_YAML", help="the runtime the jobs' spec.runtimeRef names")
 
     tiny = commands.add_parser(
         "tiny-model", help="build a tiny random-init Llama model and a BPE tokenizer trained on example data"
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "validate":
         from finetune_trainer.validate import validate_files
 
-        sys.exit(validate_files(args.manifests, all_documents=args.all))
+        sys.exit(validate_files(args.manifests, all_documents=args.all, runtime=args.runtime))
     elif args.command == "stage":
         from finetune_trainer import stage
 

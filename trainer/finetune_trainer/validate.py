@@ -118,12 +118,18 @@ def preflight(job: FineTuneJob, cache: Path | None = None) -> tuple[list[str], l
     return check.problems, check.notes
 
 
-def validate_files(paths: Iterable[str], all_documents: bool = False, out=sys.stdout, err=sys.stderr) -> int:
-    """Check every manifest; print every problem; EXIT_INVALID when there is any, else 0."""
+def validate_files(
+    paths: Iterable[str], all_documents: bool = False, out=sys.stdout, err=sys.stderr, runtime: str | None = None
+) -> int:
+    """Check every manifest (merged with `runtime` when it names one); print every problem; EXIT_INVALID when there is
+    any, else 0."""
+    from finetune_trainer.pipeline import with_runtime
+
     failed = False
     for path in paths:
         try:
             jobs = load_manifests(path) if all_documents else [load_manifest(path)]
+            jobs = [with_runtime(job, path, runtime) for job in jobs]
         except ManifestError as exc:
             print("\n".join(exc.problems), file=err)
             failed = True
