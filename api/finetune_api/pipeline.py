@@ -16,7 +16,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from finetune_api.manifest import describe_error, field_path
 from finetune_api.reasons import PERMANENT, Reason
 from finetune_api.render import (
     STAGE_CONFIG_MAX_BYTES,
@@ -27,12 +26,14 @@ from finetune_api.render import (
     stage_output_uri,
 )
 from finetune_api.report import StageReport
+from finetune_api.runtime import Problem, effective_spec, validation_problems
 from finetune_api.spec import FineTuneJobSpec, uri_scheme
 from finetune_api.status import (
     FINISHED_PHASES,
     ConditionType,
     FineTuneJobStatus,
     JobPhase,
+    RuntimeRecord,
     StagePhase,
     StageProgress,
     StageStatus,
@@ -111,6 +112,8 @@ class Observations:
     missing_secrets: tuple[tuple[str, str], ...] = ()
     # Storage the attempt's pods share but that cannot be shared across nodes (a ReadWriteOnce claim), in words.
     storage_warnings: tuple[str, ...] = ()
+    # The runtime `spec.runtimeRef` names, as read; None when it does not exist or is not needed (see `runtime_needed`).
+    runtime: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,8 @@ class StartAttempt:
     """Ensure the attempt's child exists and runs (create it, or resume it when suspended)."""
 
     config: StageConfig
+    # The spec the config was rendered from: the job's own, or its effective spec under a runtime.
+    spec: FineTuneJobSpec
     # What is left of the job's activeDeadlineSeconds, for the child's own deadline (None: no deadline).
     active_deadline_seconds: int | None = None
 
@@ -172,9 +177,54 @@ class Decision:
         self.events.append(Event("Warning" if warning else "Normal", reason, message))
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """`spec.<field path>: <problem>` for each error, camelCase paths as the user wrote them."""
-    return "; ".join(f"{field_path(['spec', *loc])}: {message}" for loc, message in map(describe_error, exc.errors()))
+# Job fields still read from the job's own spec once its effective spec is fixed (the first stage has started).
+LIVE_FIELDS = ("suspend", "ttlSecondsAfterFinished")
+
+
+def effective_spec_fixed(status: FineTuneJobStatus) -> bool:
+    """The runtime was merged and a stage has started: from now on the job runs `status.effectiveSpec` as recorded."""
+    return status.effective_spec is not None and status.start_time is not None
+
+
+def runtime_needed(spec_raw: dict[str, Any], status: FineTuneJobStatus) -> bool:
+    """Whether this pass needs the runtime `spec.runtimeRef` names: until the first stage starts it is re-read on
+    every pass, so a runtime created or fixed after the job still applies."""
+    return isinstance(spec_raw.get("runtimeRef"), dict) and not effective_spec_fixed(status)
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The spec a job runs with, or why there is none (problems, or a runtime that does not exist yet)."""
+
+    spec: FineTuneJobSpec | None
+    problems: tuple[Problem, ...] = ()
+    runtime_missing: bool = False
+
+
+def resolve_spec(
+    job: JobRef, spec_raw: dict[str, Any], status: FineTuneJobStatus, runtime: dict[str, Any] | None
+) -> Resolution:
+    """The job's own spec; with a runtimeRef, the effective spec: merged from `runtime` until the first stage starts,
+    then the one recorded in status (with the live fields from the job)."""
+    ref = spec_raw.get("runtimeRef")
+    if isinstance(ref, dict) and effective_spec_fixed(status):
+        wire = {key: value for key, value in status.effective_spec.items() if key not in LIVE_FIELDS}
+        wire.update({key: spec_raw[key] for key in LIVE_FIELDS if key in spec_raw})
+        prefix = ["status", "effectiveSpec"]
+    elif isinstance(ref, dict):
+        if status.start_time is not None:
+            message = "cannot be added once the job has started; create a new FineTuneJob instead"
+            return Resolution(None, (Problem("spec.runtimeRef", message, Reason.INVALID_SPEC),))
+        if runtime is None:
+            return Resolution(None, runtime_missing=True)
+        spec, problems = effective_spec(spec_raw, runtime, job.name, job.namespace)
+        return Resolution(None if problems else spec, tuple(problems))
+    else:
+        wire, prefix = spec_raw, ["spec"]
+    try:
+        return Resolution(FineTuneJobSpec.model_validate(wire))
+    except ValidationError as exc:
+        return Resolution(None, tuple(validation_problems(exc, prefix, Reason.INVALID_SPEC)))
 
 
 def local_path_problem(spec: FineTuneJobSpec) -> str | None:
@@ -251,11 +301,18 @@ class _Machine:
         if status.phase in FINISHED_PHASES:
             self.expire()
             return self.decision
-        try:
-            spec = FineTuneJobSpec.model_validate(spec_raw)
-        except ValidationError as exc:
-            self.fail(Reason.INVALID_SPEC, describe_validation_error(exc))
+        resolution = resolve_spec(self.job, spec_raw, status, self.obs.runtime)
+        if resolution.runtime_missing:
+            self.wait_for_runtime(spec_raw["runtimeRef"])
             return self.decision
+        if resolution.problems:
+            policy = any(p.reason == Reason.POLICY_VIOLATION for p in resolution.problems)
+            message = "; ".join(map(str, resolution.problems))
+            self.fail(Reason.POLICY_VIOLATION if policy else Reason.INVALID_SPEC, message)
+            return self.decision
+        spec = resolution.spec
+        if runtime_needed(spec_raw, status):
+            self.record_runtime(spec)
         problem = self.sync_stage_list(spec)
         if problem:
             self.fail(Reason.INVALID_SPEC, problem)
@@ -306,6 +363,31 @@ class _Machine:
             self.condition(STALLED, False, reason, "")
 
     # -- job level ------------------------------------------------------------------------------
+
+    def record_runtime(self, spec: FineTuneJobSpec) -> None:
+        """Write the effective spec (every default filled in) and the runtime it came from into the status."""
+        runtime = self.obs.runtime
+        meta = runtime.get("metadata") or {}
+        self.status.runtime = RuntimeRecord(
+            kind=runtime.get("kind", ""),
+            name=meta.get("name", ""),
+            uid=meta.get("uid"),
+            generation=meta.get("generation"),
+            queue_name=(runtime.get("spec") or {}).get("queueName"),
+        )
+        self.status.effective_spec = spec.to_wire()
+
+    def wait_for_runtime(self, ref: dict[str, Any]) -> None:
+        kind, name = ref.get("kind"), ref.get("name")
+        where = f"in namespace {self.job.namespace}" if kind == "FineTuneRuntime" else "(cluster-scoped)"
+        message = f"waiting for {kind} {name!r} {where}, named by spec.runtimeRef: not found"
+        if self.status.phase != JobPhase.suspended.value:
+            self.status.phase = JobPhase.pending.value
+        running = self.status.condition(RUNNING)
+        if running is None or running.reason != Reason.RUNTIME_NOT_FOUND:
+            self.decision.event(Reason.RUNTIME_NOT_FOUND, message, warning=True)
+        self.condition(RUNNING, False, Reason.RUNTIME_NOT_FOUND, message)
+        self.decision.wake_in(self.policy.secret_recheck_seconds)
 
     def sync_stage_list(self, spec: FineTuneJobSpec) -> str | None:
         wanted = [s.name for s in spec.stages]
@@ -594,7 +676,7 @@ class _Machine:
         if spec.active_deadline_seconds:
             left = spec.active_deadline_seconds - (self.active_seconds() if self.status.start_time else 0.0)
             deadline = max(math.ceil(left), 1)
-        self.decision.actions.append(StartAttempt(config, deadline))
+        self.decision.actions.append(StartAttempt(config, spec, deadline))
         stage.retry_at = None
         new_attempt = attempt != stage.attempts
         stage.attempts, stage.ray_job, stage.phase = (

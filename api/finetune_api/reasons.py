@@ -46,6 +46,11 @@ class Reason(StrEnum):
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     # A Secret the spec names does not exist (yet); re-checked periodically.
     SECRET_NOT_FOUND = "SecretNotFound"
+    # The runtime a job's `spec.runtimeRef` names does not exist (yet); re-checked periodically, like a Secret.
+    RUNTIME_NOT_FOUND = "RuntimeNotFound"
+    # The job breaks its runtime's policy (a locked field, a limit, an image or model outside the allowed prefixes);
+    # the message names the job's field.
+    POLICY_VIOLATION = "PolicyViolation"
     # The spec fails validation (e.g. an unknown URI scheme) or changed in a way a started job cannot follow.
     INVALID_SPEC = "InvalidSpec"
     # KubeRay rejected the RayJob it was given (its `ValidationFailed` deployment status).
@@ -87,5 +92,6 @@ PERMANENT = frozenset(
         Reason.KL_LIMIT_EXCEEDED,
         Reason.TRAINING_DIVERGED,
         Reason.GPU_UNAVAILABLE,
+        Reason.POLICY_VIOLATION,
     }
 )

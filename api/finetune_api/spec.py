@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 from finetune_api import uris
@@ -257,12 +257,13 @@ class DeepSpeedSpec(SpecModel):
     model_config = ConfigDict(
         json_schema_extra=cel_rules(
             cel(
-                "!self.offloadParams || self.zeroStage == 3",
+                # The CRD stores no defaults: an absent field is the model's default (false, zeroStage 0).
+                "!(has(self.offloadParams) && self.offloadParams) || (has(self.zeroStage) && self.zeroStage == 3)",
                 "offloadParams requires zeroStage 3",
                 fieldPath=".offloadParams",
             ),
             cel(
-                "!self.offloadOptimizer || self.zeroStage > 0",
+                "!(has(self.offloadOptimizer) && self.offloadOptimizer) || (has(self.zeroStage) && self.zeroStage > 0)",
                 "offloadOptimizer requires zeroStage 1, 2 or 3",
                 fieldPath=".offloadOptimizer",
             ),
@@ -635,11 +636,50 @@ _REWARD_FROM_EARLIER_REWARD_STAGE = cel(
     messageExpression="'stage ' + self.map(n, n.name).filter(n, self.exists(s, s.name == n && has(s.rewardFrom) && "
     f"!{_VALID_REWARD_FROM}))[0] + ': rewardFrom must name an earlier stage of type reward'",
 )
+RUNTIME_KINDS = ("FineTuneRuntime", "ClusterFineTuneRuntime")
+
+
+class RuntimeRef(SpecModel):
+    kind: Literal["FineTuneRuntime", "ClusterFineTuneRuntime"] = Field(
+        description="`FineTuneRuntime` (in the job's namespace) or `ClusterFineTuneRuntime` (cluster-wide)."
+    )
+    name: str = Field(
+        min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Name of the runtime the job runs with."
+    )
 
 
 class FineTuneJobSpec(SpecModel):
-    model: ModelSpec = Field(description="The base model the first stage starts from.")
-    storage: StorageSpec = Field(description="Where checkpoints and stage outputs are written.")
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            *(
+                cel(
+                    f"has(self.runtimeRef) || has(self.{name})",
+                    f"{name} is required unless runtimeRef names a runtime that sets it",
+                    fieldPath=f".{name}",
+                    reason="FieldValueRequired",
+                )
+                for name in ("model", "storage")
+            )
+        )
+    )
+
+    runtime_ref: RuntimeRef | None = Field(
+        default=None,
+        description=(
+            "A runtime whose `spec.defaults` fill what this job leaves out and whose `spec.policy` the job must keep. "
+            "Merge rules: objects merge key by key (recursively), lists and scalars set here replace the runtime's. "
+            "The merged spec is recorded in `status.effectiveSpec` when the first stage starts; later runtime edits "
+            "do not change a started job."
+        ),
+    )
+    model: ModelSpec | None = Field(
+        default=None,
+        description="The base model the first stage starts from. Required unless `runtimeRef` names a runtime that sets it.",
+    )
+    storage: StorageSpec | None = Field(
+        default=None,
+        description="Where checkpoints and stage outputs are written. Required unless `runtimeRef` names a runtime that sets it.",
+    )
     stages: list[StageSpec] = Field(
         min_length=1,
         max_length=16,
@@ -678,6 +718,26 @@ class FineTuneJobSpec(SpecModel):
         le=COUNT_MAX,
         description="Delete the FineTuneJob this many seconds after it succeeded or failed.",
     )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _model_and_storage_need_a_runtime_to_be_left_out(cls, data: Any, handler: Any) -> FineTuneJobSpec:
+        """Without a runtimeRef, `model` and `storage` are required: reported as missing fields, beside the others."""
+        missing = []
+        if isinstance(data, dict) and data.get("runtimeRef", data.get("runtime_ref")) is None:
+            missing = [name for name in ("model", "storage") if data.get(name) is None]
+        try:
+            spec = handler(data)
+        except ValidationError as exc:
+            errors = [
+                {"type": e["type"], "loc": e["loc"], "input": e["input"], "ctx": e.get("ctx", {})} for e in exc.errors()
+            ]
+        else:
+            if not missing:
+                return spec
+            errors = []
+        missing_errors = [{"type": "missing", "loc": (name,), "input": data} for name in missing]
+        raise ValidationError.from_exception_data(cls.__name__, missing_errors + errors)
 
     @model_validator(mode="after")
     def _check_stage_graph(self) -> FineTuneJobSpec:

@@ -6,6 +6,7 @@ Kubernetes conventions: `conditions` with type/status/reason/message/lastTransit
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 from pydantic import Field
 
@@ -92,6 +93,16 @@ class StageStatus(ApiModel):
     message: str = Field(default="", description="Why the stage is in its phase.")
 
 
+class RuntimeRecord(ApiModel):
+    kind: str = Field(description="FineTuneRuntime or ClusterFineTuneRuntime.")
+    name: str = Field(description="The runtime's name.")
+    uid: str | None = Field(default=None, description="The runtime object's uid.")
+    generation: int | None = Field(default=None, description="The runtime's metadata.generation that was merged.")
+    queue_name: str | None = Field(
+        default=None, description="The runtime's `queueName`: the Kueue LocalQueue the job's stages are queued in."
+    )
+
+
 class FineTuneJobStatus(ApiModel):
     phase: JobPhase = Field(default=JobPhase.pending, description="Pending, Running, Succeeded, Failed or Suspended.")
     # Keyed lists, for server-side apply and per-item patches (the Kubernetes convention for conditions).
@@ -112,6 +123,19 @@ class FineTuneJobStatus(ApiModel):
         default_factory=list,
         description="One entry per stage, in order.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    runtime: RuntimeRecord | None = Field(
+        default=None, description="The runtime (`spec.runtimeRef`) whose defaults and policy `effectiveSpec` came from."
+    )
+    effective_spec: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "With `spec.runtimeRef`: the runtime's defaults merged with the job's fields, every default written out. "
+            "Recomputed until the first stage starts, then fixed: stages render from it, so editing or deleting the "
+            "runtime never changes a started job. Only `suspend` and `ttlSecondsAfterFinished` are still read from "
+            "the job's spec after that."
+        ),
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
 
     def stage(self, name: str) -> StageStatus:

@@ -68,7 +68,8 @@ def _validation_rules(schema: dict[str, Any], path: str, found: list[tuple[str, 
         _validation_rules(child, f"{prefix}.{name}" if prefix else name, found)
 
 
-def reference_doc(crd: dict[str, Any]) -> str:
+def reference_doc(crd: dict[str, Any], sections: dict[str, dict[str, Any]]) -> str:
+    """The reference of one kind; `sections` are its spec (with the defaults the operator applies) and status."""
     version = crd["spec"]["versions"][0]
     root = version["schema"]["openAPIV3Schema"]
     names = crd["spec"]["names"]
@@ -83,16 +84,18 @@ def reference_doc(crd: dict[str, Any]) -> str:
         "shows the same descriptions on a cluster.",
         "",
         "Unknown fields are pruned by the API server; `kubectl apply` (strict field validation by default) reports them as "
-        "errors. A `null` value means the same as leaving the field out. Defaults below are filled in by the API server.",
+        "errors. A `null` value means the same as leaving the field out. Defaults below are applied by the operator; the "
+        "API server stores what was written, so that a runtime's defaults can fill what a job leaves out "
+        "([platform.md](platform.md)).",
         "",
     ]
-    for section in ("spec", "status"):
+    for section, schema in sections.items():
         rows: list[str] = []
-        _rows(root["properties"][section], section, section == "spec", rows)
+        _rows(schema, section, section == "spec", rows)
         lines += [
             f"## `{section}`",
             "",
-            root["properties"][section]["description"],
+            schema["description"],
             "",
             "| Field | Type | Required | Default | Description | Constraints |",
             "|---|---|---|---|---|---|",
@@ -104,7 +107,7 @@ def reference_doc(crd: dict[str, Any]) -> str:
     lines += [
         "## Cross-field rules",
         "",
-        "Checked by the API server (CEL `x-kubernetes-validations`) when a FineTuneJob is created or updated:",
+        f"Checked by the API server (CEL `x-kubernetes-validations`) when a {names['kind']} is created or updated:",
         "",
         "| Where | Rule | Error message |",
         "|---|---|---|",

@@ -31,6 +31,8 @@ from finetune_api.pipeline import (
     StopAttempt,
     attempt_to_observe,
     reconcile,
+    resolve_spec,
+    runtime_needed,
 )
 from finetune_api.reasons import Reason
 from finetune_api.render import render_stage, report_configmap_name
@@ -39,7 +41,7 @@ from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import FineTuneJobStatus
 from finetune_operator import children
 from finetune_operator.executors import delete_artifacts, make_executor
-from finetune_operator.kube import CONFIGMAP, FINETUNEJOB, PVC, Kube
+from finetune_operator.kube import CLUSTER_RUNTIME, CONFIGMAP, FINETUNEJOB, PVC, RUNTIME, Kube
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.settings import Settings
 
@@ -109,10 +111,10 @@ class Controller:
     # -- one reconcile pass ----------------------------------------------------------------------
 
     def observe(self, job: JobRef, spec_raw: dict[str, Any], status: FineTuneJobStatus) -> Observations:
-        try:
-            spec = FineTuneJobSpec.model_validate(spec_raw)
-        except ValidationError:
-            return Observations()
+        runtime = self.read_runtime(job, spec_raw["runtimeRef"]) if runtime_needed(spec_raw, status) else None
+        spec = resolve_spec(job, spec_raw, status, runtime).spec
+        if spec is None:
+            return Observations(runtime=runtime)
         target = attempt_to_observe(spec, status)
         if target is None:
             return Observations()
@@ -145,7 +147,11 @@ class Controller:
                     missing.append((path, name))
         warnings = self.storage_warnings(job, spec, stage) if child.state not in LIVE_STATES else []
         return Observations(
-            attempt=child, report=report, missing_secrets=tuple(missing), storage_warnings=tuple(warnings)
+            attempt=child,
+            report=report,
+            missing_secrets=tuple(missing),
+            storage_warnings=tuple(warnings),
+            runtime=runtime,
         )
 
     def storage_warnings(self, job: JobRef, spec: FineTuneJobSpec, stage: str) -> list[str]:
@@ -165,6 +171,30 @@ class Controller:
                 )
         return warnings
 
+    def read_runtime(self, job: JobRef, ref: dict[str, Any]) -> dict[str, Any] | None:
+        """The runtime a job names: a FineTuneRuntime in the job's namespace, or a ClusterFineTuneRuntime."""
+        name = ref.get("name")
+        if not isinstance(name, str) or not name:
+            return None
+        try:
+            if ref.get("kind") == CLUSTER_RUNTIME[1]:
+                return self.kube.get(CLUSTER_RUNTIME, None, name)
+            return self.kube.get(RUNTIME, job.namespace, name)
+        except ApiException as exc:
+            if exc.status != 403:
+                raise
+            # Namespace-scoped installs may not read ClusterFineTuneRuntimes: the job waits as for a missing one.
+            log.warning("%s/%s: not allowed to read %s %s", job.namespace, job.name, ref.get("kind"), name)
+            return None
+
+    @staticmethod
+    def with_runtime_queue(job: JobRef, status: FineTuneJobStatus) -> JobRef:
+        """The job as its children see it: the runtime's Kueue queue, when it names one, replaces the job's label."""
+        queue = status.runtime.queue_name if status.runtime else None
+        if not queue:
+            return job
+        return dataclasses.replace(job, labels={**job.labels, children.KUEUE_QUEUE_LABEL: queue})
+
     def read_report(self, job: JobRef, stage: str) -> StageReport | None:
         configmap = self.kube.get(CONFIGMAP, job.namespace, report_configmap_name(job.name, stage))
         text = ((configmap or {}).get("data") or {}).get(REPORT_KEY)
@@ -176,13 +206,11 @@ class Controller:
             log.warning("%s/%s: ignoring an unreadable report for stage %s: %s", job.namespace, job.name, stage, exc)
             return None
 
-    def execute(self, job: JobRef, spec_raw: dict[str, Any], action: StartAttempt | StopAttempt | DeleteJob) -> None:
+    def execute(self, job: JobRef, action: StartAttempt | StopAttempt | DeleteJob) -> None:
         if isinstance(action, StartAttempt):
             config = action.config
             try:
-                self.executor.start(
-                    job, FineTuneJobSpec.model_validate(spec_raw), config, action.active_deadline_seconds
-                )
+                self.executor.start(job, action.spec, config, action.active_deadline_seconds)
             except ApiException as exc:
                 if exc.status not in REFUSED_STATUSES:
                     raise
@@ -233,11 +261,11 @@ class Controller:
         job = JobRef.from_body(body)
         spec_raw = body.get("spec") or {}
         current = known if known is not None else FineTuneJobStatus.model_validate(body.get("status") or {})
-        observations = self.observe(job, spec_raw, current)
+        observations = self.observe(self.with_runtime_queue(job, current), spec_raw, current)
         decision = reconcile(job, spec_raw, current, observations, datetime.now(UTC), self.policy)
         new_attempt = any(event.reason == Reason.STAGE_STARTING for event in decision.events)
         for action in decision.actions:
-            self.execute(job, spec_raw, action)
+            self.execute(self.with_runtime_queue(job, decision.status), action)
             if new_attempt and isinstance(action, StartAttempt):
                 self.metrics.stage_attempts.labels(type=action.config.stage.type).inc()
         if any(isinstance(action, DeleteJob) for action in decision.actions):
@@ -284,9 +312,10 @@ class Controller:
                 job, "Warning", Reason.CLEANUP_FAILED, f"deleting the job's children failed, retrying: {exc.reason}"
             )
             raise
-        try:
-            spec = FineTuneJobSpec.model_validate(body.get("spec") or {})
-        except ValidationError:
+        status = FineTuneJobStatus.model_validate(body.get("status") or {})
+        # A job under a runtime that never started has no effective spec, and so no artifacts.
+        spec = resolve_spec(job, body.get("spec") or {}, status, None).spec
+        if spec is None:
             return
         if not spec.storage.retain_on_delete:
             try:

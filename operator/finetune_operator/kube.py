@@ -17,6 +17,7 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 
+from finetune_api.runtime import CLUSTER_RUNTIME_KIND, CLUSTER_RUNTIME_PLURAL, RUNTIME_KIND, RUNTIME_PLURAL
 from finetune_api.spec import GROUP, PLURAL, VERSION
 
 # (apiVersion, kind) -> (API prefix, plural) for every kind the operator reads or writes.
@@ -31,12 +32,16 @@ _RESOURCES = {
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     ("ray.io/v1", "RayJob"): ("/apis/ray.io/v1", "rayjobs"),
     (f"{GROUP}/{VERSION}", "FineTuneJob"): (f"/apis/{GROUP}/{VERSION}", PLURAL),
+    (f"{GROUP}/{VERSION}", RUNTIME_KIND): (f"/apis/{GROUP}/{VERSION}", RUNTIME_PLURAL),
+    (f"{GROUP}/{VERSION}", CLUSTER_RUNTIME_KIND): (f"/apis/{GROUP}/{VERSION}", CLUSTER_RUNTIME_PLURAL),
 }
 RAYJOB = ("ray.io/v1", "RayJob")
 CONFIGMAP = ("v1", "ConfigMap")
 POD = ("v1", "Pod")
 PVC = ("v1", "PersistentVolumeClaim")
 FINETUNEJOB = (f"{GROUP}/{VERSION}", "FineTuneJob")
+RUNTIME = (f"{GROUP}/{VERSION}", RUNTIME_KIND)
+CLUSTER_RUNTIME = (f"{GROUP}/{VERSION}", CLUSTER_RUNTIME_KIND)
 MERGE_PATCH = "application/merge-patch+json"
 
 
@@ -105,9 +110,12 @@ class Kube:
         return json.loads(response.data or b"{}")
 
     @staticmethod
-    def path(kind: tuple[str, str], namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+    def path(
+        kind: tuple[str, str], namespace: str | None, name: str | None = None, subresource: str | None = None
+    ) -> str:
+        """The object's API path; `namespace` None for a cluster-scoped kind."""
         prefix, plural = _RESOURCES[kind]
-        path = f"{prefix}/namespaces/{namespace}/{plural}"
+        path = f"{prefix}/namespaces/{namespace}/{plural}" if namespace else f"{prefix}/{plural}"
         if name:
             path += f"/{name}"
         if subresource:
@@ -116,7 +124,7 @@ class Kube:
 
     # -- generic verbs ----------------------------------------------------------------------------
 
-    def get(self, kind: tuple[str, str], namespace: str, name: str) -> dict[str, Any] | None:
+    def get(self, kind: tuple[str, str], namespace: str | None, name: str) -> dict[str, Any] | None:
         try:
             return self.request("GET", self.path(kind, namespace, name))
         except ApiException as exc:

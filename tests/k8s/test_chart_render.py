@@ -31,7 +31,9 @@ NAMESPACED = {
     ("", "secrets", "get"),
     ("", "pods", "list"),
     ("", "persistentvolumeclaims", "get"),
+    *(("finetune.dev", "finetuneruntimes", v) for v in ("get", "list", "watch")),
 }
+CLUSTER_RUNTIME_READ = {("finetune.dev", "clusterfinetuneruntimes", v) for v in ("get", "list", "watch")}
 CRD_READ = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}
 TOKEN_CREATE = {("", "serviceaccounts/token", "create")}
 
@@ -130,9 +132,11 @@ def test_default_values_are_cluster_wide(helm: Path, tmp_path: Path):
         "Deployment",
         "Service",
         "ClusterKopfPeering",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     }
     (role,) = by_kind(docs, "ClusterRole")
-    assert grants(role) == NAMESPACED | CRD_READ | peering("clusterkopfpeerings")
+    assert grants(role) == NAMESPACED | CLUSTER_RUNTIME_READ | CRD_READ | peering("clusterkopfpeerings")
     (binding,) = by_kind(docs, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ft-finetune-operator", "namespace": NAMESPACE}]
@@ -168,7 +172,7 @@ def test_watch_namespaces_grant_roles_per_namespace(helm: Path, tmp_path: Path):
 def test_token_requests_only_with_the_local_executor(helm: Path, tmp_path: Path):
     docs = render(helm, tmp_path, {"executor": "local"})
     (role,) = by_kind(docs, "ClusterRole")
-    assert grants(role) == NAMESPACED | TOKEN_CREATE | CRD_READ | peering("clusterkopfpeerings")
+    assert grants(role) == NAMESPACED | CLUSTER_RUNTIME_READ | TOKEN_CREATE | CRD_READ | peering("clusterkopfpeerings")
     assert env_of(docs)["FINETUNE_STATE_DIR"].startswith("/tmp/")
 
 
@@ -242,7 +246,13 @@ def test_crds_ship_with_the_chart(helm: Path, tmp_path: Path):
         for d in yaml.safe_load_all(result.stdout)
         if d and d["kind"] == "CustomResourceDefinition"
     }
-    assert crds == {"finetunejobs.finetune.dev", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+    assert crds == {
+        "finetunejobs.finetune.dev",
+        "finetuneruntimes.finetune.dev",
+        "clusterfinetuneruntimes.finetune.dev",
+        "clusterkopfpeerings.kopf.dev",
+        "kopfpeerings.kopf.dev",
+    }
 
 
 def test_grafana_dashboard_charts_only_metrics_the_operator_exports(helm: Path, tmp_path: Path):
@@ -273,3 +283,82 @@ def test_grafana_dashboard_charts_only_metrics_the_operator_exports(helm: Path, 
     }
     charted = {name for expr in expressions for name in re.findall(r"\bfinetune_operator_\w+", expr)}
     assert charted and charted <= exported, charted - exported
+
+
+def test_shipped_runtimes_are_off_by_default_and_valid_when_on(helm: Path, tmp_path: Path):
+    from finetune_api.runtime import ClusterFineTuneRuntime
+
+    assert not by_kind(render(helm, tmp_path), "ClusterFineTuneRuntime")
+    docs = render(helm, tmp_path, {"runtimes": {"enabled": True, "storageUri": "s3://team-runs/ft"}})
+    runtimes = {
+        d["metadata"]["name"]: ClusterFineTuneRuntime.model_validate(d) for d in by_kind(docs, "ClusterFineTuneRuntime")
+    }
+    assert set(runtimes) == {"cpu-tiny", "single-gpu-lora", "multi-gpu-zero3"}
+    tiny = runtimes["cpu-tiny"].spec
+    assert tiny.defaults.resources.gpus_per_worker == 0 and tiny.policy.max_gpus_per_stage == 0
+    assert tiny.defaults.model.source == "pvc://finetune-models/tiny"
+    assert runtimes["single-gpu-lora"].spec.policy.max_gpus_per_stage == 1
+    zero3 = runtimes["multi-gpu-zero3"].spec
+    assert zero3.defaults.deepspeed.zero_stage == 3 and zero3.policy.max_gpus_per_stage == 16
+    assert all(r.spec.defaults.storage.uri == "s3://team-runs/ft" for r in runtimes.values())
+    assert all("storage" in r.spec.policy.locked_fields for r in runtimes.values())
+
+
+def test_admission_policies_match_each_runtime_kind_and_can_be_turned_off(helm: Path, tmp_path: Path):
+    docs = render(helm, tmp_path)
+    policies = {p["spec"]["paramKind"]["kind"]: p for p in by_kind(docs, "ValidatingAdmissionPolicy")}
+    assert set(policies) == {"FineTuneRuntime", "ClusterFineTuneRuntime"}
+    bindings = {b["spec"]["policyName"]: b for b in by_kind(docs, "ValidatingAdmissionPolicyBinding")}
+    for policy in policies.values():
+        assert policy["metadata"]["name"].startswith("ft-finetune-operator-")
+        binding = bindings[policy["metadata"]["name"]]
+        assert binding["spec"]["paramRef"] == {"selector": {}, "parameterNotFoundAction": "Allow"}
+        assert binding["spec"]["validationActions"] == ["Deny"]
+    off = render(helm, tmp_path, {"admissionPolicy": {"enabled": False}})
+    assert not by_kind(off, "ValidatingAdmissionPolicy") and not by_kind(off, "ValidatingAdmissionPolicyBinding")
+
+
+def test_user_role_creates_jobs_and_reads_runtimes_only(helm: Path, tmp_path: Path):
+    assert len(by_kind(render(helm, tmp_path), "ClusterRole")) == 1
+    docs = render(helm, tmp_path, {"rbac": {"userRole": True}})
+    (user,) = [r for r in by_kind(docs, "ClusterRole") if r["metadata"]["name"] == "ft-finetune-operator-user"]
+    assert grants(user) == {
+        *(("finetune.dev", "finetunejobs", v) for v in ("create", "get", "list", "watch")),
+        *(
+            ("finetune.dev", r, v)
+            for r in ("finetuneruntimes", "clusterfinetuneruntimes")
+            for v in ("get", "list", "watch")
+        ),
+    }
+
+
+def test_the_kueue_tenancy_example_renders_a_quota_a_queue_and_a_runtime_that_uses_it(helm: Path, tmp_path: Path):
+    from finetune_api.runtime import FineTuneRuntime
+
+    docs = [d for d in yaml.safe_load_all((REPO_ROOT / "examples" / "self-serve" / "kueue-team.yaml").read_text()) if d]
+    kinds = {d["kind"]: d for d in docs}
+    assert set(kinds) >= {"ResourceFlavor", "ClusterQueue", "LocalQueue", "FineTuneRuntime", "RoleBinding"}
+    (quota,) = [
+        r
+        for group in kinds["ClusterQueue"]["spec"]["resourceGroups"]
+        for f in group["flavors"]
+        for r in f["resources"]
+        if r["name"] == "nvidia.com/gpu"
+    ]
+    runtime = FineTuneRuntime.model_validate(kinds["FineTuneRuntime"])
+    queue = kinds["LocalQueue"]
+    assert queue["spec"]["clusterQueue"] == kinds["ClusterQueue"]["metadata"]["name"]
+    assert runtime.spec.queue_name == queue["metadata"]["name"]
+    assert runtime.metadata.namespace == queue["metadata"]["namespace"] == kinds["RoleBinding"]["metadata"]["namespace"]
+    # The runtime's GPU limit per stage fits the team's quota.
+    assert runtime.spec.policy.max_gpus_per_stage <= int(quota["nominalQuota"])
+    # The binding grants the chart's user role, which the chart renders when asked to.
+    assert kinds["RoleBinding"]["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "finetune-operator-user",
+    }
+    names = {
+        r["metadata"]["name"] for r in by_kind(render(helm, tmp_path, {"rbac": {"userRole": True}}), "ClusterRole")
+    }
+    assert "ft-finetune-operator-user" in names

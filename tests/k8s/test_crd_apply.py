@@ -1,4 +1,5 @@
-"""The generated CRD against a real API server: installs, explains, defaults, and enforces every rule it claims."""
+"""The generated CRD against a real API server: installs, explains, stores what was written, and enforces every rule
+it claims."""
 
 from __future__ import annotations
 
@@ -65,17 +66,12 @@ def test_kubectl_explain_shows_the_contract_descriptions(control_plane: ControlP
     assert "Evaluation metrics reported by the stage" in explain(control_plane, "ftj.status.stages.metrics")
 
 
-def test_quickstart_is_accepted_and_defaulted(control_plane: ControlPlane, namespace: str):
+def test_quickstart_is_accepted_and_stored_as_written(control_plane: ControlPlane, namespace: str):
     apply_quickstart(control_plane, namespace)
     spec = get_job(control_plane, namespace)["spec"]
-    assert [s["name"] for s in spec["stages"]] == ["cpt", "sft", "reward", "dpo"]
-    # Defaults of the pydantic models, filled in by the API server, nested ones included.
-    assert spec["deepspeed"] == {"zeroStage": 2, "offloadOptimizer": False, "offloadParams": False}
-    assert spec["resources"]["gpusPerWorker"] == 0 and spec["resources"]["gpuResourceName"] == "nvidia.com/gpu"
-    assert spec["peft"]["method"] == "full" and spec["peft"]["r"] == 8
-    assert spec["stages"][3]["dpo"] == {"beta": 0.1, "lossType": "sigmoid", "labelSmoothing": 0}
-    assert spec["stages"][0]["dataset"]["validationSplit"] == 0.1
-    assert spec["backoffLimit"] == 2 and spec["suspend"] is False
+    # No defaults are stored: what a job leaves out stays out, for a runtime's defaults to fill (the operator applies
+    # the model's own defaults when it reads the spec).
+    assert spec == yaml.safe_load(QUICKSTART.read_text())["spec"]
 
 
 def local_fields(path: Path) -> list[str]:

@@ -22,6 +22,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--status-file", help="where to write the FineTuneJobStatus JSON (default: <storage.uri>/status.json)"
     )
+    run.add_argument(
+        "--runtime",
+        metavar="RUNTIME_YAML",
+        help="the (Cluster)FineTuneRuntime the job's spec.runtimeRef names: its defaults and policy apply as on a cluster",
+    )
     run.add_argument("--no-ray", action="store_true", help="train in this process instead of Ray Train workers")
     run.add_argument(
         "--verbose", "-v", action="store_true", help="also show the stage processes' output (always in stage.log)"
@@ -37,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("validate", help="check manifests, their data and models before anything trains")
     check.add_argument("manifests", nargs="+", help="FineTuneJob YAML files")
     check.add_argument("--all", action="store_true", help="accept several FineTuneJobs per file")
+    check.add_argument("--runtime", metavar="RUNTIME_YAML", help="the runtime the jobs' spec.runtimeRef names")
 
     tiny = commands.add_parser(
         "tiny-model", help="build a tiny random-init Llama model and a BPE tokenizer trained on example data"
@@ -63,7 +69,11 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "run":
         from finetune_trainer.pipeline import run_manifest
 
-        sys.exit(run_manifest(args.manifest, args.status_file, use_ray=not args.no_ray, verbose=args.verbose))
+        sys.exit(
+            run_manifest(
+                args.manifest, args.status_file, use_ray=not args.no_ray, verbose=args.verbose, runtime=args.runtime
+            )
+        )
     elif args.command == "status":
         sys.exit(_print_status(Path(args.path)))
     elif args.command == "report":
@@ -77,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "validate":
         from finetune_trainer.validate import validate_files
 
-        sys.exit(validate_files(args.manifests, all_documents=args.all))
+        sys.exit(validate_files(args.manifests, all_documents=args.all, runtime=args.runtime))
     elif args.command == "stage":
         from finetune_trainer import stage
 

@@ -38,6 +38,7 @@ from finetune_api.pipeline import (
 from finetune_api.reasons import PERMANENT, Reason
 from finetune_api.render import StageConfig, join_uri, render_stage, stage_root
 from finetune_api.report import EXIT_PERMANENT_FAILURE, StageReport
+from finetune_api.runtime import with_runtime
 from finetune_api.spec import FineTuneJob, FineTuneJobSpec
 from finetune_api.status import FINISHED_PHASES, ConditionType, FineTuneJobStatus, JobPhase, StagePhase, StageStatus
 from finetune_api.table import print_table
@@ -320,9 +321,11 @@ class LocalPipeline:
         return EXIT_RETRYABLE
 
 
-def run_manifest(path: str, status_file: str | None, use_ray: bool, verbose: bool = False) -> int:
+def run_manifest(
+    path: str, status_file: str | None, use_ray: bool, verbose: bool = False, runtime: str | None = None
+) -> int:
     try:
-        job = load_manifest(path)
+        job = with_runtime(load_manifest(path), path, runtime)
     except ManifestError as exc:
         print(exc, file=sys.stderr)
         return EXIT_INVALID

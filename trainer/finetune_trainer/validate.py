@@ -16,6 +16,7 @@ from pathlib import Path
 
 from finetune_api.manifest import ManifestError, load_manifest, load_manifests
 from finetune_api.render import StageConfig, render_stage
+from finetune_api.runtime import with_runtime
 from finetune_api.spec import DatasetSpec, FineTuneJob
 from finetune_api.uris import uri_scheme
 from finetune_trainer import modeling, storage
@@ -118,12 +119,16 @@ def preflight(job: FineTuneJob, cache: Path | None = None) -> tuple[list[str], l
     return check.problems, check.notes
 
 
-def validate_files(paths: Iterable[str], all_documents: bool = False, out=sys.stdout, err=sys.stderr) -> int:
-    """Check every manifest; print every problem; EXIT_INVALID when there is any, else 0."""
+def validate_files(
+    paths: Iterable[str], all_documents: bool = False, out=sys.stdout, err=sys.stderr, runtime: str | None = None
+) -> int:
+    """Check every manifest (merged with `runtime` when it names one); print every problem; EXIT_INVALID when there is
+    any, else 0."""
     failed = False
     for path in paths:
         try:
             jobs = load_manifests(path) if all_documents else [load_manifest(path)]
+            jobs = [with_runtime(job, path, runtime) for job in jobs]
         except ManifestError as exc:
             print("\n".join(exc.problems), file=err)
             failed = True

@@ -43,6 +43,10 @@ Rules the operator needs in every namespace it watches: exactly what the control
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs"]
   verbs: ["get", "list", "watch", "patch", "update", "delete"]
+# The runtimes jobs name (spec.runtimeRef): read only.
+- apiGroups: ["finetune.dev"]
+  resources: ["finetuneruntimes"]
+  verbs: ["get", "list", "watch"]
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/status"]
   verbs: ["get", "patch", "update"]
