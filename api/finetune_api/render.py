@@ -62,6 +62,11 @@ def join_uri(base: str, *parts: str) -> str:
 # What a stage writes under `<storage.uri>/<stage name>/`; nothing else there is the job's.
 STAGE_MODEL_DIR = "model"
 STAGE_CHECKPOINTS_DIR = "checkpoints"
+# The stage's curves (one JSON line per logged step) and, with training.reportTo: [tensorboard], its event files.
+STAGE_HISTORY_FILE = "metrics.jsonl"
+STAGE_TENSORBOARD_DIR = "tensorboard"
+# Everything the trainer writes under `<storage>/<stage>/`: what `retainOnDelete: false` removes.
+STAGE_OUTPUTS = (STAGE_CHECKPOINTS_DIR, STAGE_MODEL_DIR, STAGE_HISTORY_FILE, STAGE_TENSORBOARD_DIR)
 
 
 def stage_root(storage: StorageSpec, stage_name: str) -> str:

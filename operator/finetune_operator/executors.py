@@ -20,8 +20,7 @@ from typing import Any, Protocol
 from finetune_api.pipeline import AttemptObservation, ChildState, JobRef
 from finetune_api.reasons import Reason
 from finetune_api.render import (
-    STAGE_CHECKPOINTS_DIR,
-    STAGE_MODEL_DIR,
+    STAGE_OUTPUTS,
     StageConfig,
     rayjob_name,
     stage_config_json,
@@ -386,7 +385,8 @@ def _last_line(path: Path, limit: int = 300) -> str:
 def delete_artifacts(spec: FineTuneJobSpec, pvc_root: Path, status: FineTuneJobStatus | None = None) -> list[str]:
     """With `storage.retainOnDelete: false`, remove what the job's stages wrote where this process can reach it.
 
-    Only a stage that started an attempt wrote anything, and only its `checkpoints/` and `model/`: other files under
+    Only a stage that started an attempt wrote anything, and only `STAGE_OUTPUTS` (checkpoints, model, metrics.jsonl,
+    tensorboard): other files under
     `<uri>/<stage>/` are the user's and are kept, and a `pvc://` path never leaves its claim's mount. Returns one line
     per stage for the Event: what was deleted and what is left to the user (s3://, unreachable PVCs).
     """
@@ -409,10 +409,14 @@ def delete_artifacts(spec: FineTuneJobSpec, pvc_root: Path, status: FineTuneJobS
         if not root.is_dir():
             results.append(f"{uri}: not reachable from the operator, kept")
             continue
-        for written in (STAGE_CHECKPOINTS_DIR, STAGE_MODEL_DIR):
-            shutil.rmtree(root / written, ignore_errors=True)
+        for written in STAGE_OUTPUTS:
+            target = root / written
+            if target.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                target.unlink(missing_ok=True)
         if any(root.iterdir()):
-            results.append(f"{uri}: deleted checkpoints and model; other files kept")
+            results.append(f"{uri}: deleted {', '.join(STAGE_OUTPUTS)}; other files kept")
         else:
             root.rmdir()
             results.append(f"{uri}: deleted")

@@ -236,8 +236,9 @@ def test_trainer_kubeconfig_is_private_and_carries_the_ca_inline(tmp_path):
 
 def test_delete_artifacts_removes_only_what_started_stages_wrote(tmp_path, sample_spec):
     storage = tmp_path / "runs"
-    for written in ("model", "checkpoints/checkpoint-5"):
+    for written in ("model", "checkpoints/checkpoint-5", "tensorboard"):
         (storage / "sft" / written).mkdir(parents=True)
+    (storage / "sft" / "metrics.jsonl").write_text('{"step": 1}\n')
     (storage / "sft" / "precious.txt").write_text("the user's")
     (storage / "reward" / "model").mkdir(parents=True)  # from an earlier job: this one never started the stage
     (storage / "unrelated").mkdir()
@@ -253,7 +254,7 @@ def test_delete_artifacts_removes_only_what_started_stages_wrote(tmp_path, sampl
     assert sorted(p.name for p in (storage / "sft").iterdir()) == ["precious.txt"]
     assert (storage / "reward" / "model").is_dir() and (storage / "unrelated").exists()
     assert lines == [
-        f"{storage}/sft: deleted checkpoints and model; other files kept",
+        f"{storage}/sft: deleted checkpoints, model, metrics.jsonl, tensorboard; other files kept",
         f"{storage}/reward: never started, nothing to delete",
         f"{storage}/dpo: not reachable from the operator, kept",
     ]

@@ -17,7 +17,7 @@ from typing import Any
 
 from transformers import set_seed
 
-from finetune_api.render import StageConfig, join_uri, stage_root
+from finetune_api.render import STAGE_HISTORY_FILE, STAGE_TENSORBOARD_DIR, StageConfig, join_uri, stage_root
 from finetune_trainer import modeling, storage, strategy
 from finetune_trainer.data import StageData, load_stage_data
 from finetune_trainer.errors import ConfigError
@@ -42,7 +42,7 @@ class StageContext:
         self.work_dir = Path(work_dir)
         # metrics.jsonl lives beside the stage's outputs; on remote storage it is written here and uploaded with each
         # checkpoint and the final model.
-        self.history_uri = join_uri(stage_root(config.storage, config.stage.name), "metrics.jsonl")
+        self.history_uri = join_uri(stage_root(config.storage, config.stage.name), STAGE_HISTORY_FILE)
         local_history = (
             self.work_dir / "metrics.jsonl"
             if storage.is_remote(self.history_uri)
@@ -127,7 +127,7 @@ class StageContext:
 
     @property
     def tensorboard_uri(self) -> str:
-        return join_uri(stage_root(self.config.storage, self.config.stage.name), "tensorboard")
+        return join_uri(stage_root(self.config.storage, self.config.stage.name), STAGE_TENSORBOARD_DIR)
 
     @property
     def tensorboard_dir(self) -> Path:
