@@ -69,8 +69,7 @@ class Checker:
         elif not path.exists():
             self.notes.append(f"{field} {uri}: a Hub id, not checked here")
 
-    def dataset(self, field: str, config: StageConfig) -> None:
-        spec: DatasetSpec = config.stage.dataset
+    def dataset(self, field: str, config: StageConfig, spec: DatasetSpec) -> None:
         accepted = accepted_columns(config.stage.type)
         if not self.reachable_here(spec.uri, f"{field}.uri"):
             return
@@ -114,7 +113,8 @@ def preflight(job: FineTuneJob, cache: Path | None = None) -> tuple[list[str], l
         except (ValueError, KeyError) as exc:
             check.problems.append(f"spec.stages[{index}]: cannot render the stage config: {exc}")
             continue
-        check.dataset(f"spec.stages[{index}].dataset", config)
+        for _, path, dataset in stage.data_sources():
+            check.dataset(f"spec.stages[{index}].{path}", config, dataset)
     return check.problems, check.notes
 
 
