@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,15 @@ _EXTENSION_FORMATS = {
 class StageData:
     train: Any  # datasets.Dataset
     eval: Any  # datasets.Dataset
-    columns: tuple[str, ...]  # the accepted column set the data matched
+    columns: tuple[str, ...]  # the accepted column set the data matched (the first source's, for a mixture)
+    # The task of each training and held-out row, in order (all `default` for a single dataset).
+    train_tasks: tuple[str, ...] = ()
+    eval_tasks: tuple[str, ...] = ()
+
+    @property
+    def tasks(self) -> list[str]:
+        """The stage's task names, in first-seen order."""
+        return list(dict.fromkeys((*self.train_tasks, *self.eval_tasks)))
 
 
 Row = dict[str, Any]
@@ -240,32 +249,117 @@ def read_validated(
     return rows, matched
 
 
-def load_stage_data(config: StageConfig, accepted: list[tuple[str, ...]], cache: Path | None = None) -> StageData:
-    """The stage's train and eval splits, validated against `accepted` (alternative column sets, first match wins)."""
+def _split(
+    config: StageConfig, field: str, spec: DatasetSpec, accepted: list[tuple[str, ...]], cache: Path
+) -> tuple[list[Row], list[Row], tuple[str, ...]]:
+    """(train rows, held-out rows, matched columns) of one dataset, validated and split by its own settings."""
     import datasets
 
-    spec = config.stage.dataset
+    stage, endpoint = config.stage.name, config.storage.endpoint_url
+    try:
+        rows, columns = read_validated(stage, spec.uri, spec, accepted, cache, endpoint)
+        if spec.validation_uri:
+            eval_rows, _ = read_validated(stage, spec.validation_uri, spec, [columns], cache, endpoint)
+            train_rows = rows
+        else:
+            if len(rows) < 2:
+                raise DataValidationError(
+                    f"stage {stage!r}: {spec.uri}: needs at least 2 rows to hold out a validation split"
+                )
+            try:
+                split = datasets.Dataset.from_list(rows).train_test_split(
+                    test_size=spec.validation_split, seed=config.training.seed
+                )
+            except ValueError as exc:  # a split that would leave one side empty
+                raise DataValidationError(
+                    f"stage {stage!r}: {spec.uri}: {field}.validationSplit {spec.validation_split:g} of "
+                    f"{len(rows)} rows leaves no training or no held-out rows ({exc}); change validationSplit or add rows"
+                ) from None
+            train_rows, eval_rows = split["train"].to_list(), split["test"].to_list()
+    except DataValidationError as exc:
+        if field == "dataset":
+            raise
+        raise DataValidationError(f"spec.stages[{config.stage_index}].{field}.uri: {exc}") from None
+    if spec.max_samples is not None:
+        train_rows = train_rows[: spec.max_samples]
+    return train_rows, eval_rows, columns
+
+
+def _shares(sources: list[tuple[str, DatasetSpec, list[Row]]]) -> list[int]:
+    """Training rows each source contributes: `samples`, or its weighted share of the weighted sources' total."""
+    weighted = [(getattr(spec, "weight", None), len(rows)) for _, spec, rows in sources]
+    total = sum(size for weight, size in weighted if weight is not None)
+    weight_sum = sum(weight for weight, _ in weighted if weight is not None)
+    shares = []
+    for (_, spec, rows), (weight, _) in zip(sources, weighted):
+        samples = getattr(spec, "samples", None)
+        if samples is not None:
+            shares.append(samples)
+        elif weight is not None:
+            shares.append(max(1, round(total * weight / weight_sum)))
+        else:
+            shares.append(len(rows))
+    return shares
+
+
+def _take(rows: list[Row], count: int, rng: random.Random) -> list[Row]:
+    """`count` rows: a seeded shuffle, cut, or repeated whole (then topped up) when the source has fewer."""
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    repeats, rest = divmod(count, len(rows))
+    return [rows[i] for i in order * repeats + order[:rest]]
+
+
+def load_stage_data(
+    config: StageConfig, accepted: list[tuple[str, ...]], cache: Path | None = None, mixed_columns: bool = False
+) -> StageData:
+    """The stage's train and eval splits, validated against `accepted` (alternative column sets, first match wins).
+
+    A mixture (`stage.datasets`) is validated and split source by source, then each source's training rows are cut or
+    repeated to its share and the sources are interleaved (a seeded shuffle) or concatenated (`stage.mixing`). The
+    held-out split is every source's held-out rows, in source order. Sources must match the same column set unless
+    `mixed_columns` (the recipe then converts row by row).
+    """
+    import datasets
+
     cache = cache or Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune-operator" / "data"))
-    endpoint = config.storage.endpoint_url
-    rows, columns = read_validated(config.stage.name, spec.uri, spec, accepted, cache, endpoint)
-    if spec.validation_uri:
-        eval_rows, _ = read_validated(config.stage.name, spec.validation_uri, spec, [columns], cache, endpoint)
-        train, evaluation = datasets.Dataset.from_list(rows), datasets.Dataset.from_list(eval_rows)
-    else:
-        if len(rows) < 2:
+    loaded = []
+    for task, field, spec in config.stage.data_sources():
+        train_rows, eval_rows, columns = _split(config, field, spec, accepted, cache)
+        if loaded and not mixed_columns and columns != loaded[0][3]:
             raise DataValidationError(
-                f"stage {config.stage.name!r}: {spec.uri}: needs at least 2 rows to hold out a validation split"
+                f"spec.stages[{config.stage_index}].{field}.uri: {spec.uri}: columns {{{', '.join(columns)}}}, but "
+                f"the first dataset has {{{', '.join(loaded[0][3])}}}; the datasets of a {config.stage.type} mixture "
+                "must share one column set"
             )
-        try:
-            split = datasets.Dataset.from_list(rows).train_test_split(
-                test_size=spec.validation_split, seed=config.training.seed
-            )
-        except ValueError as exc:  # a split that would leave one side empty
-            raise DataValidationError(
-                f"stage {config.stage.name!r}: {spec.uri}: dataset.validationSplit {spec.validation_split:g} of "
-                f"{len(rows)} rows leaves no training or no held-out rows ({exc}); change validationSplit or add rows"
-            ) from None
-        train, evaluation = split["train"], split["test"]
-    if spec.max_samples is not None and len(train) > spec.max_samples:
-        train = train.select(range(spec.max_samples))
-    return StageData(train=train, eval=evaluation, columns=columns)
+        loaded.append((task, spec, train_rows, columns, eval_rows))
+    if config.stage.dataset is not None:
+        task, _, train_rows, columns, eval_rows = loaded[0]
+        return StageData(
+            train=datasets.Dataset.from_list(train_rows),
+            eval=datasets.Dataset.from_list(eval_rows),
+            columns=columns,
+            train_tasks=(task,) * len(train_rows),
+            eval_tasks=(task,) * len(eval_rows),
+        )
+    rng = random.Random(config.training.seed)
+    shares = _shares([(task, spec, rows) for task, spec, rows, _, _ in loaded])
+    mixed = [(task, row) for (task, _, rows, _, _), share in zip(loaded, shares) for row in _take(rows, share, rng)]
+    if config.stage.mixing == "interleave":
+        rng.shuffle(mixed)
+    held_out = [(task, row) for task, _, _, _, rows in loaded for row in rows]
+    return StageData(
+        train=_rows_dataset([row for _, row in mixed]),
+        eval=_rows_dataset([row for _, row in held_out]),
+        columns=loaded[0][3],
+        train_tasks=tuple(task for task, _ in mixed),
+        eval_tasks=tuple(task for task, _ in held_out),
+    )
+
+
+def _rows_dataset(rows: list[Row]):
+    """A Dataset of rows that may have different columns (a mixed-column mixture): absent columns are None."""
+    import datasets
+
+    names = list(dict.fromkeys(key for row in rows for key in row))
+    return datasets.Dataset.from_list([{name: row.get(name) for name in names} for row in rows])

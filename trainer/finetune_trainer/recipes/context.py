@@ -98,8 +98,8 @@ class StageContext:
         """Where fetched models and data are cached for this attempt."""
         return self._cache
 
-    def data(self, accepted: list[tuple[str, ...]]) -> StageData:
-        return load_stage_data(self.config, accepted, cache=self._cache)
+    def data(self, accepted: list[tuple[str, ...]], mixed_columns: bool = False) -> StageData:
+        return load_stage_data(self.config, accepted, cache=self._cache, mixed_columns=mixed_columns)
 
     # ---- training -----------------------------------------------------------------------------------------------
     def training_args(self, args_cls, **overrides):
