@@ -479,6 +479,35 @@ class DatasetSource(DatasetSpec):
         return self
 
 
+class HygieneSpec(SpecModel):
+    """Data hygiene before training; each step's count of removed or changed rows goes into the stage's metrics."""
+
+    deduplicate: Literal["off", "exact", "near"] = Field(
+        default="off",
+        description=(
+            "Remove duplicate rows within each dataset before its split: `exact` (same text after lower-casing and "
+            "collapsing whitespace), `near` (also word-trigram Jaccard similarity of at least `nearThreshold`)."
+        ),
+    )
+    near_threshold: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="Jaccard similarity of word trigrams from which two rows are near-duplicates.",
+    )
+    decontaminate: bool = Field(
+        default=False,
+        description=(
+            "Remove training rows whose prompt (or text) is also in a held-out row of the stage or in one of the "
+            "stage's evaluation suites (the earlier stages' held-out sets), compared after normalising as above."
+        ),
+    )
+    scrub_pii: bool = Field(
+        default=False,
+        description="Replace e-mail addresses, phone numbers and key-like strings with `<EMAIL>`, `<PHONE>`, `<SECRET>`.",
+    )
+
+
 class SFTOptions(SpecModel):
     template: Literal["auto", "chat", "alpaca", "plain"] = Field(
         default="auto",
@@ -615,6 +644,9 @@ class StageSpec(SpecModel):
         min_length=1,
         max_length=32,
         description="A mixture of datasets, each with a task name and a weight or sample count (instead of `dataset`).",
+    )
+    hygiene: HygieneSpec = Field(
+        default_factory=HygieneSpec, description="Deduplication, decontamination and PII scrubbing of the stage's data."
     )
     mixing: Literal["interleave", "concat"] = Field(
         default="interleave",

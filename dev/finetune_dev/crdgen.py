@@ -81,6 +81,12 @@ def _stage_rules() -> list[dict[str, str]]:
             fieldPath=".rewardFrom",
             reason="FieldValueForbidden",
         ),
+        _rule(
+            "has(self.dataset) != has(self.datasets)",
+            "set exactly one of dataset (one dataset) and datasets (a mixture)",
+            fieldPath=".dataset",
+            reason="FieldValueRequired",
+        ),
     ]
     for option in OPTION_STAGES:
         rules.append(

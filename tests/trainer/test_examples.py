@@ -72,6 +72,13 @@ def test_multitask_example_reports_per_task_and_per_suite_metrics(tmp_path, tiny
     for task in ("addition", "compare"):  # replay rows have no prompt to generate for
         assert 0.0 <= metrics[f"exact_match_{task}"] <= 1.0 and 0.0 <= metrics[f"rougeL_{task}"] <= 1.0, metrics
     assert metrics["domain_loss_after"] < metrics["domain_loss_before"], metrics
+    # domain.txt repeats no line and shares none with the held-out documents; the SFT files have no PII.
+    assert {k: v for k, v in metrics.items() if k.startswith("hygiene_")} == {
+        "hygiene_pii_scrubbed": 0,
+        "hygiene_exact_duplicates": 0,
+        "hygiene_near_duplicates": 0,
+        "hygiene_contaminated": 0,
+    }, metrics
     for key in ("accuracy", "accuracy_carry", "accuracy_no_carry"):
         assert f"domain_choices_{key}_before" in metrics and f"domain_choices_{key}_after" in metrics, metrics
     predictions = [

@@ -25,7 +25,7 @@ def test_accepted_columns_are_the_recipes_own():
     from finetune_trainer.recipes import cpt
 
     assert accepted_columns("cpt") == cpt.ACCEPTED_COLUMNS
-    assert accepted_columns("sft") == [("messages",), ("prompt", "completion"), ("instruction", "response")]
+    assert accepted_columns("sft") == [("messages",), ("prompt", "completion"), ("instruction", "response"), ("text",)]
 
 
 def test_every_problem_of_every_stage_is_listed_and_nothing_trains(tmp_path: Path, tiny_model_dir: Path):

@@ -13,13 +13,13 @@ import json
 import os
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from finetune_api.render import StageConfig
 from finetune_api.spec import DatasetSpec, uri_scheme
-from finetune_trainer import storage
+from finetune_trainer import hygiene, storage
 from finetune_trainer.errors import DataValidationError
 
 _EXTENSION_FORMATS = {
@@ -40,6 +40,8 @@ class StageData:
     # The task of each training and held-out row, in order (all `default` for a single dataset).
     train_tasks: tuple[str, ...] = ()
     eval_tasks: tuple[str, ...] = ()
+    # `stage.hygiene` counts for the stage's metrics (`hygiene_*`), only of the steps that are switched on.
+    hygiene: dict[str, int] = field(default_factory=dict)
 
     @property
     def tasks(self) -> list[str]:
@@ -249,17 +251,51 @@ def read_validated(
     return rows, matched
 
 
+def _clean(config: StageConfig, rows: list[Row], counts: dict[str, int]) -> list[Row]:
+    """PII scrubbing, then duplicate removal, as `stage.hygiene` declares; adds to `counts`."""
+    options = config.stage.hygiene
+    if options.scrub_pii:
+        rows, changed = hygiene.scrub_pii(rows)
+        counts["hygiene_pii_scrubbed"] = counts.get("hygiene_pii_scrubbed", 0) + changed
+    if options.deduplicate != "off":
+        rows, exact, near = hygiene.deduplicate(rows, options.deduplicate, options.near_threshold)
+        counts["hygiene_exact_duplicates"] = counts.get("hygiene_exact_duplicates", 0) + exact
+        if options.deduplicate == "near":
+            counts["hygiene_near_duplicates"] = counts.get("hygiene_near_duplicates", 0) + near
+    return rows
+
+
+# Suites are read for decontamination with any of their row shapes (text, prompt/completion, multiple choice).
+_SUITE_COLUMNS = [("text",), ("prompt", "completion"), ("question", "choices", "answer")]
+
+
+def _held_out_prompts(config: StageConfig, eval_rows: list[Row], cache: Path) -> set[str]:
+    prompts = {hygiene.prompt_text(row) for row in eval_rows}
+    for suite in config.suites:
+        spec = DatasetSpec(uri=suite.uri)
+        rows, _ = read_validated(config.stage.name, suite.uri, spec, _SUITE_COLUMNS, cache, config.storage.endpoint_url)
+        prompts.update(hygiene.prompt_text(row) for row in rows)
+    return prompts
+
+
 def _split(
-    config: StageConfig, field: str, spec: DatasetSpec, accepted: list[tuple[str, ...]], cache: Path
+    config: StageConfig,
+    path: str,
+    spec: DatasetSpec,
+    accepted: list[tuple[str, ...]],
+    cache: Path,
+    counts: dict[str, int],
 ) -> tuple[list[Row], list[Row], tuple[str, ...]]:
-    """(train rows, held-out rows, matched columns) of one dataset, validated and split by its own settings."""
+    """(train rows, held-out rows, matched columns) of one dataset, validated, cleaned and split by its settings."""
     import datasets
 
     stage, endpoint = config.stage.name, config.storage.endpoint_url
     try:
         rows, columns = read_validated(stage, spec.uri, spec, accepted, cache, endpoint)
+        rows = _clean(config, rows, counts)
         if spec.validation_uri:
             eval_rows, _ = read_validated(stage, spec.validation_uri, spec, [columns], cache, endpoint)
+            eval_rows = _clean(config, eval_rows, counts)
             train_rows = rows
         else:
             if len(rows) < 2:
@@ -272,14 +308,14 @@ def _split(
                 )
             except ValueError as exc:  # a split that would leave one side empty
                 raise DataValidationError(
-                    f"stage {stage!r}: {spec.uri}: {field}.validationSplit {spec.validation_split:g} of "
+                    f"stage {stage!r}: {spec.uri}: {path}.validationSplit {spec.validation_split:g} of "
                     f"{len(rows)} rows leaves no training or no held-out rows ({exc}); change validationSplit or add rows"
                 ) from None
             train_rows, eval_rows = split["train"].to_list(), split["test"].to_list()
     except DataValidationError as exc:
-        if field == "dataset":
+        if path == "dataset":
             raise
-        raise DataValidationError(f"spec.stages[{config.stage_index}].{field}.uri: {exc}") from None
+        raise DataValidationError(f"spec.stages[{config.stage_index}].{path}.uri: {exc}") from None
     if spec.max_samples is not None:
         train_rows = train_rows[: spec.max_samples]
     return train_rows, eval_rows, columns
@@ -324,15 +360,28 @@ def load_stage_data(
 
     cache = cache or Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune-operator" / "data"))
     loaded = []
-    for task, field, spec in config.stage.data_sources():
-        train_rows, eval_rows, columns = _split(config, field, spec, accepted, cache)
+    counts: dict[str, int] = {}
+    for task, path, spec in config.stage.data_sources():
+        train_rows, eval_rows, columns = _split(config, path, spec, accepted, cache, counts)
         if loaded and not mixed_columns and columns != loaded[0][3]:
             raise DataValidationError(
-                f"spec.stages[{config.stage_index}].{field}.uri: {spec.uri}: columns {{{', '.join(columns)}}}, but "
+                f"spec.stages[{config.stage_index}].{path}.uri: {spec.uri}: columns {{{', '.join(columns)}}}, but "
                 f"the first dataset has {{{', '.join(loaded[0][3])}}}; the datasets of a {config.stage.type} mixture "
                 "must share one column set"
             )
         loaded.append((task, spec, train_rows, columns, eval_rows))
+    if config.stage.hygiene.decontaminate:
+        held_out = _held_out_prompts(config, [row for *_, rows in loaded for row in rows], cache)
+        counts["hygiene_contaminated"] = 0
+        for index, (task, spec, train_rows, columns, eval_rows) in enumerate(loaded):
+            kept, removed = hygiene.decontaminate(train_rows, held_out)
+            if not kept:
+                raise DataValidationError(
+                    f"stage {config.stage.name!r}: {spec.uri}: every training row's prompt is also held out "
+                    "(hygiene.decontaminate); hold out other rows (validationUri) or switch decontaminate off"
+                )
+            counts["hygiene_contaminated"] += removed
+            loaded[index] = (task, spec, kept, columns, eval_rows)
     if config.stage.dataset is not None:
         task, _, train_rows, columns, eval_rows = loaded[0]
         return StageData(
@@ -341,6 +390,7 @@ def load_stage_data(
             columns=columns,
             train_tasks=(task,) * len(train_rows),
             eval_tasks=(task,) * len(eval_rows),
+            hygiene=counts,
         )
     rng = random.Random(config.training.seed)
     shares = _shares([(task, spec, rows) for task, spec, rows, _, _ in loaded])
@@ -354,6 +404,7 @@ def load_stage_data(
         columns=loaded[0][3],
         train_tasks=tuple(task for task, _ in mixed),
         eval_tasks=tuple(task for task, _ in held_out),
+        hygiene=counts,
     )
 
 

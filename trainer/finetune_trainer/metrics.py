@@ -82,3 +82,14 @@ def corpus_bleu(predictions: list[str], references: list[str]) -> float:
 def sentence_bleu(prediction: str, reference: str) -> float:
     """sacreBLEU sentence BLEU (0-100) with effective order, for per-example error analysis."""
     return float(_bleu().sentence_score(prediction, [reference]).score)
+
+
+def worst_predictions(records: list[dict], per_task: int = 3) -> dict[str, list[dict]]:
+    """The `per_task` lowest-scoring records of `predictions.jsonl` per task: lowest rougeL, then bleu, first."""
+    by_task: dict[str, list[dict]] = {}
+    for record in records:
+        by_task.setdefault(str(record.get("task", "default")), []).append(record)
+    return {
+        task: sorted(rows, key=lambda r: (r.get("rougeL", 0.0), r.get("bleu", 0.0)))[:per_task]
+        for task, rows in by_task.items()
+    }

@@ -44,6 +44,7 @@ class StageContext:
         self._endpoint = config.storage.endpoint_url
         self._tokenizers: dict[str, Any] = {}
         self._progress_clock: tuple[float, int] | None = None
+        self._hygiene: dict[str, int] = {}
         # New heads and adapters initialise from the global generator when models load: seed it once, here.
         set_seed(config.training.seed)
 
@@ -99,7 +100,10 @@ class StageContext:
         return self._cache
 
     def data(self, accepted: list[tuple[str, ...]], mixed_columns: bool = False) -> StageData:
-        return load_stage_data(self.config, accepted, cache=self._cache, mixed_columns=mixed_columns)
+        """The stage's data; its `hygiene_*` counts are added to the final metrics by `save_final`."""
+        data = load_stage_data(self.config, accepted, cache=self._cache, mixed_columns=mixed_columns)
+        self._hygiene = dict(data.hygiene)
+        return data
 
     # ---- training -----------------------------------------------------------------------------------------------
     def training_args(self, args_cls, **overrides):
@@ -206,6 +210,7 @@ class StageContext:
         are scored here on the input model and on `model` (their metrics are added to `metrics`), and a suite worse
         than its `maxRegression` fails the stage (ForgettingDetected).
         """
+        metrics.update({key: float(value) for key, value in self._hygiene.items()})
         guards.check_metrics(self.config, metrics)
         guards.check_improvement(self.config, metrics)
         output = self.config.output_uri
