@@ -16,7 +16,7 @@ UNRELATED = [f"{word} {word[::-1]} {word.upper()} zz qq xx." for word in ("abcde
 def test_a_stage_trained_hard_on_unrelated_text_fails_with_forgetting_detected(render, run_in_process, tmp_path):
     unrelated = tmp_path / "unrelated.txt"
     unrelated.write_text("\n".join(UNRELATED) + "\n")
-    suite = {"name": "domain", "uri": str(DATA / "domain_heldout.txt"), "maxRegression": 0.5}
+    suite = {"name": "domain", "uri": str(DATA / "heldout" / "domain.txt"), "maxRegression": 0.5}
     config = render(
         {"type": "cpt", "dataset": {"uri": str(unrelated)}},
         training={"maxSteps": 12, "learningRate": 1e-2},
@@ -32,8 +32,13 @@ def test_a_stage_trained_hard_on_unrelated_text_fails_with_forgetting_detected(r
 
 def test_suites_report_before_and_after_for_every_suite(render, run_in_process):
     suites = [
-        {"name": "domain", "uri": str(DATA / "domain_heldout.txt")},
-        {"name": "choices", "type": "multipleChoice", "uri": str(DATA / "domain_choices.jsonl"), "maxSamples": 12},
+        {"name": "domain", "uri": str(DATA / "heldout" / "domain.txt")},
+        {
+            "name": "choices",
+            "type": "multipleChoice",
+            "uri": str(DATA / "heldout" / "domain_choices.jsonl"),
+            "maxSamples": 12,
+        },
     ]
     config = render(
         {"type": "cpt", "dataset": {"uri": str(DATA / "domain.txt")}},
