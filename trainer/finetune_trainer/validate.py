@@ -115,6 +115,15 @@ def preflight(job: FineTuneJob, cache: Path | None = None) -> tuple[list[str], l
             continue
         for _, path, dataset in stage.data_sources():
             check.dataset(f"spec.stages[{index}].{path}", config, dataset)
+    for index, suite in enumerate(spec.evaluation.suites):
+        field = f"spec.evaluation.suites[{index}].uri"
+        if check.reachable_here(suite.uri, field):
+            from finetune_trainer.recipes.suites import read_suite
+
+            try:
+                read_suite(spec.stages[0].name, suite, check.cache, spec.storage.endpoint_url)
+            except StageError as exc:
+                check.problems.append(f"{field}: {exc}")
     return check.problems, check.notes
 
 

@@ -39,11 +39,14 @@ class ChoiceRow:
 
 def load_suite(config: StageConfig, suite: EvaluationSuite, cache: Path) -> list[Any]:
     """The suite's rows, validated: (context, continuation) pairs for text, ChoiceRow for multiple choice."""
+    return read_suite(config.stage.name, suite, cache, config.storage.endpoint_url)
+
+
+def read_suite(stage: str, suite: EvaluationSuite, cache: Path, endpoint_url: str | None = None) -> list[Any]:
+    """`load_suite` for a stage named `stage` (also what `finetune validate` checks)."""
     accepted = CHOICE_COLUMNS if suite.type == "multipleChoice" else TEXT_COLUMNS
     field = f"evaluation suite {suite.name!r}"
-    rows, columns = read_validated(
-        config.stage.name, suite.uri, DatasetSpec(uri=suite.uri), accepted, cache, config.storage.endpoint_url
-    )
+    rows, columns = read_validated(stage, suite.uri, DatasetSpec(uri=suite.uri), accepted, cache, endpoint_url)
     rows = rows[: suite.max_samples] if suite.max_samples else rows
     if suite.type == "text":
         if columns == ("text",):
