@@ -176,8 +176,9 @@ def score_and_gate(ctx, model, tokenizer, metrics: dict[str, float]) -> None:
         return
     max_length = config.training.max_length
     loaded = {suite.name: load_suite(config, suite, ctx.cache_dir) for suite in config.suites}
-    before_model = ctx.causal_lm(config.input_model, trainable=False)
-    before_tokenizer = ctx.tokenizer(config.input_model)
+    # The stage's input model with the stage's own tokenizer (`spec.model.tokenizer` for the first stage).
+    before_model = ctx.causal_lm(trainable=False)
+    before_tokenizer = ctx.tokenizer()
     before = {s.name: score(before_model, before_tokenizer, s, loaded[s.name], max_length) for s in config.suites}
     del before_model
     for suite in config.suites:
