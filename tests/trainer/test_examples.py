@@ -53,13 +53,13 @@ def test_quickstart_learns_on_ray_with_zero2(tmp_path, tiny_model_dir):
     assert not any(key.startswith("domain") for key in metrics["reward"]), metrics["reward"]
     assert {"eval_loss_addition", "eval_loss_replay", "exact_match", "bleu"} <= set(metrics["sft"]), metrics["sft"]
     assert metrics["sft"]["bleu"] > 0 or metrics["sft"]["exact_match"] == 0, metrics["sft"]
-    assert metrics["reward"]["eval_accuracy"] >= 0.8, metrics["reward"]
+    assert metrics["reward"]["eval_reward_accuracy"] >= 0.8, metrics["reward"]
     assert metrics["dpo"]["eval_reward_accuracy"] > 0.5 and metrics["dpo"]["eval_reward_margin"] > 0, metrics["dpo"]
 
 
 def test_rlhf_example_runs_ppo_on_the_pipelines_reward_model(tmp_path, tiny_model_dir):
     metrics = run_example("rlhf", tmp_path, tiny_model_dir)
-    assert metrics["reward"]["eval_accuracy"] > 0.5, metrics["reward"]
+    assert metrics["reward"]["eval_reward_accuracy"] > 0.5, metrics["reward"]
     ppo = metrics["ppo"]
     assert ppo["reward_mean_last"] > ppo["reward_mean_first"], ppo
     assert ppo["kl_mean"] <= 15, ppo  # the example's maxKl gate
