@@ -235,10 +235,12 @@ def local_path_problem(spec: FineTuneJobSpec) -> str | None:
         ("spec.storage.uri", spec.storage.uri),
     ]
     for index, stage in enumerate(spec.stages):
-        uris += [
-            (f"spec.stages[{index}].dataset.uri", stage.dataset.uri),
-            (f"spec.stages[{index}].dataset.validationUri", stage.dataset.validation_uri),
-        ]
+        for _, path, dataset in stage.data_sources():
+            uris += [
+                (f"spec.stages[{index}].{path}.uri", dataset.uri),
+                (f"spec.stages[{index}].{path}.validationUri", dataset.validation_uri),
+            ]
+    uris += [(f"spec.evaluation.suites[{i}].uri", suite.uri) for i, suite in enumerate(spec.evaluation.suites)]
     local = [f"{path}: {uri!r}" for path, uri in uris if uri and uri_scheme(uri) == "file"]
     if not local:
         return None

@@ -59,6 +59,9 @@ class Reason(StrEnum):
     QUALITY_GATE_FAILED = "QualityGateFailed"
     KL_LIMIT_EXCEEDED = "KLLimitExceeded"
     INVALID_DATASET = "InvalidDataset"
+    # A stage made an `evaluation.suites` held-out set worse than its `maxRegression` allows (catastrophic
+    # forgetting); the same data and settings forget again, so it is permanent. The message names suite and amount.
+    FORGETTING_DETECTED = "ForgettingDetected"
     INVALID_MODEL = "InvalidModel"
     INVALID_CONFIG = "InvalidConfig"
     # A training or held-out loss, or a weight, became NaN/inf (e.g. a learning rate far too high); retrying the same
@@ -89,6 +92,7 @@ PERMANENT = frozenset(
         Reason.INVALID_DATASET,
         Reason.INVALID_MODEL,
         Reason.QUALITY_GATE_FAILED,
+        Reason.FORGETTING_DETECTED,
         Reason.KL_LIMIT_EXCEEDED,
         Reason.TRAINING_DIVERGED,
         Reason.GPU_UNAVAILABLE,

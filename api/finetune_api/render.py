@@ -16,6 +16,7 @@ from finetune_api.spec import (
     TRAINING_DEFAULTS,
     ApiModel,
     DeepSpeedSpec,
+    EvaluationSuite,
     FineTuneJobSpec,
     ModelSpec,
     PeftSpec,
@@ -168,6 +169,9 @@ class StageConfig(ApiModel):
     deepspeed: DeepSpeedSpec = Field(description="Resolved DeepSpeed settings.")
     resources: ResourcesSpec = Field(description="Resolved compute.")
     attempt: int = Field(default=1, ge=1, description="Attempt number; >1 resumes from the latest checkpoint.")
+    suites: list[EvaluationSuite] = Field(
+        default_factory=list, description="The `spec.evaluation.suites` this stage is scored on before and after."
+    )
 
 
 def render_stage(
@@ -195,4 +199,12 @@ def render_stage(
         deepspeed=stage.deepspeed or spec.deepspeed,
         resources=stage.resources or spec.resources,
         attempt=attempt,
+        suites=[suite for suite in spec.evaluation.suites if _scores(suite, stage)],
     )
+
+
+def _scores(suite: EvaluationSuite, stage: StageSpec) -> bool:
+    """A suite scores the stages it names, or by default every stage that continues the policy (not reward stages)."""
+    if suite.stages is not None:
+        return stage.name in suite.stages
+    return stage.type != StageType.reward.value

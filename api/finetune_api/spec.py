@@ -22,6 +22,8 @@ KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Suite and task names become parts of status metric keys (`<suite>_loss_after`, `eval_loss_<task>`).
+TASK_NAME = r"^[a-z][a-z0-9_]*$"
 # Stage names end up inside child object names (job.stage.attempt.config, a cut RayJob name) and label values.
 STAGE_NAME_MAX = 30
 
@@ -425,6 +427,126 @@ class DatasetSpec(SpecModel):
     )
 
 
+class EvaluationSuite(SpecModel):
+    """A held-out set every stage is scored on before and after training: the guard against catastrophic forgetting."""
+
+    name: str = Field(
+        max_length=40,
+        pattern=TASK_NAME,
+        description="Suite name (lower case, digits, `_`); it prefixes the suite's status metrics, e.g. `<name>_loss_after`.",
+    )
+    uri: DatasetUri = Field(
+        description=(
+            "The suite's rows (same URI forms and file formats as `dataset.uri`). `text` suites: a `text` column "
+            "(a .txt file is one row per line) or `prompt`/`completion` (loss on the completion). `multipleChoice` "
+            "suites: `question`, `choices` (a list of strings) and `answer` (the index of the right choice), and an "
+            "optional `task`."
+        ),
+    )
+    type: Literal["text", "multipleChoice"] = Field(
+        default="text",
+        description=(
+            "`text`: token-level held-out loss and perplexity. `multipleChoice`: accuracy, each choice scored by its "
+            "log-likelihood per token after the question."
+        ),
+    )
+    max_regression: float | None = Field(
+        default=None,
+        ge=0,
+        le=1000,
+        description=(
+            "Gate: fail the stage (ForgettingDetected, output not written) when the suite gets worse by more than "
+            "this: `<name>_loss_after - <name>_loss_before` for text, `<name>_accuracy_before - "
+            "<name>_accuracy_after` for multiple choice. Unset: measured and reported, never failing."
+        ),
+    )
+    max_samples: int | None = Field(
+        default=None, ge=1, le=COUNT_MAX, description="Score at most the first this many rows (default: all)."
+    )
+    stages: list[Annotated[str, Field(max_length=STAGE_NAME_MAX, pattern=DNS_LABEL)]] | None = Field(
+        default=None,
+        max_length=16,
+        description="Stages scored on this suite (default: every stage but reward stages, which train a scorer).",
+    )
+
+
+class EvaluationSpec(SpecModel):
+    suites: list[EvaluationSuite] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Held-out suites scored before and after every stage (see docs/evaluation.md).",
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> EvaluationSpec:
+        names = [suite.name for suite in self.suites]
+        for index, name in enumerate(names):
+            if name in names[:index]:
+                raise ValueError(f"suites[{index}].name: duplicate suite name {name!r}")
+        return self
+
+
+class DatasetSource(DatasetSpec):
+    """One dataset of a mixture (`stage.datasets`): a dataset plus its task name and its share of the training rows."""
+
+    task: str | None = Field(
+        default=None,
+        max_length=40,
+        pattern=TASK_NAME,
+        description="Task name of the source's rows (default `dataset<index>`); held-out metrics are also reported per task.",
+    )
+    weight: float | None = Field(
+        default=None,
+        gt=0,
+        le=1_000_000,
+        description=(
+            "Share of the training rows: the weighted sources together keep their total row count, split in "
+            "proportion to the weights (a source is repeated or cut to its share). Unset with `samples` unset: all rows."
+        ),
+    )
+    samples: int | None = Field(
+        default=None,
+        ge=1,
+        le=COUNT_MAX,
+        description="Exactly this many training rows from the source (repeated when it has fewer). Excludes `weight`.",
+    )
+
+    @model_validator(mode="after")
+    def _one_share(self) -> DatasetSource:
+        if self.weight is not None and self.samples is not None:
+            raise ValueError("weight: set either weight or samples, not both")
+        return self
+
+
+class HygieneSpec(SpecModel):
+    """Data hygiene before training; each step's count of removed or changed rows goes into the stage's metrics."""
+
+    deduplicate: Literal["off", "exact", "near"] = Field(
+        default="off",
+        description=(
+            "Remove duplicate rows within each dataset before its split: `exact` (same text after lower-casing and "
+            "collapsing whitespace), `near` (also word-trigram Jaccard similarity of at least `nearThreshold`)."
+        ),
+    )
+    near_threshold: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="Jaccard similarity of word trigrams from which two rows are near-duplicates.",
+    )
+    decontaminate: bool = Field(
+        default=False,
+        description=(
+            "Remove training rows whose prompt (or text) is also in a held-out row of the stage or in one of the "
+            "stage's evaluation suites (the earlier stages' held-out sets), compared after normalising as above."
+        ),
+    )
+    scrub_pii: bool = Field(
+        default=False,
+        description="Replace e-mail addresses, phone numbers and key-like strings with `<EMAIL>`, `<PHONE>`, `<SECRET>`.",
+    )
+
+
 class SFTOptions(SpecModel):
     template: Literal["auto", "chat", "alpaca", "plain"] = Field(
         default="auto",
@@ -563,6 +685,12 @@ class StageSpec(SpecModel):
                 fieldPath=".rewardFrom",
                 reason="FieldValueForbidden",
             ),
+            cel(
+                "has(self.dataset) != has(self.datasets)",
+                "set exactly one of dataset (one dataset) and datasets (a mixture)",
+                fieldPath=".dataset",
+                reason="FieldValueRequired",
+            ),
             *(
                 cel(
                     f"!has(self.{option}) || self.type == '{option}'",
@@ -585,7 +713,25 @@ class StageSpec(SpecModel):
     type: Annotated[StageType, Strict(False)] = Field(
         description="What the stage trains: cpt, sft, reward, dpo, kto, orpo, ppo or grpo."
     )
-    dataset: DatasetSpec = Field(description="The stage's data.")
+    dataset: DatasetSpec | None = Field(
+        default=None, description="The stage's data (or `datasets` for a mixture of several)."
+    )
+    datasets: list[DatasetSource] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=32,
+        description="A mixture of datasets, each with a task name and a weight or sample count (instead of `dataset`).",
+    )
+    hygiene: HygieneSpec = Field(
+        default_factory=HygieneSpec, description="Deduplication, decontamination and PII scrubbing of the stage's data."
+    )
+    mixing: Literal["interleave", "concat"] = Field(
+        default="interleave",
+        description=(
+            "How `datasets` are combined: `interleave` shuffles the sources' rows together (deterministic by "
+            "`training.seed`); `concat` keeps the sources in order, one after the other."
+        ),
+    )
     reward_from: str | None = Field(
         default=None,
         description="For ppo/grpo: the name of an earlier `reward` stage whose model scores the rollouts.",
@@ -610,6 +756,12 @@ class StageSpec(SpecModel):
 
     @model_validator(mode="after")
     def _options_match_type(self) -> StageSpec:
+        if (self.dataset is None) == (self.datasets is None):
+            raise ValueError("dataset: set exactly one of dataset (one dataset) and datasets (a mixture)")
+        tasks = [task for task, _, _ in self.data_sources()]
+        for index, task in enumerate(tasks):
+            if task in tasks[:index]:
+                raise ValueError(f"datasets[{index}].task: duplicate task name {task!r}")
         for option in OPTION_STAGES:
             if getattr(self, option) is not None and self.type != option:
                 raise ValueError(f"{option}: options only allowed on a stage of type {option}, not {self.type}")
@@ -618,6 +770,15 @@ class StageSpec(SpecModel):
         if self.reward_from and self.type not in RL_STAGES:
             raise ValueError("rewardFrom: only allowed on ppo and grpo stages")
         return self
+
+    def data_sources(self) -> list[tuple[str, str, DatasetSpec]]:
+        """(task name, field path, dataset) of each of the stage's datasets; a lone `dataset` is task `default`."""
+        if self.dataset is not None:
+            return [("default", "dataset", self.dataset)]
+        return [
+            (source.task or f"dataset{index}", f"datasets[{index}]", source)
+            for index, source in enumerate(self.datasets or [])
+        ]
 
 
 # CEL for `_check_stage_graph` below. Stage names are unique (the first rule), so `indexOf` on the stage objects gives
@@ -694,6 +855,10 @@ class FineTuneJobSpec(SpecModel):
     training: TrainingSpec = Field(
         default_factory=TrainingSpec, description="Hyper-parameters for every stage (a stage may override)."
     )
+    evaluation: EvaluationSpec = Field(
+        default_factory=EvaluationSpec,
+        description="Held-out suites every stage is scored on before and after training, with forgetting gates.",
+    )
     env_from_secrets: list[SecretName] = Field(
         default_factory=list,
         max_length=32,
@@ -757,6 +922,17 @@ class FineTuneJobSpec(SpecModel):
                         f"stages[{index}].rewardFrom: stage {stage.reward_from!r} has type {source}, expected a reward stage"
                     )
             seen[stage.name] = stage.type
+        for index, suite in enumerate(self.evaluation.suites):
+            for name in suite.stages or []:
+                if name not in seen:
+                    raise ValueError(
+                        f"evaluation.suites[{index}].stages: {name!r} is not a stage (stages: {', '.join(seen)})"
+                    )
+                if seen[name] == StageType.reward.value:
+                    raise ValueError(
+                        f"evaluation.suites[{index}].stages: {name!r} is a reward stage, which trains a scorer, "
+                        "not a language model; suites score the policy stages"
+                    )
         return self
 
     def stage(self, name: str) -> StageSpec:

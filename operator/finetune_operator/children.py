@@ -165,8 +165,11 @@ def referenced_secrets(spec: FineTuneJobSpec, stage_index: int | None = None) ->
     if spec.storage.credentials_secret:
         found.append(("spec.storage.credentialsSecret", spec.storage.credentials_secret))
     for index, stage in enumerate(spec.stages):
-        if stage.dataset.credentials_secret and stage_index in (None, index):
-            found.append((f"spec.stages[{index}].dataset.credentialsSecret", stage.dataset.credentials_secret))
+        if stage_index not in (None, index):
+            continue
+        for _, path, dataset in stage.data_sources():
+            if dataset.credentials_secret:
+                found.append((f"spec.stages[{index}].{path}.credentialsSecret", dataset.credentials_secret))
     found.extend((f"spec.envFromSecrets[{i}]", name) for i, name in enumerate(spec.env_from_secrets))
     return found
 
@@ -179,8 +182,8 @@ def pvc_claims(config: StageConfig) -> list[str]:
         config.output_uri,
         config.checkpoint_dir,
         config.model.tokenizer,
-        config.stage.dataset.uri,
-        config.stage.dataset.validation_uri,
+        *(uri for _, _, dataset in config.stage.data_sources() for uri in (dataset.uri, dataset.validation_uri)),
+        *(suite.uri for suite in config.suites),
     ]
     claims: list[str] = []
     for uri in uris:

@@ -198,7 +198,8 @@ def test_constraints_come_from_the_field_definitions(root: dict[str, Any]):
     assert (spec["stages"]["minItems"], spec["stages"]["maxItems"]) == (1, 16)
     assert stage["properties"]["name"]["maxLength"] == 30 and stage["properties"]["name"]["pattern"]
     assert stage["properties"]["type"]["enum"] == [t.value for t in StageType]
-    assert stage["required"] == ["name", "type", "dataset"]
+    assert stage["required"] == ["name", "type"]  # and one of dataset, datasets (a CEL rule)
+    assert any("has(self.dataset) != has(self.datasets)" in r["rule"] for r in stage["x-kubernetes-validations"])
     zero = spec["deepspeed"]["properties"]["zeroStage"]
     assert (zero["minimum"], zero["maximum"]) == (0, 3)
     beta = stage["properties"]["dpo"]["properties"]["beta"]
@@ -217,7 +218,7 @@ def test_constraints_come_from_the_field_definitions(root: dict[str, Any]):
 def test_cel_rules_cover_the_cross_field_checks(root: dict[str, Any]):
     spec = root["properties"]["spec"]["properties"]
     stage_rules = {r["fieldPath"] for r in spec["stages"]["items"]["x-kubernetes-validations"]}
-    assert stage_rules == {".rewardFrom", *(f".{option}" for option in OPTION_STAGES)}
+    assert stage_rules == {".rewardFrom", ".dataset", *(f".{option}" for option in OPTION_STAGES)}
     list_rules = [r["message"] for r in spec["stages"]["x-kubernetes-validations"]]
     assert list_rules == ["stage names must be unique", "rewardFrom must name an earlier stage of type reward"]
     # Once started, every spec field but the live ones is frozen, each by its own rule naming it.

@@ -52,6 +52,15 @@ def test_quickstart_learns_on_ray_with_zero2(tmp_path, tiny_model_dir):
     metrics = run_example("quickstart", tmp_path, tiny_model_dir)
     for stage in ("cpt", "sft"):
         assert metrics[stage]["eval_loss_after"] < metrics[stage]["eval_loss_before"], metrics[stage]
+    # The forgetting guard: CPT teaches the domain, SFT (with replay) keeps it within the gate; the reward model is
+    # not scored, DPO is.
+    assert metrics["cpt"]["domain_loss_after"] < metrics["cpt"]["domain_loss_before"] - 2.0, metrics["cpt"]
+    for stage in ("sft", "dpo"):
+        assert metrics[stage]["domain_regression"] <= 0.5, metrics[stage]
+        assert 0.0 <= metrics[stage]["domain_choices_accuracy_after"] <= 1.0, metrics[stage]
+    assert not any(key.startswith("domain") for key in metrics["reward"]), metrics["reward"]
+    assert {"eval_loss_addition", "eval_loss_replay", "exact_match", "bleu"} <= set(metrics["sft"]), metrics["sft"]
+    assert metrics["sft"]["bleu"] > 0 or metrics["sft"]["exact_match"] == 0, metrics["sft"]
     assert metrics["reward"]["eval_reward_accuracy"] >= 0.8, metrics["reward"]
     # The alignment stage really aligns: held-out pairs ranked right, by a clear implicit-reward margin.
     assert metrics["dpo"]["eval_reward_accuracy"] >= 0.8, metrics["dpo"]
@@ -64,3 +73,26 @@ def test_rlhf_example_runs_ppo_on_the_pipelines_reward_model(tmp_path, tiny_mode
     ppo = metrics["ppo"]
     assert ppo["reward_mean_last"] > ppo["reward_mean_first"], ppo
     assert ppo["kl_mean"] <= 15, ppo  # the example's maxKl gate
+
+
+def test_multitask_example_reports_per_task_and_per_suite_metrics(tmp_path, tiny_model_dir):
+    metrics = run_example("multitask", tmp_path, tiny_model_dir)["sft"]
+    for task in ("addition", "compare", "replay"):
+        assert metrics[f"eval_loss_{task}"] < metrics["eval_loss_before"], (task, metrics)
+    for task in ("addition", "compare"):  # replay rows have no prompt to generate for
+        assert 0.0 <= metrics[f"exact_match_{task}"] <= 1.0 and 0.0 <= metrics[f"rougeL_{task}"] <= 1.0, metrics
+    assert metrics["domain_loss_after"] < metrics["domain_loss_before"], metrics
+    # domain.txt repeats no line and shares none with the held-out documents; the SFT files have no PII.
+    assert {k: v for k, v in metrics.items() if k.startswith("hygiene_")} == {
+        "hygiene_pii_scrubbed": 0,
+        "hygiene_exact_duplicates": 0,
+        "hygiene_near_duplicates": 0,
+        "hygiene_contaminated": 0,
+    }, metrics
+    for key in ("accuracy", "accuracy_carry", "accuracy_no_carry"):
+        assert f"domain_choices_{key}_before" in metrics and f"domain_choices_{key}_after" in metrics, metrics
+    predictions = [
+        json.loads(line) for line in (tmp_path / "out/multitask/sft/predictions.jsonl").read_text().splitlines()
+    ]
+    assert len(predictions) == 30 and {p["task"] for p in predictions} == {"addition", "compare"}
+    assert set(predictions[0]) == {"task", "prompt", "reference", "output", "exact_match", "rougeL", "bleu"}

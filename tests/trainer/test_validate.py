@@ -25,7 +25,7 @@ def test_accepted_columns_are_the_recipes_own():
     from finetune_trainer.recipes import cpt
 
     assert accepted_columns("cpt") == cpt.ACCEPTED_COLUMNS
-    assert accepted_columns("sft") == [("messages",), ("prompt", "completion"), ("instruction", "response")]
+    assert accepted_columns("sft") == [("messages",), ("prompt", "completion"), ("instruction", "response"), ("text",)]
 
 
 def test_every_problem_of_every_stage_is_listed_and_nothing_trains(tmp_path: Path, tiny_model_dir: Path):
@@ -58,6 +58,33 @@ def test_every_problem_of_every_stage_is_listed_and_nothing_trains(tmp_path: Pat
         "file not found; expected columns {prompt, chosen, rejected}",
     ], problems
     assert not storage.exists()
+
+
+def test_mixture_sources_and_suites_are_checked_by_their_field_paths(tmp_path: Path, tiny_model_dir: Path):
+    wrong_columns = tmp_path / "wrong.jsonl"
+    wrong_columns.write_text('{"question": "a"}\n')
+    bad_choices = tmp_path / "choices.jsonl"
+    bad_choices.write_text('{"question": "1 plus 1 is", "choices": ["2", "3"], "answer": 5}\n')
+    stages = [
+        {
+            "name": "mix",
+            "type": "sft",
+            "datasets": [{"uri": str(DATA / "instruct.jsonl")}, {"task": "bad", "uri": str(wrong_columns)}],
+        }
+    ]
+    spec = pipeline(tiny_model_dir, tmp_path / "out", stages)
+    spec["evaluation"] = {"suites": [{"name": "mc", "type": "multipleChoice", "uri": str(bad_choices)}]}
+    manifest = write_manifest(tmp_path / "job.yaml", spec)
+    result = run_cli("validate", str(manifest), timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    problems = result.stderr.strip().splitlines()
+    assert problems[0].startswith(
+        f"{manifest}: e2e: spec.stages[0].datasets[1].uri: stage 'mix': {wrong_columns}:line 1"
+    )
+    assert problems[1] == (
+        f"{manifest}: e2e: spec.evaluation.suites[0].uri: evaluation suite 'mc': {bad_choices}: row 1: `answer` is 5; "
+        "expected the index (0-1) of the right choice"
+    ), problems
 
 
 def test_a_valid_pipeline_passes_and_remote_inputs_are_noted(tmp_path: Path, tiny_model_dir: Path):

@@ -11,14 +11,15 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from finetune_api.render import StageConfig
 from finetune_api.spec import DatasetSpec, uri_scheme
-from finetune_trainer import storage
+from finetune_trainer import hygiene, storage
 from finetune_trainer.errors import DataValidationError, StorageUnavailableError
 
 _EXTENSION_FORMATS = {
@@ -35,7 +36,17 @@ _EXTENSION_FORMATS = {
 class StageData:
     train: Any  # datasets.Dataset
     eval: Any  # datasets.Dataset
-    columns: tuple[str, ...]  # the accepted column set the data matched
+    columns: tuple[str, ...]  # the accepted column set the data matched (the first source's, for a mixture)
+    # The task of each training and held-out row, in order (all `default` for a single dataset).
+    train_tasks: tuple[str, ...] = ()
+    eval_tasks: tuple[str, ...] = ()
+    # `stage.hygiene` counts for the stage's metrics (`hygiene_*`), only of the steps that are switched on.
+    hygiene: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> list[str]:
+        """The stage's task names, in first-seen order."""
+        return list(dict.fromkeys((*self.train_tasks, *self.eval_tasks)))
 
 
 Row = dict[str, Any]
@@ -242,32 +253,166 @@ def read_validated(
     return rows, matched
 
 
-def load_stage_data(config: StageConfig, accepted: list[tuple[str, ...]], cache: Path | None = None) -> StageData:
-    """The stage's train and eval splits, validated against `accepted` (alternative column sets, first match wins)."""
+def _clean(config: StageConfig, rows: list[Row], counts: dict[str, int]) -> list[Row]:
+    """PII scrubbing, then duplicate removal, as `stage.hygiene` declares; adds to `counts`."""
+    options = config.stage.hygiene
+    if options.scrub_pii:
+        rows, changed = hygiene.scrub_pii(rows)
+        counts["hygiene_pii_scrubbed"] = counts.get("hygiene_pii_scrubbed", 0) + changed
+    if options.deduplicate != "off":
+        rows, exact, near = hygiene.deduplicate(rows, options.deduplicate, options.near_threshold)
+        counts["hygiene_exact_duplicates"] = counts.get("hygiene_exact_duplicates", 0) + exact
+        if options.deduplicate == "near":
+            counts["hygiene_near_duplicates"] = counts.get("hygiene_near_duplicates", 0) + near
+    return rows
+
+
+# Suites are read for decontamination with any of their row shapes (text, prompt/completion, multiple choice).
+_SUITE_COLUMNS = [("text",), ("prompt", "completion"), ("question", "choices", "answer")]
+
+
+def _held_out_prompts(config: StageConfig, eval_rows: list[Row], cache: Path) -> set[str]:
+    prompts = {hygiene.prompt_text(row) for row in eval_rows}
+    for suite in config.suites:
+        spec = DatasetSpec(uri=suite.uri)
+        rows, _ = read_validated(config.stage.name, suite.uri, spec, _SUITE_COLUMNS, cache, config.storage.endpoint_url)
+        prompts.update(hygiene.prompt_text(row) for row in rows)
+    return prompts
+
+
+def _split(
+    config: StageConfig,
+    path: str,
+    spec: DatasetSpec,
+    accepted: list[tuple[str, ...]],
+    cache: Path,
+    counts: dict[str, int],
+) -> tuple[list[Row], list[Row], tuple[str, ...]]:
+    """(train rows, held-out rows, matched columns) of one dataset, validated, cleaned and split by its settings."""
     import datasets
 
-    spec = config.stage.dataset
+    stage, endpoint = config.stage.name, config.storage.endpoint_url
+    try:
+        rows, columns = read_validated(stage, spec.uri, spec, accepted, cache, endpoint)
+        rows = _clean(config, rows, counts)
+        if spec.validation_uri:
+            eval_rows, _ = read_validated(stage, spec.validation_uri, spec, [columns], cache, endpoint)
+            eval_rows = _clean(config, eval_rows, counts)
+            train_rows = rows
+        else:
+            if len(rows) < 2:
+                raise DataValidationError(
+                    f"stage {stage!r}: {spec.uri}: needs at least 2 rows to hold out a validation split"
+                )
+            try:
+                split = datasets.Dataset.from_list(rows).train_test_split(
+                    test_size=spec.validation_split, seed=config.training.seed
+                )
+            except ValueError as exc:  # a split that would leave one side empty
+                raise DataValidationError(
+                    f"stage {stage!r}: {spec.uri}: {path}.validationSplit {spec.validation_split:g} of "
+                    f"{len(rows)} rows leaves no training or no held-out rows ({exc}); change validationSplit or add rows"
+                ) from None
+            train_rows, eval_rows = split["train"].to_list(), split["test"].to_list()
+    except DataValidationError as exc:
+        if path == "dataset":
+            raise
+        raise DataValidationError(f"spec.stages[{config.stage_index}].{path}.uri: {exc}") from None
+    if spec.max_samples is not None:
+        train_rows = train_rows[: spec.max_samples]
+    return train_rows, eval_rows, columns
+
+
+def _shares(sources: list[tuple[str, DatasetSpec, list[Row]]]) -> list[int]:
+    """Training rows each source contributes: `samples`, or its weighted share of the weighted sources' total."""
+    weighted = [(getattr(spec, "weight", None), len(rows)) for _, spec, rows in sources]
+    total = sum(size for weight, size in weighted if weight is not None)
+    weight_sum = sum(weight for weight, _ in weighted if weight is not None)
+    shares = []
+    for (_, spec, rows), (weight, _) in zip(sources, weighted):
+        samples = getattr(spec, "samples", None)
+        if samples is not None:
+            shares.append(samples)
+        elif weight is not None:
+            shares.append(max(1, round(total * weight / weight_sum)))
+        else:
+            shares.append(len(rows))
+    return shares
+
+
+def _take(rows: list[Row], count: int, rng: random.Random) -> list[Row]:
+    """`count` rows: a seeded shuffle, cut, or repeated whole (then topped up) when the source has fewer."""
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    repeats, rest = divmod(count, len(rows))
+    return [rows[i] for i in order * repeats + order[:rest]]
+
+
+def load_stage_data(
+    config: StageConfig, accepted: list[tuple[str, ...]], cache: Path | None = None, mixed_columns: bool = False
+) -> StageData:
+    """The stage's train and eval splits, validated against `accepted` (alternative column sets, first match wins).
+
+    A mixture (`stage.datasets`) is validated and split source by source, then each source's training rows are cut or
+    repeated to its share and the sources are interleaved (a seeded shuffle) or concatenated (`stage.mixing`). The
+    held-out split is every source's held-out rows, in source order. Sources must match the same column set unless
+    `mixed_columns` (the recipe then converts row by row).
+    """
+    import datasets
+
     cache = cache or Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune-operator" / "data"))
-    endpoint = config.storage.endpoint_url
-    rows, columns = read_validated(config.stage.name, spec.uri, spec, accepted, cache, endpoint)
-    if spec.validation_uri:
-        eval_rows, _ = read_validated(config.stage.name, spec.validation_uri, spec, [columns], cache, endpoint)
-        train, evaluation = datasets.Dataset.from_list(rows), datasets.Dataset.from_list(eval_rows)
-    else:
-        if len(rows) < 2:
+    loaded = []
+    counts: dict[str, int] = {}
+    for task, path, spec in config.stage.data_sources():
+        train_rows, eval_rows, columns = _split(config, path, spec, accepted, cache, counts)
+        if loaded and not mixed_columns and columns != loaded[0][3]:
             raise DataValidationError(
-                f"stage {config.stage.name!r}: {spec.uri}: needs at least 2 rows to hold out a validation split"
+                f"spec.stages[{config.stage_index}].{path}.uri: {spec.uri}: columns {{{', '.join(columns)}}}, but "
+                f"the first dataset has {{{', '.join(loaded[0][3])}}}; the datasets of a {config.stage.type} mixture "
+                "must share one column set"
             )
-        try:
-            split = datasets.Dataset.from_list(rows).train_test_split(
-                test_size=spec.validation_split, seed=config.training.seed
-            )
-        except ValueError as exc:  # a split that would leave one side empty
-            raise DataValidationError(
-                f"stage {config.stage.name!r}: {spec.uri}: dataset.validationSplit {spec.validation_split:g} of "
-                f"{len(rows)} rows leaves no training or no held-out rows ({exc}); change validationSplit or add rows"
-            ) from None
-        train, evaluation = split["train"], split["test"]
-    if spec.max_samples is not None and len(train) > spec.max_samples:
-        train = train.select(range(spec.max_samples))
-    return StageData(train=train, eval=evaluation, columns=columns)
+        loaded.append((task, spec, train_rows, columns, eval_rows))
+    if config.stage.hygiene.decontaminate:
+        held_out = _held_out_prompts(config, [row for *_, rows in loaded for row in rows], cache)
+        counts["hygiene_contaminated"] = 0
+        for index, (task, spec, train_rows, columns, eval_rows) in enumerate(loaded):
+            kept, removed = hygiene.decontaminate(train_rows, held_out)
+            if not kept:
+                raise DataValidationError(
+                    f"stage {config.stage.name!r}: {spec.uri}: every training row's prompt is also held out "
+                    "(hygiene.decontaminate); hold out other rows (validationUri) or switch decontaminate off"
+                )
+            counts["hygiene_contaminated"] += removed
+            loaded[index] = (task, spec, kept, columns, eval_rows)
+    if config.stage.dataset is not None:
+        task, _, train_rows, columns, eval_rows = loaded[0]
+        return StageData(
+            train=datasets.Dataset.from_list(train_rows),
+            eval=datasets.Dataset.from_list(eval_rows),
+            columns=columns,
+            train_tasks=(task,) * len(train_rows),
+            eval_tasks=(task,) * len(eval_rows),
+            hygiene=counts,
+        )
+    rng = random.Random(config.training.seed)
+    shares = _shares([(task, spec, rows) for task, spec, rows, _, _ in loaded])
+    mixed = [(task, row) for (task, _, rows, _, _), share in zip(loaded, shares) for row in _take(rows, share, rng)]
+    if config.stage.mixing == "interleave":
+        rng.shuffle(mixed)
+    held_out = [(task, row) for task, _, _, _, rows in loaded for row in rows]
+    return StageData(
+        train=_rows_dataset([row for _, row in mixed]),
+        eval=_rows_dataset([row for _, row in held_out]),
+        columns=loaded[0][3],
+        train_tasks=tuple(task for task, _ in mixed),
+        eval_tasks=tuple(task for task, _ in held_out),
+        hygiene=counts,
+    )
+
+
+def _rows_dataset(rows: list[Row]):
+    """A Dataset of rows that may have different columns (a mixed-column mixture): absent columns are None."""
+    import datasets
+
+    names = list(dict.fromkeys(key for row in rows for key in row))
+    return datasets.Dataset.from_list([{name: row.get(name) for name in names} for row in rows])

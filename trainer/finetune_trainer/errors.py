@@ -70,3 +70,10 @@ class TrainingDivergedError(StageError):
 
     reason = Reason.TRAINING_DIVERGED
     permanent = True
+
+
+class ForgettingError(StageError):
+    """A stage made an evaluation suite worse than the suite's `maxRegression` allows."""
+
+    reason = Reason.FORGETTING_DETECTED
+    permanent = True

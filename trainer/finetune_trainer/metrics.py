@@ -1,7 +1,9 @@
-"""The final-metric schema of every stage type, and generation-quality metrics: word-level ROUGE-L (F-measure, own
-LCS) and sacreBLEU corpus BLEU."""
+"""The final-metric schema of every stage type, and generation-quality metrics: exact match, word-level ROUGE-L
+(F-measure over the longest common subsequence, computed here) and sacreBLEU BLEU with effective order."""
 
 from __future__ import annotations
+
+import re
 
 _HELD_OUT_LOSS = ("eval_loss_before", "eval_loss_after")
 _PAIRS = (*_HELD_OUT_LOSS, "eval_reward_accuracy", "eval_reward_margin")
@@ -31,9 +33,15 @@ def _lcs_length(a: list[str], b: list[str]) -> int:
     return previous[-1]
 
 
+def rouge_tokens(text: str) -> list[str]:
+    """Tokens as the `rouge-score` package's default tokenizer makes them: lower case, runs of letters and digits
+    (everything else separates), no stemming."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 over lower-cased whitespace tokens (0 when either side is empty)."""
-    predicted, expected = prediction.lower().split(), reference.lower().split()
+    """ROUGE-L F1 over `rouge_tokens` (0 when either side has no token), as `rouge-score`'s `rougeL` F-measure."""
+    predicted, expected = rouge_tokens(prediction), rouge_tokens(reference)
     if not predicted or not expected:
         return 0.0
     lcs = _lcs_length(predicted, expected)
@@ -51,10 +59,37 @@ def mean_rouge_l(predictions: list[str], references: list[str]) -> float:
     return sum(rouge_l(p, r) for p, r in zip(predictions, references)) / len(predictions)
 
 
-def corpus_bleu(predictions: list[str], references: list[str]) -> float:
-    """sacreBLEU corpus BLEU (0-100) with one reference per prediction."""
-    import sacrebleu
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when the prediction equals the reference after stripping and collapsing whitespace, else 0.0."""
+    return float(" ".join(prediction.split()) == " ".join(reference.split()))
 
+
+def _bleu():
+    from sacrebleu.metrics import BLEU
+
+    # Effective order: n-gram orders that no hypothesis is long enough to have are left out of the geometric mean
+    # instead of zeroing it, so short answers (one or two words) get a meaningful score.
+    return BLEU(effective_order=True)
+
+
+def corpus_bleu(predictions: list[str], references: list[str]) -> float:
+    """sacreBLEU corpus BLEU (0-100) with effective order and one reference per prediction."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    return float(sacrebleu.corpus_bleu(predictions, [references]).score)
+    return float(_bleu().corpus_score(predictions, [references]).score)
+
+
+def sentence_bleu(prediction: str, reference: str) -> float:
+    """sacreBLEU sentence BLEU (0-100) with effective order, for per-example error analysis."""
+    return float(_bleu().sentence_score(prediction, [reference]).score)
+
+
+def worst_predictions(records: list[dict], per_task: int = 3) -> dict[str, list[dict]]:
+    """The `per_task` lowest-scoring records of `predictions.jsonl` per task: lowest rougeL, then bleu, first."""
+    by_task: dict[str, list[dict]] = {}
+    for record in records:
+        by_task.setdefault(str(record.get("task", "default")), []).append(record)
+    return {
+        task: sorted(rows, key=lambda r: (r.get("rougeL", 0.0), r.get("bleu", 0.0)))[:per_task]
+        for task, rows in by_task.items()
+    }

@@ -300,12 +300,34 @@ class LocalPipeline:
             print(f"\nfinetune run: suspended; run it again to resume. status: {self.status_path}", file=sys.stderr)
             return EXIT_INTERRUPTED
         print_table(self.status)
+        self.print_worst_predictions()
         print(f"\nstatus: {self.status_path}")
         if not storage.is_remote(self.job.spec.storage.uri):
             from finetune_trainer.report import write_report
 
             print(f"report: {write_report(storage.local_path(self.job.spec.storage.uri), self.status_path)}")
         return self.exit_code()
+
+    def print_worst_predictions(self, per_task: int = 3) -> None:
+        """Error analysis in the run summary: each stage's worst generated answers per task (`predictions.jsonl`)."""
+        import json
+
+        from finetune_trainer.metrics import worst_predictions
+
+        if storage.is_remote(self.job.spec.storage.uri):
+            return
+        for stage in self.status.stages:
+            path = storage.local_path(stage_root(self.job.spec.storage, stage.name)) / "predictions.jsonl"
+            if not path.is_file():
+                continue
+            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            print(f"\n{stage.name}: worst predictions per task ({path})")
+            for task, rows in worst_predictions(records, per_task).items():
+                for row in rows:
+                    print(
+                        f"  [{task}] rougeL {row['rougeL']:.2f} {row['prompt'][-60:]!r} -> {row['output']!r} "
+                        f"(reference {row['reference']!r})"
+                    )
 
     def exit_code(self) -> int:
         if self.status.phase == JobPhase.succeeded.value:

@@ -70,8 +70,7 @@ class Checker:
         elif not path.exists():
             self.notes.append(f"{field} {uri}: a Hub id, not checked here")
 
-    def dataset(self, field: str, config: StageConfig) -> None:
-        spec: DatasetSpec = config.stage.dataset
+    def dataset(self, field: str, config: StageConfig, spec: DatasetSpec) -> None:
         accepted = accepted_columns(config.stage.type)
         if not self.reachable_here(spec.uri, f"{field}.uri"):
             return
@@ -115,7 +114,17 @@ def preflight(job: FineTuneJob, cache: Path | None = None) -> tuple[list[str], l
         except (ValueError, KeyError) as exc:
             check.problems.append(f"spec.stages[{index}]: cannot render the stage config: {exc}")
             continue
-        check.dataset(f"spec.stages[{index}].dataset", config)
+        for _, path, dataset in stage.data_sources():
+            check.dataset(f"spec.stages[{index}].{path}", config, dataset)
+    for index, suite in enumerate(spec.evaluation.suites):
+        field = f"spec.evaluation.suites[{index}].uri"
+        if check.reachable_here(suite.uri, field):
+            from finetune_trainer.recipes.suites import read_suite
+
+            try:
+                read_suite(spec.stages[0].name, suite, check.cache, spec.storage.endpoint_url)
+            except StageError as exc:
+                check.problems.append(f"{field}: {exc}")
     return check.problems, check.notes
 
 

@@ -21,7 +21,7 @@ from finetune_api.render import STAGE_HISTORY_FILE, STAGE_TENSORBOARD_DIR, Stage
 from finetune_trainer import modeling, storage, strategy
 from finetune_trainer.data import StageData, load_stage_data
 from finetune_trainer.errors import ConfigError
-from finetune_trainer.recipes import guards
+from finetune_trainer.recipes import guards, suites
 from finetune_trainer.reporting import MetricsHistory, ReportChannel, Reporter, progress_callback
 
 
@@ -56,6 +56,7 @@ class StageContext:
         self._endpoint = config.storage.endpoint_url
         self._tokenizers: dict[str, Any] = {}
         self._progress_clock: tuple[float, int] | None = None
+        self._hygiene: dict[str, int] = {}
         # New heads and adapters initialise from the global generator when models load: seed it once, here.
         set_seed(config.training.seed)
 
@@ -106,8 +107,16 @@ class StageContext:
         )
 
     # ---- data ---------------------------------------------------------------------------------------------------
-    def data(self, accepted: list[tuple[str, ...]]) -> StageData:
-        return load_stage_data(self.config, accepted, cache=self._cache)
+    @property
+    def cache_dir(self) -> Path:
+        """Where fetched models and data are cached for this attempt."""
+        return self._cache
+
+    def data(self, accepted: list[tuple[str, ...]], mixed_columns: bool = False) -> StageData:
+        """The stage's data; its `hygiene_*` counts are added to the final metrics by `save_final`."""
+        data = load_stage_data(self.config, accepted, cache=self._cache, mixed_columns=mixed_columns)
+        self._hygiene = dict(data.hygiene)
+        return data
 
     # ---- training -----------------------------------------------------------------------------------------------
     def trackers(self) -> list[str] | str:
@@ -246,11 +255,11 @@ class StageContext:
         `config.output_uri`. Call on every rank; rank 0 writes.
 
         Non-finite metrics or weights fail the stage (TrainingDiverged), and so does a held-out loss that dropped less
-        than `training.minImprovement` (QualityGateFailed); nothing is written then.
+        than `training.minImprovement` (QualityGateFailed); nothing is written then. The stage's evaluation suites
+        are scored here on the input model and on `model` (their metrics are added to `metrics`), and a suite worse
+        than its `maxRegression` fails the stage (ForgettingDetected).
         """
-        if self.channel.history is not None:
-            self.channel.history.append(self.channel.report.step, metrics, final=True)
-            self.publish_history()
+        metrics.update({key: float(value) for key, value in self._hygiene.items()})
         guards.check_metrics(self.config, metrics)
         guards.check_improvement(self.config, metrics)
         output = self.config.output_uri
@@ -259,15 +268,42 @@ class StageContext:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+                self._score_suites(model, tokenizer, metrics)
                 guards.check_weights(self.config, model)
                 if self.is_main:
                     self._write_final(model, tokenizer, output)
         else:
+            self._score_suites(model, tokenizer, metrics)
             guards.check_weights(self.config, model)
             if self.is_main:
                 self._write_final(model, tokenizer, output)
         strategy.barrier()
+        if self.channel.history is not None:
+            self.channel.history.append(self.channel.report.step, metrics, final=True)
+            self.publish_history()
         return output
+
+    def _score_suites(self, model, tokenizer, metrics: dict[str, float]) -> None:
+        if not self.config.suites:
+            return
+        if strategy.is_zero3(self.config.deepspeed):
+            # The input model is loaded whole for scoring: ZeRO-3's partitioned loading would leave it without weights
+            # outside a DeepSpeed engine.
+            from transformers.integrations.deepspeed import (
+                _hf_deepspeed_config_weak_ref,
+                set_hf_deepspeed_config,
+                unset_hf_deepspeed_config,
+            )
+
+            active = _hf_deepspeed_config_weak_ref() if _hf_deepspeed_config_weak_ref is not None else None
+            unset_hf_deepspeed_config()
+            try:
+                suites.score_and_gate(self, model, tokenizer, metrics)
+            finally:
+                if active is not None:
+                    set_hf_deepspeed_config(active)
+        else:
+            suites.score_and_gate(self, model, tokenizer, metrics)
 
     def _write_final(self, model, tokenizer, output: str) -> None:
         staging = self.work_dir / "final-model"

@@ -7,7 +7,13 @@ column. Documents are joined with the EOS token, so the model learns where they 
 from __future__ import annotations
 
 from finetune_trainer.recipes.context import StageContext
-from finetune_trainer.recipes.evaluation import eval_loss, eval_loss_before, generation_metrics, loss_metrics
+from finetune_trainer.recipes.evaluation import (
+    eval_loss,
+    eval_loss_before,
+    generation_metrics,
+    loss_metrics,
+    task_losses,
+)
 
 ACCEPTED_COLUMNS = [("text",)]
 
@@ -42,10 +48,10 @@ class BlockCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def _split_for_generation(texts: list[str]) -> tuple[list[str], list[str]]:
-    """Held-out documents as (first half of the words, the rest): the model should continue the text."""
-    prompts, references = [], []
-    for text in texts:
+def _split_for_generation(texts: list[str], tasks: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """Held-out documents as (first half of the words, the rest, task): the model should continue the text."""
+    prompts, references, kept = [], [], []
+    for text, task in zip(texts, tasks):
         words = text.split()
         if len(words) >= 3:
             cut = len(words) // 2
@@ -53,7 +59,8 @@ def _split_for_generation(texts: list[str]) -> tuple[list[str], list[str]]:
                 cut += 1  # at a sentence end, stopping is a fair continuation; ask for one mid-sentence
             prompts.append(" ".join(words[:cut]))
             references.append(" ".join(words[cut:]))
-    return prompts, references
+            kept.append(task)
+    return prompts, references, kept
 
 
 def run(ctx: StageContext) -> dict[str, float]:
@@ -81,8 +88,14 @@ def run(ctx: StageContext) -> dict[str, float]:
     )
     output = trainer.train(resume_from_checkpoint=ctx.resume_checkpoint())
     metrics = loss_metrics(eval_loss_before(trainer), eval_loss(trainer), output)
+    texts, tasks = list(data.eval["text"]), list(data.eval_tasks)
+
+    def blocks(rows: list[dict]):
+        return datasets.Dataset.from_dict({"input_ids": pack_blocks([r["text"] for r in rows], tokenizer, block_size)})
+
+    metrics.update(task_losses(trainer, [{"text": text} for text in texts], tasks, blocks))
     if ctx.config.stage.generation_eval is not None:
-        prompts, references = _split_for_generation(list(data.eval["text"]))
-        metrics.update(generation_metrics(ctx, trainer.model, tokenizer, prompts, references))
+        prompts, references, kept = _split_for_generation(texts, tasks)
+        metrics.update(generation_metrics(ctx, trainer.model, tokenizer, prompts, references, kept))
     ctx.save_final(trainer.model, tokenizer, metrics)
     return metrics

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
-from finetune_trainer.metrics import corpus_bleu, mean_rouge_l
+from finetune_api.render import join_uri, stage_root
+from finetune_trainer import storage
+from finetune_trainer.metrics import corpus_bleu, exact_match, mean_rouge_l, rouge_l, sentence_bleu
 from finetune_trainer.modeling import stop_token_ids
 from finetune_trainer.recipes.context import StageContext
+
+PREDICTIONS_FILE = "predictions.jsonl"
 
 
 def eval_loss(trainer) -> float:
@@ -92,17 +99,86 @@ def loss_metrics(before: float, after: float, train_output) -> dict[str, float]:
     return metrics
 
 
+def task_losses(trainer, rows: list[dict], tasks: list[str], to_dataset: Callable[[list[dict]], object]) -> dict:
+    """`eval_loss_<task>` of the trained model on each task's held-out rows, when the stage has several tasks.
+
+    `to_dataset(rows)` builds what `trainer.evaluate` takes (the recipe's own held-out form).
+    """
+    names = list(dict.fromkeys(tasks))
+    if len(names) < 2:
+        return {}
+    metrics = {}
+    for name in names:
+        subset = [row for row, task in zip(rows, tasks) if task == name]
+        if subset:
+            prefix = f"eval_{name}"
+            metrics[f"eval_loss_{name}"] = float(
+                trainer.evaluate(to_dataset(subset), metric_key_prefix=prefix)[f"{prefix}_loss"]
+            )
+    return metrics
+
+
+def score_predictions(predictions: list[str], references: list[str], tasks: list[str]) -> dict[str, float]:
+    """exact_match, rougeL and bleu overall and, with several tasks, per task (`<metric>_<task>`)."""
+
+    def scores(indices: list[int]) -> dict[str, float]:
+        chosen_p, chosen_r = [predictions[i] for i in indices], [references[i] for i in indices]
+        return {
+            "exact_match": sum(exact_match(p, r) for p, r in zip(chosen_p, chosen_r)) / len(indices),
+            "rougeL": mean_rouge_l(chosen_p, chosen_r),
+            "bleu": corpus_bleu(chosen_p, chosen_r),
+        }
+
+    metrics = scores(list(range(len(predictions))))
+    names = list(dict.fromkeys(tasks))
+    if len(names) > 1:
+        for name in names:
+            per_task = scores([i for i, task in enumerate(tasks) if task == name])
+            metrics.update({f"{key}_{name}": value for key, value in per_task.items()})
+    return metrics
+
+
+def round_robin(tasks: list[str]) -> list[int]:
+    """Indices taking one example of each task in turn, so that `samples` covers every task of a mixture."""
+    queues: dict[str, list[int]] = {}
+    for index, task in enumerate(tasks):
+        queues.setdefault(task, []).append(index)
+    order: list[int] = []
+    for depth in range(max((len(q) for q in queues.values()), default=0)):
+        order.extend(queue[depth] for queue in queues.values() if depth < len(queue))
+    return order
+
+
+def write_predictions(ctx: StageContext, records: list[dict]) -> str:
+    """`predictions.jsonl` next to the stage's model (`<storage>/<stage>/predictions.jsonl`); rank 0 only."""
+    uri = join_uri(stage_root(ctx.config.storage, ctx.config.stage.name), PREDICTIONS_FILE)
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    if storage.is_remote(uri):
+        with tempfile.TemporaryDirectory() as scratch:
+            local = Path(scratch) / PREDICTIONS_FILE
+            local.write_text(text, encoding="utf-8")
+            storage.upload_file(local, uri, ctx.config.storage.endpoint_url)
+    else:
+        target = storage.local_path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+    return uri
+
+
 def generation_metrics(
-    ctx: StageContext, model, tokenizer, prompts: list[str], references: list[str]
+    ctx: StageContext, model, tokenizer, prompts: list[str], references: list[str], tasks: list[str] | None = None
 ) -> dict[str, float]:
-    """Greedy generation for held-out prompts; word-level ROUGE-L and corpus BLEU against the references.
+    """Greedy generation for held-out prompts; exact match, word-level ROUGE-L and BLEU against the references,
+    overall and per task; every example (with its scores) goes to `predictions.jsonl`.
 
     Every rank generates (ZeRO-3 needs all ranks in each forward pass); the result is the same on all of them.
     """
     import torch
 
     spec = ctx.config.stage.generation_eval
-    prompts, references = prompts[: spec.samples], references[: spec.samples]
+    tasks = tasks if tasks is not None else ["default"] * len(prompts)
+    chosen = round_robin(tasks)[: spec.samples]
+    prompts, references, tasks = ([values[i] for i in chosen] for values in (prompts, references, tasks))
     model = getattr(model, "module", model)
     was_training = model.training
     model.eval()
@@ -128,4 +204,18 @@ def generation_metrics(
     for prompt, prediction, reference in list(zip(prompts, predictions, references))[:3]:
         ctx.log(f"sample: {prompt!r} -> {prediction!r} (reference {reference!r})")
     references = [r.strip() for r in references]
-    return {"rougeL": mean_rouge_l(predictions, references), "bleu": corpus_bleu(predictions, references)}
+    if ctx.is_main:
+        records = [
+            {
+                "task": task,
+                "prompt": prompt,
+                "reference": reference,
+                "output": prediction,
+                "exact_match": exact_match(prediction, reference),
+                "rougeL": rouge_l(prediction, reference),
+                "bleu": sentence_bleu(prediction, reference),
+            }
+            for prompt, reference, prediction, task in zip(prompts, references, predictions, tasks)
+        ]
+        ctx.log(f"wrote {len(records)} predictions to {write_predictions(ctx, records)}")
+    return score_predictions(predictions, references, tasks)

@@ -4,7 +4,9 @@ Row formats (first match wins):
   {"messages": [{"role", "content"}, ...]}           chat, rendered with the chat template (assistant turns trained)
   {"prompt", "completion"}                           plain prompt/completion
   {"instruction", "context"?, "response"}            alpaca: `### Instruction` / `### Context` / `### Response`
-`stage.sft.template` forces a rendering (`chat`, `alpaca`, `plain`); `auto` picks by the columns above.
+  {"text"}                                           replay: the whole text is the completion (a mixture only)
+`stage.sft.template` forces a rendering (`chat`, `alpaca`, `plain`); `auto` picks by the columns above. The sources of
+a mixture may differ in columns (e.g. instructions plus replayed CPT text); each row is rendered by its own columns.
 """
 
 from __future__ import annotations
@@ -14,9 +16,20 @@ from typing import Any
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.recipes import guards
 from finetune_trainer.recipes.context import StageContext
-from finetune_trainer.recipes.evaluation import eval_loss, eval_loss_before, generation_metrics, loss_metrics
+from finetune_trainer.recipes.evaluation import (
+    eval_loss,
+    eval_loss_before,
+    generation_metrics,
+    loss_metrics,
+    task_losses,
+)
 
-ACCEPTED_COLUMNS = [("messages",), ("prompt", "completion"), ("instruction", "response")]
+ACCEPTED_COLUMNS = [("messages",), ("prompt", "completion"), ("instruction", "response"), ("text",)]
+
+
+def row_columns(row: dict[str, Any]) -> tuple[str, ...]:
+    """The accepted column set a (validated) row carries, first match wins as in validation."""
+    return next(cols for cols in ACCEPTED_COLUMNS if all(row.get(c) not in (None, "", []) for c in cols))
 
 
 def alpaca_prompt(instruction: str, context: str | None) -> str:
@@ -37,35 +50,51 @@ def _prompt_and_answer(row: dict[str, Any], columns: tuple[str, ...], template: 
     return alpaca_prompt(instruction, context), response
 
 
-def to_trl_rows(rows: list[dict[str, Any]], columns: tuple[str, ...], template: str) -> list[dict[str, Any]]:
+def to_trl_rows(rows: list[dict[str, Any]], template: str) -> list[dict[str, Any]]:
     """Rows in TRL's conversational ({messages} or chat prompt/completion) or prompt/completion form."""
-    if columns == ("messages",):
-        if template in ("alpaca", "plain"):
-            raise ConfigError(f"sft.template {template!r} cannot render `messages` rows; use `chat` or `auto`")
-        return [{"messages": row["messages"]} for row in rows]
+    kinds = {row_columns(row) == ("messages",) or template == "chat" for row in rows}
+    if len(kinds) > 1:
+        raise ConfigError(
+            "a mixture mixes `messages` rows with other rows; TRL trains one form per stage: convert the sources to "
+            "one form (all `messages`, or all prompt/completion, instruction/response or text)"
+        )
     converted = []
     for row in rows:
-        prompt, answer = _prompt_and_answer(row, columns, template)
-        if template == "chat":
-            converted.append(
-                {
-                    "prompt": [{"role": "user", "content": prompt}],
-                    "completion": [{"role": "assistant", "content": answer}],
-                }
-            )
+        columns = row_columns(row)
+        if columns == ("messages",):
+            if template in ("alpaca", "plain"):
+                raise ConfigError(f"sft.template {template!r} cannot render `messages` rows; use `chat` or `auto`")
+            converted.append({"messages": row["messages"]})
+        elif columns == ("text",):
+            if template == "chat":
+                raise ConfigError("sft.template 'chat' cannot render `text` (replay) rows; use `auto` or `plain`")
+            converted.append({"prompt": "", "completion": row["text"]})
         else:
-            converted.append({"prompt": prompt, "completion": answer})
+            prompt, answer = _prompt_and_answer(row, columns, template)
+            if template == "chat":
+                converted.append(
+                    {
+                        "prompt": [{"role": "user", "content": prompt}],
+                        "completion": [{"role": "assistant", "content": answer}],
+                    }
+                )
+            else:
+                converted.append({"prompt": prompt, "completion": answer})
     return converted
 
 
-def generation_pairs(rows: list[dict[str, Any]], tokenizer) -> tuple[list[str], list[str]]:
-    """(prompt text as the model sees it, reference answer) for held-out rows."""
-    prompts, references = [], []
-    for row in rows:
+def generation_pairs(rows: list[dict[str, Any]], tokenizer, tasks: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(prompt text as the model sees it, reference answer, task) for held-out rows with a prompt (not replay)."""
+    prompts, references, kept = [], [], []
+    for row, task in zip(rows, tasks):
+        if row.get("prompt") == "":
+            continue
+        kept.append(task)
         if "messages" in row:
             turns = row["messages"]
             last = max((i for i, m in enumerate(turns) if m["role"] == "assistant"), default=None)
             if last is None:
+                kept.pop()
                 continue
             prompts.append(tokenizer.apply_chat_template(turns[:last], tokenize=False, add_generation_prompt=True))
             references.append(turns[last]["content"])
@@ -75,7 +104,7 @@ def generation_pairs(rows: list[dict[str, Any]], tokenizer) -> tuple[list[str], 
         else:
             prompts.append(row["prompt"])
             references.append(row["completion"])
-    return prompts, references
+    return prompts, references, kept
 
 
 def run(ctx: StageContext) -> dict[str, float]:
@@ -85,15 +114,20 @@ def run(ctx: StageContext) -> dict[str, float]:
     options = ctx.config.stage.sft
     template = options.template if options else "auto"
     completion_only = options.completion_only_loss if options else True
-    data = ctx.data(ACCEPTED_COLUMNS)
+    data = ctx.data(ACCEPTED_COLUMNS, mixed_columns=True)
     tokenizer = ctx.tokenizer()
+    if ctx.config.stage.dataset is not None and data.columns == ("text",):
+        raise ConfigError(
+            f"stage {ctx.config.stage.name!r}: `text` rows are replay data for an sft mixture (`datasets`); a "
+            "stage of text alone is continued pre-training: use type cpt"
+        )
     conversational = data.columns == ("messages",) or template == "chat"
     if conversational and not tokenizer.chat_template:
         raise ConfigError(
             f"stage {ctx.config.stage.name!r}: the tokenizer has no chat template; set spec.model.chatTemplate (chatml, llama3 or Jinja)"
         )
-    train = datasets.Dataset.from_list(to_trl_rows(list(data.train), data.columns, template))
-    held_out_rows = to_trl_rows(list(data.eval), data.columns, template)
+    train = datasets.Dataset.from_list(to_trl_rows(list(data.train), template))
+    held_out_rows = to_trl_rows(list(data.eval), template)
     held_out = datasets.Dataset.from_list(held_out_rows)
     ctx.log(f"{len(train)} training / {len(held_out)} held-out rows as {data.columns}, template {template}")
 
@@ -115,8 +149,9 @@ def run(ctx: StageContext) -> dict[str, float]:
     guards.check_rows_left(ctx.config, trainer, len(train), len(held_out))
     output = trainer.train(resume_from_checkpoint=ctx.resume_checkpoint())
     metrics = loss_metrics(eval_loss_before(trainer), eval_loss(trainer), output)
+    metrics.update(task_losses(trainer, held_out_rows, list(data.eval_tasks), datasets.Dataset.from_list))
     if ctx.config.stage.generation_eval is not None:
-        prompts, references = generation_pairs(held_out_rows, tokenizer)
-        metrics.update(generation_metrics(ctx, trainer.model, tokenizer, prompts, references))
+        prompts, references, tasks = generation_pairs(held_out_rows, tokenizer, list(data.eval_tasks))
+        metrics.update(generation_metrics(ctx, trainer.model, tokenizer, prompts, references, tasks))
     ctx.save_final(trainer.model, tokenizer, metrics)
     return metrics
