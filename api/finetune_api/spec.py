@@ -719,7 +719,8 @@ class StageSpec(SpecModel):
     datasets: list[DatasetSource] | None = Field(
         default=None,
         min_length=1,
-        max_length=32,
+        # With 16 stages, a larger mixture would put the URI rules over the API server's CEL cost budget.
+        max_length=8,
         description="A mixture of datasets, each with a task name and a weight or sample count (instead of `dataset`).",
     )
     hygiene: HygieneSpec = Field(
