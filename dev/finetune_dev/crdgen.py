@@ -188,6 +188,11 @@ class StructuralSchema(GenerateJsonSchema):
 
     def dict_schema(self, schema: core_schema.DictSchema) -> JsonSchemaValue:
         out = super().dict_schema(schema)
+        if out.get("additionalProperties") in (True, {}):
+            # dict[str, Any]: free-form. An empty value schema would prune every field inside the values; the
+            # structural way to keep them is x-kubernetes-preserve-unknown-fields on the map itself.
+            del out["additionalProperties"]
+            out["x-kubernetes-preserve-unknown-fields"] = True
         names = out.pop("propertyNames", None)
         if names:
             out.setdefault("x-kubernetes-validations", []).extend(_key_rules(names))
