@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from finetune_api.render import render_stage
+from finetune_api.render import rayjob_name, render_stage
 from finetune_api.spec import FineTuneJobSpec
 from finetune_dev import images
 from finetune_dev.testing import CHART_DIR, REPO_ROOT, free_port, install_chart_rbac
@@ -155,7 +155,8 @@ def test_the_operator_image_reconciles_a_job_with_the_charts_service_account(
                 },
             }
         )
-        rayjob = wait_for(lambda: admin.get(RAYJOB, namespace, "from-image-sft-1"), "the first RayJob", run)
+        first = rayjob_name("from-image", "sft", 1)
+        rayjob = wait_for(lambda: admin.get(RAYJOB, namespace, first), "the first RayJob", run)
         head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
         assert head["image"] == TRAINER_IMAGE
         status = wait_for(
@@ -169,7 +170,7 @@ def test_the_operator_image_reconciles_a_job_with_the_charts_service_account(
         admin.patch(
             RAYJOB,
             namespace,
-            "from-image-sft-1",
+            first,
             {"status": {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}},
             subresource="status",
         )
