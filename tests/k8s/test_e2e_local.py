@@ -41,8 +41,13 @@ def quickstart(model: Path, storage: Path) -> dict:
     manifest = yaml.safe_load(QUICKSTART.read_text())
     manifest["spec"]["model"]["source"] = str(model)
     manifest["spec"]["storage"]["uri"] = str(storage)
+    sources = [suite for suite in manifest["spec"].get("evaluation", {}).get("suites", [])]
     for stage in manifest["spec"]["stages"]:
-        stage["dataset"]["uri"] = str(REPO_ROOT / stage["dataset"]["uri"])
+        sources += [stage["dataset"]] if "dataset" in stage else stage["datasets"]
+    for source in sources:
+        for key in ("uri", "validationUri"):
+            if key in source:
+                source[key] = str(REPO_ROOT / source[key])
     return manifest
 
 
