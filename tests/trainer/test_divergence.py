@@ -26,8 +26,11 @@ def test_a_learning_rate_far_too_high_fails_with_training_diverged(render, tmp_p
 
     config = render(
         {"type": "sft", "dataset": {"uri": str(DATA / "instruct.jsonl")}},
-        training={"learningRate": 1e38, "maxSteps": 10, "saveSteps": 5, "loggingSteps": 1},
+        training={"maxSteps": 10, "saveSteps": 5, "loggingSteps": 1},
     )
+    # The spec refuses learningRate > 1 now; the trainer must still catch a run that diverges for any reason.
+    training = config.training.model_copy(update={"learning_rate": 1e38})
+    config = config.model_copy(update={"training": training})
     report_file = tmp_path / "report.json"
     with pytest.raises(StageError) as failure:
         run_stage(config, FileReporter(report_file, min_interval=0), use_ray=False)
