@@ -65,3 +65,9 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
+
+
+def stage_command(config, report: Path, no_ray: bool = True) -> list[str]:
+    """argv of the stage entrypoint (the operator's) for `config`, reporting into the file `report`."""
+    argv = [sys.executable, "-m", "finetune_trainer.stage", "--config-json", config.model_dump_json()]
+    return argv + ["--report", f"file://{report}", *(["--no-ray"] if no_ray else [])]

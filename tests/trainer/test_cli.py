@@ -2,11 +2,10 @@
 
 import json
 import subprocess
-import sys
 
 import pytest
 import yaml
-from stage_helpers import DATA, FAST_TRAINING, job_spec, run_cli, source_env, write_manifest
+from stage_helpers import DATA, FAST_TRAINING, job_spec, run_cli, source_env, stage_command, write_manifest
 
 from finetune_api.render import render_stage
 from finetune_api.report import EXIT_PERMANENT_FAILURE
@@ -50,16 +49,7 @@ def test_bad_dataset_fails_before_training_naming_stage_file_and_line(tmp_path, 
     config = render_stage("e2e", FineTuneJob.model_validate(yaml.safe_load(manifest.read_text())).spec, "tune")
     report = tmp_path / "report.json"
     stage = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "finetune_trainer.stage",
-            "--config-json",
-            config.model_dump_json(),
-            "--report",
-            f"file://{report}",
-            "--no-ray",
-        ],
+        stage_command(config, report),
         env=source_env(),
         capture_output=True,
         text=True,

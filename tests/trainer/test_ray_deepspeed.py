@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from stage_helpers import DATA, source_env
+from stage_helpers import DATA, source_env, stage_command
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
 
@@ -20,15 +20,7 @@ def test_sft_on_two_ray_workers_with_zero2(render, tmp_path):
     )
     report = tmp_path / "report.json"
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "finetune_trainer.stage",
-            "--config-json",
-            config.model_dump_json(),
-            "--report",
-            f"file://{report}",
-        ],
+        stage_command(config, report, no_ray=False),
         env=source_env(RAY_USAGE_STATS_ENABLED="0"),
         capture_output=True,
         text=True,

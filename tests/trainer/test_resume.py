@@ -9,24 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-from stage_helpers import DATA, job_spec, source_env, write_manifest
+from stage_helpers import DATA, job_spec, source_env, stage_command, write_manifest
 
 from finetune_trainer import storage
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
-
-
-def stage_command(config, report: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "finetune_trainer.stage",
-        "--config-json",
-        config.model_dump_json(),
-        "--report",
-        f"file://{report}",
-        "--no-ray",
-    ]
 
 
 def test_sigkilled_stage_resumes_from_its_latest_checkpoint(render, tmp_path):
