@@ -76,7 +76,8 @@ def test_ctrl_c_suspends_finetune_run_and_running_it_again_resumes(tmp_path, tin
     second = subprocess.run(command, env=source_env(), capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "Resumed: resumed: continuing from the latest checkpoint" in second.stdout
-    assert "resuming from" in second.stdout
+    # The trainer's own line, in the stage's log: the second attempt continued from the checkpoint.
+    assert "resuming from" in (storage_dir / "domain" / "stage.log").read_text().split("==== attempt")[-1]
     final = json.loads((storage_dir / "status.json").read_text())
     conditions = {c["type"]: (c["status"], c["reason"]) for c in final["conditions"]}
     assert final["phase"] == "Succeeded" and conditions["Suspended"] == ("False", "Resumed")

@@ -31,7 +31,8 @@ def test_cpt_then_sft_on_s3(tmp_path, tiny_model_dir, s3_bucket, s3_server):
 
     result = run_cli("run", str(manifest), "--status-file", str(status_file), "--no-ray", timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"{root}/domain/model -> {root}/instruct/model" in result.stdout  # sft's input is cpt's S3 output
+    # sft's input is cpt's S3 output
+    assert f"stage instruct (2/2) attempt 1 starting, from {root}/domain/model" in result.stdout
 
     status = json.loads(status_file.read_text())
     assert [s["checkpoint"] for s in status["stages"]] == [f"{root}/domain/model", f"{root}/instruct/model"]
