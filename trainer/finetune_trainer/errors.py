@@ -6,74 +6,68 @@ exits with EXIT_PERMANENT_FAILURE for them. Reasons come from finetune_api.reaso
 
 from __future__ import annotations
 
-from finetune_api.reasons import Reason
+from finetune_api.reasons import PERMANENT, Reason
 
 
 class StageError(Exception):
-    """A stage failed for a known reason."""
+    """A stage failed for a known reason; it is permanent when its reason is in PERMANENT (unless told otherwise)."""
 
     reason: str = Reason.STAGE_FAILED
-    permanent: bool = False
 
     def __init__(self, message: str, *, reason: str | None = None, permanent: bool | None = None):
         super().__init__(message)
         if reason is not None:
             self.reason = reason
-        if permanent is not None:
-            self.permanent = permanent
+        self._permanent = permanent
+
+    @property
+    def permanent(self) -> bool:
+        return self.reason in PERMANENT if self._permanent is None else self._permanent
 
 
 class ConfigError(StageError):
     """The rendered stage configuration cannot be run (e.g. an option the recipe does not support)."""
 
     reason = Reason.INVALID_CONFIG
-    permanent = True
 
 
 class DataValidationError(StageError):
     """The dataset is missing, unreadable or lacks the columns the stage needs."""
 
     reason = Reason.INVALID_DATASET
-    permanent = True
 
 
 class ModelLoadError(StageError):
     """The model or tokenizer cannot be loaded from its URI."""
 
     reason = Reason.INVALID_MODEL
-    permanent = True
 
 
 class StorageUnavailableError(StageError):
     """Storage did not answer (connection refused, timeout, 5xx, throttling): a later attempt may succeed."""
 
     reason = Reason.STORAGE_UNAVAILABLE
-    permanent = False
 
 
 class QualityGateError(StageError):
     """A trained model failed a configured quality gate (e.g. reward accuracy below the minimum)."""
 
     reason = Reason.QUALITY_GATE_FAILED
-    permanent = True
 
 
 class KLLimitError(StageError):
     """RL training drifted further from the reference model than the configured KL limit."""
 
     reason = Reason.KL_LIMIT_EXCEEDED
-    permanent = True
 
 
 class TrainingDivergedError(StageError):
     """A loss or weight became NaN/inf: the same settings would diverge again, so no retry."""
 
     reason = Reason.TRAINING_DIVERGED
-    permanent = True
 
 
 class ForgettingError(StageError):
     """A stage made an evaluation suite worse than the suite's `maxRegression` allows."""
 
     reason = Reason.FORGETTING_DETECTED
-    permanent = True
