@@ -30,11 +30,14 @@ def test_sigkilled_stage_resumes_from_its_latest_checkpoint(render, tmp_path):
         time.sleep(0.2)
     first.send_signal(signal.SIGKILL)
     first.wait()
-    killed_at = storage.list_checkpoints(config.checkpoint_dir)[-1][0]
+    complete = storage.list_checkpoints(config.checkpoint_dir)
+    killed_at = complete[-1][0]
     assert first.returncode == -signal.SIGKILL
     assert killed_at < 60 and not storage.exists(config.output_uri), "the first run finished before it could be killed"
     report = json.loads((tmp_path / "first.json").read_text())
-    assert report["phase"] == "Running" and report["lastCheckpoint"].endswith(f"checkpoint-{killed_at}")
+    # The kill may land between a checkpoint's completion marker and its report: the report names a complete
+    # checkpoint, perhaps one behind, and the resume takes the latest complete one either way.
+    assert report["phase"] == "Running" and report["lastCheckpoint"] in {uri for _, uri in complete}
 
     second = subprocess.run(
         stage_command(config, tmp_path / "second.json"), env=source_env(), capture_output=True, text=True, timeout=600

@@ -333,3 +333,25 @@ def progress_callback(channel: ReportChannel, checkpoint_saved):
             checkpoint_saved(local, state.global_step)
 
     return ProgressCallback()
+
+
+def tensorboard_callback(log_dir: Path):
+    """transformers' TensorBoardCallback writing to `log_dir`, every writer to a file of its own.
+
+    The callback closes its writer when training ends and opens another for the evaluation after it. tensorboardX
+    names both `events.out.tfevents.<second>.<host>` and opens with "wb" (tensorboardX/record_writer.py), so a second
+    writer within the same second truncated the training curves; a per-process, per-writer suffix keeps them apart.
+    """
+    from transformers.integrations import TensorBoardCallback
+
+    class SeparateFilesTensorBoardCallback(TensorBoardCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.logging_dir, self.writers = str(log_dir), 0
+
+        def _init_summary_writer(self, args):
+            self.writers += 1
+            suffix = f".{os.getpid()}.{self.writers}"
+            self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, filename_suffix=suffix)
+
+    return SeparateFilesTensorBoardCallback()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +21,13 @@ from finetune_trainer import modeling, storage, strategy
 from finetune_trainer.data import StageData, load_stage_data
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.recipes import guards, suites
-from finetune_trainer.reporting import MetricsHistory, ReportChannel, Reporter, progress_callback
+from finetune_trainer.reporting import (
+    MetricsHistory,
+    ReportChannel,
+    Reporter,
+    progress_callback,
+    tensorboard_callback,
+)
 
 
 class StageContext:
@@ -129,10 +134,8 @@ class StageContext:
                     f"spec.training.reportTo: {tracker!r} needs the {' or '.join(packages[tracker])} package, which "
                     "the trainer image lacks; install it in the image or drop the tracker"
                 )
-        if "tensorboard" in wanted:
-            # transformers' TensorBoardCallback reads its directory from the environment.
-            os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.tensorboard_dir)
-        return wanted or "none"
+        # TensorBoard is one of `callbacks()`, which writes each run to a file of its own.
+        return [tracker for tracker in wanted if tracker != "tensorboard"] or "none"
 
     @property
     def tensorboard_uri(self) -> str:
@@ -192,10 +195,13 @@ class StageContext:
 
     def callbacks(self) -> list:
         # The divergence check first: it removes a non-finite checkpoint before the progress callback syncs it.
-        return [
+        callbacks = [
             guards.divergence_callback(self.config, loss_scaling=bool(self.precision.get("fp16"))),
             progress_callback(self.channel, self.checkpoint_saved),
         ]
+        if "tensorboard" in (self.config.training.report_to or []):
+            callbacks.append(tensorboard_callback(self.tensorboard_dir))
+        return callbacks
 
     def checkpoint_saved(self, local: Path, step: int) -> str:
         """Copy a freshly saved checkpoint to `config.checkpoint_dir` and report it; call on every rank.
