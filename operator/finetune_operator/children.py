@@ -20,10 +20,12 @@ from finetune_api.render import (
     stage_config_configmap_name,
     stage_config_json,
 )
-from finetune_api.spec import API_VERSION, KIND, FineTuneJobSpec, uri_scheme
+from finetune_api.spec import API_VERSION, GROUP, KIND, FineTuneJobSpec, uri_scheme
 from finetune_operator.settings import Settings
 
 MANAGED_BY = "finetune-operator"
+# Held on a job only while its deletion needs the operator (see Controller.needs_finalizer).
+FINALIZER = f"{GROUP}/cleanup"
 JOB_LABEL = "finetune.dev/job"
 STAGE_LABEL = "finetune.dev/stage"
 ATTEMPT_LABEL = "finetune.dev/attempt"

@@ -1,7 +1,9 @@
-"""The controller: one reconcile loop per FineTuneJob (observe, decide with the pure pipeline, execute, write status).
+"""The controller: reconcile passes over FineTuneJobs (observe, decide with the pure pipeline, execute, write status).
 
-It is the only writer of the job's status. Each pass observes the current stage's child and report, asks the pure
-state machine (`finetune_api.pipeline`) what to do, does it, and writes the status with a merge patch.
+It is the only writer of the job's status. Watch events queue a job's key; a fixed number of workers take keys from
+one work queue, each job by one worker at a time. Each pass observes the current stage's child and report, asks the
+pure state machine (`finetune_api.pipeline`) what to do, does it, writes the status with a merge patch, and queues
+the job again for when its next check is due.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-import kopf
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
@@ -40,10 +41,12 @@ from finetune_api.report import REPORT_KEY, StageReport
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import FineTuneJobStatus
 from finetune_operator import children
+from finetune_operator.children import FINALIZER
 from finetune_operator.executors import delete_artifacts, make_executor
 from finetune_operator.kube import CLUSTER_RUNTIME, CONFIGMAP, FINETUNEJOB, PVC, RUNTIME, Kube
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.settings import Settings
+from finetune_operator.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -69,26 +72,6 @@ def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return patch
 
 
-class Wakeups:
-    """One asyncio.Event per job (namespace, name): set by watch events, awaited by the job's daemon."""
-
-    def __init__(self) -> None:
-        self.events: dict[tuple[str, str], asyncio.Event] = {}
-        self.generations: dict[tuple[str, str], int | None] = {}
-
-    def register(self, key: tuple[str, str]) -> asyncio.Event:
-        return self.events.setdefault(key, asyncio.Event())
-
-    def unregister(self, key: tuple[str, str]) -> None:
-        self.events.pop(key, None)
-        self.generations.pop(key, None)
-
-    def wake(self, key: tuple[str, str]) -> None:
-        event = self.events.get(key)
-        if event is not None:
-            event.set()
-
-
 class Controller:
     def __init__(self, settings: Settings, kube: Kube, metrics: OperatorMetrics | None = None):
         self.settings, self.kube = settings, kube
@@ -101,7 +84,12 @@ class Controller:
             settings.start_timeout_seconds,
             local_paths_allowed=settings.executor == "local",
         )
-        self.wakeups = Wakeups()
+        self.queue = WorkQueue()
+        # (namespace, name) -> the job as its last watch event showed it, and the status this operator last stored
+        self.bodies: dict[tuple[str, str], dict[str, Any]] = {}
+        self.known: dict[tuple[str, str], FineTuneJobStatus] = {}
+        # (namespace, name) -> (generation, being deleted) when last queued: our own status writes need no pass
+        self.generations: dict[tuple[str, str], tuple[int | None, bool]] = {}
         self.failures_seen: dict[tuple[str, str, int], datetime] = {}
         # job uid -> the API server's answer to its last refused status patch, while refusals last
         self.refused_patches: dict[str, str] = {}
@@ -264,6 +252,9 @@ class Controller:
         observations = self.observe(self.with_runtime_queue(job, current), spec_raw, current)
         decision = reconcile(job, spec_raw, current, observations, datetime.now(UTC), self.policy)
         new_attempt = any(event.reason == Reason.STAGE_STARTING for event in decision.events)
+        starts = [action for action in decision.actions if isinstance(action, StartAttempt)]
+        if starts and self.needs_finalizer(starts[0].spec):
+            self.ensure_finalizer(job, body)
         for action in decision.actions:
             self.execute(self.with_runtime_queue(job, decision.status), action)
             if new_attempt and isinstance(action, StartAttempt):
@@ -297,14 +288,34 @@ class Controller:
             delay = min(delay, self.executor.poll_seconds) if delay is not None else self.executor.poll_seconds
         return delay, decision.status
 
+    def needs_finalizer(self, spec: FineTuneJobSpec) -> bool:
+        """Whether deleting the job needs this operator: owner references let the garbage collector delete every
+        child object, but not stop a local process or delete artifacts."""
+        return self.settings.executor == "local" or not spec.storage.retain_on_delete
+
+    def ensure_finalizer(self, job: JobRef, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        finalizers = meta.get("finalizers") or []
+        if FINALIZER not in finalizers:
+            # resourceVersion makes the merge patch conditional: a concurrent change of the list fails it (409).
+            patch = {"metadata": {"finalizers": [*finalizers, FINALIZER], "resourceVersion": meta["resourceVersion"]}}
+            self.kube.patch(FINETUNEJOB, job.namespace, job.name, patch)
+
+    def finalize(self, body: dict[str, Any]) -> None:
+        """The job is being deleted: clean up, then let it go."""
+        self.cleanup(body)
+        meta = body["metadata"]
+        rest = [name for name in meta.get("finalizers") or [] if name != FINALIZER]
+        patch = {"metadata": {"finalizers": rest or None, "resourceVersion": meta["resourceVersion"]}}
+        try:
+            self.kube.patch(FINETUNEJOB, meta["namespace"], meta["name"], patch)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
     def cleanup(self, body: dict[str, Any]) -> None:
-        """Finalizer work: stop and delete the job's children; delete artifacts only with retainOnDelete: false."""
+        """Stop and delete the job's children; delete artifacts only with retainOnDelete: false."""
         job = JobRef.from_body(body)
-        self.metrics.observe_phase(job.uid, None)
-        for seen in (self.failures_seen, self.refusals):
-            for key in [key for key in seen if key[0] == job.uid]:
-                del seen[key]
-        self.refused_patches.pop(job.uid, None)
         try:
             self.executor.cleanup(job)
         except ApiException as exc:
@@ -327,45 +338,72 @@ class Controller:
                 job, "Normal", Reason.ARTIFACTS_DELETED, "storage.retainOnDelete is false: " + "; ".join(lines)
             )
 
-    # -- the daemon loop -------------------------------------------------------------------------
+    # -- the work queue --------------------------------------------------------------------------
 
-    async def run_job(self, body: kopf.Body, stopped: kopf.DaemonStopped, logger: logging.Logger) -> None:
-        key = (body.metadata.namespace, body.metadata.name)
-        wake = self.wakeups.register(key)
-        known: FineTuneJobStatus | None = None
+    def job_event(self, event_type: str | None, body: dict[str, Any]) -> None:
+        """A FineTuneJob watch event (on the event loop): remember the body; queue it when its spec changed."""
+        meta = body.get("metadata") or {}
+        key = (meta.get("namespace"), meta.get("name"))
+        if event_type == "DELETED":
+            self.forget(key, meta.get("uid"))
+            return
+        self.bodies[key] = body
+        seen = (meta.get("generation"), bool(meta.get("deletionTimestamp")))
+        if event_type in (None, "ADDED") or self.generations.get(key) != seen:
+            self.generations[key] = seen
+            self.queue.add(key)
+
+    def child_event(self, namespace: str, job_name: str) -> None:
+        """A RayJob or report ConfigMap of the job changed (on the event loop)."""
+        key = (namespace, job_name)
+        if key in self.bodies:
+            self.queue.add(key)
+
+    def forget(self, key: tuple[str, str], uid: str | None) -> None:
+        for table in (self.bodies, self.known, self.generations):
+            table.pop(key, None)
+        self.queue.forget(key)
+        if uid:
+            self.metrics.observe_phase(uid, None)
+            self.executor.forget(uid)
+            self.refused_patches.pop(uid, None)
+            for seen in (self.failures_seen, self.refusals):
+                for stale in [stale for stale in seen if stale[0] == uid]:
+                    del seen[stale]
+
+    async def run_workers(self, workers: int) -> None:
+        """`workers` passes at once, each key by one worker at a time; runs until cancelled."""
+        await asyncio.gather(*(self._work() for _ in range(workers)))
+
+    async def _work(self) -> None:
+        while True:
+            key = await self.queue.get()
+            try:
+                await self._process(key)
+            finally:
+                self.queue.done(key)
+
+    async def _process(self, key: tuple[str, str]) -> None:
+        body = self.bodies.get(key)
+        if body is None:
+            return
+        snapshot = copy.deepcopy(body)
+        started = time.monotonic()
         try:
-            while not stopped:
-                wake.clear()
-                snapshot = copy.deepcopy(dict(body))
-                if snapshot["metadata"].get("deletionTimestamp"):
-                    return
-                try:
-                    started = time.monotonic()
-                    delay, known = await asyncio.to_thread(self.reconcile_once, snapshot, known)
-                    self.metrics.reconcile_seconds.observe(time.monotonic() - started)
-                    self.metrics.reconciles.labels(result="ok").inc()
-                    logger.debug(
-                        "reconciled in %.3fs: phase %s, next pass in %s s",
-                        time.monotonic() - started,
-                        known.phase,
-                        "-" if delay is None else f"{delay:.1f}",
-                    )
-                except Exception as exc:  # noqa: BLE001 - any failure is retried; kopf would otherwise end the daemon
-                    self.metrics.reconciles.labels(result="error").inc()
-                    self.metrics.errors.labels(kind=type(exc).__name__).inc()
-                    logger.warning("reconcile failed, retrying in %.0fs: %s", ERROR_RETRY_SECONDS, exc)
-                    delay, known = ERROR_RETRY_SECONDS, None
-                timeout = self.settings.resync_seconds if delay is None else min(delay, self.settings.resync_seconds)
-                await _wait_any(wake, stopped, timeout)
+            if (snapshot.get("metadata") or {}).get("deletionTimestamp"):
+                if FINALIZER in (snapshot["metadata"].get("finalizers") or []):
+                    await asyncio.to_thread(self.finalize, snapshot)
+                return
+            delay, self.known[key] = await asyncio.to_thread(self.reconcile_once, snapshot, self.known.get(key))
+            self.metrics.reconciles.labels(result="ok").inc()
+        except Exception as exc:  # noqa: BLE001 - any failure is retried
+            self.metrics.reconciles.labels(result="error").inc()
+            self.metrics.errors.labels(kind=type(exc).__name__).inc()
+            log.warning("%s/%s: reconcile failed, retrying in %.0fs: %s", *key, ERROR_RETRY_SECONDS, exc)
+            self.known.pop(key, None)
+            delay = ERROR_RETRY_SECONDS
         finally:
-            if self.wakeups.events.get(key) is wake:
-                self.wakeups.unregister(key)
-
-
-async def _wait_any(wake: asyncio.Event, stopped: kopf.DaemonStopped, timeout: float) -> None:
-    waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())]
-    try:
-        await asyncio.wait(waiters, timeout=max(timeout, 0.05), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
+            self.metrics.reconcile_seconds.observe(time.monotonic() - started)
+        if key in self.bodies:
+            resync = self.settings.resync_seconds
+            self.queue.add_after(key, resync if delay is None else min(delay, resync))

@@ -55,6 +55,8 @@ class Executor(Protocol):
 
     def cleanup(self, job: JobRef) -> None: ...
 
+    def forget(self, uid: str) -> None: ...
+
 
 def rayjob_observation(rayjob: dict[str, Any] | None) -> AttemptObservation:
     """Meaning of a RayJob's status as KubeRay writes it (it has no conditions: jobDeploymentStatus + Ray's jobStatus)."""
@@ -147,12 +149,21 @@ class _Base:
 
     def __init__(self, kube: Kube, settings: Settings):
         self.kube, self.settings = kube, settings
+        # Job uids whose trainer ServiceAccount/Role/RoleBinding this process has made sure of: the Role names every
+        # stage's report, so later stages skip three creates.
+        self.rbac_ready: set[str] = set()
 
     def prepare(self, job: JobRef, spec: FineTuneJobSpec, config: StageConfig) -> None:
         """The trainer's ServiceAccount/Role/RoleBinding and the stage's report ConfigMap (idempotent)."""
-        for manifest in children.trainer_rbac(job, spec):
-            self.kube.create_if_absent(manifest)
+        if job.uid not in self.rbac_ready:
+            for manifest in children.trainer_rbac(job, spec):
+                self.kube.create_if_absent(manifest)
+            self.rbac_ready.add(job.uid)
         self.kube.create_if_absent(children.report_configmap(job, config.stage.name))
+
+    def forget(self, uid: str) -> None:
+        """The job is gone."""
+        self.rbac_ready.discard(uid)
 
     def delete_children(self, job: JobRef) -> None:
         selector = children.job_selector(job.name)

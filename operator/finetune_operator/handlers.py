@@ -1,13 +1,13 @@
 """kopf wiring: the registry of handlers, kopf's settings and the operator's main coroutine.
 
-One daemon per FineTuneJob runs the controller's loop; watch events on the job and its children wake it. A finalizer
-(kopf's, added because of the daemon and the delete handler) cleans up children when the job is deleted.
+Only low-level event handlers: kopf watches the jobs and their children and hands each raw event to the controller,
+which queues the job for its workers. No kopf handler tracks progress or a diff base, so kopf writes nothing to the
+objects; the controller adds its own finalizer only to jobs whose deletion needs it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import os
 import socket
@@ -16,11 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
-from kubernetes.client.exceptions import ApiException
 
 from finetune_api.spec import GROUP, PLURAL, VERSION
 from finetune_operator.children import JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL
-from finetune_operator.controller import ERROR_RETRY_SECONDS, Controller
+from finetune_operator.controller import Controller
 from finetune_operator.kube import Kube
 from finetune_operator.settings import Settings
 
@@ -47,41 +46,21 @@ def make_registry(controller: Controller) -> kopf.OperatorRegistry:
             private_key_path=configuration.key_file,
         )
 
-    @kopf.daemon(
-        GROUP, VERSION, PLURAL, id="reconcile", registry=registry, cancellation_backoff=10, cancellation_timeout=10
-    )
-    async def job_daemon(body: kopf.Body, stopped: kopf.DaemonStopped, logger: logging.Logger, **_: Any) -> None:
-        await controller.run_job(body, stopped, logger)
-
-    @kopf.on.delete(GROUP, VERSION, PLURAL, id="cleanup", registry=registry)
-    async def job_deleted(body: kopf.Body, **_: Any) -> None:
-        try:
-            await asyncio.to_thread(controller.cleanup, copy.deepcopy(dict(body)))
-        except ApiException as exc:
-            controller.metrics.errors.labels(kind="cleanup").inc()
-            raise kopf.TemporaryError(f"cleanup of children failed: {exc.reason}", delay=ERROR_RETRY_SECONDS) from exc
-
-    # The event handlers are coroutines: they run on the event loop, where asyncio.Event.set() is safe (a plain
-    # function would run in kopf's thread pool).
+    # Coroutines: they run on the event loop, where the work queue lives (a plain function would run in a thread).
     @kopf.on.event(GROUP, VERSION, PLURAL, id="job-changed", registry=registry)
-    async def job_changed(event: kopf.RawEvent, name: str, namespace: str, meta: kopf.Meta, **_: Any) -> None:
-        # Our own status writes also produce events; only spec changes (a new generation) need a pass.
-        key = (namespace, name)
-        generation = meta.get("generation")
-        if event.get("type") in (None, "ADDED", "DELETED") or controller.wakeups.generations.get(key) != generation:
-            controller.wakeups.generations[key] = generation
-            controller.wakeups.wake(key)
+    async def job_changed(event: kopf.RawEvent, **_: Any) -> None:
+        controller.job_event(event.get("type"), event["object"])
 
-    # Children are created by the daemon itself, which knows what it created: only later changes need a pass.
     @kopf.on.event("ray.io", "v1", "rayjobs", id="rayjob-changed", labels=children, registry=registry)
     async def rayjob_changed(event: kopf.RawEvent, namespace: str, labels: kopf.Labels, **_: Any) -> None:
+        # Children are created by the pass itself, which knows what it created: only later changes need a pass.
         if event.get("type") in ("MODIFIED", "DELETED"):
-            controller.wakeups.wake((namespace, labels[JOB_LABEL]))
+            controller.child_event(namespace, labels[JOB_LABEL])
 
     @kopf.on.event("v1", "configmaps", id="report-changed", labels=children, registry=registry)
     async def report_changed(event: kopf.RawEvent, namespace: str, labels: kopf.Labels, **_: Any) -> None:
         if event.get("type") in ("MODIFIED", "DELETED"):
-            controller.wakeups.wake((namespace, labels[JOB_LABEL]))
+            controller.child_event(namespace, labels[JOB_LABEL])
 
     return registry
 
@@ -96,12 +75,12 @@ def kopf_settings(clusterwide: bool) -> kopf.OperatorSettings:
     # Watched namespaces are exact names: without scanning, kopf neither lists namespaces (a cluster-scope permission
     # a namespaced operator lacks) nor watches CRDs; the resources are discovered once at startup.
     settings.scanning.disabled = not clusterwide
-    # kopf keeps its bookkeeping in annotations: the status belongs to the operator's strict schema alone.
+    # Event handlers keep no progress and no diff base; should kopf ever store either, annotations keep the status
+    # to the operator's strict schema.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
-    settings.persistence.finalizer = f"{GROUP}/cleanup"
     # kopf pauses every peer that shares the top priority, so each replica takes a distinct one: the highest is active,
     # the others stand by until its peering record goes stale.
     settings.peering.priority = replica_priority(os.environ.get("POD_NAME") or socket.gethostname())
@@ -121,6 +100,7 @@ async def run_operator(
     )
     if settings.metrics_port:
         controller.metrics.serve(settings.metrics_port)
+    workers = asyncio.create_task(controller.run_workers(settings.api_workers), name="reconcile workers")
     try:
         await kopf.operator(
             registry=make_registry(controller),
@@ -134,4 +114,6 @@ async def run_operator(
             ready_flag=ready_flag,
         )
     finally:
+        workers.cancel()
+        await asyncio.gather(workers, return_exceptions=True)
         kube.close()

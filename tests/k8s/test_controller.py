@@ -314,9 +314,22 @@ def test_suspend_and_resume(harness: Harness):
     assert harness.rayjobs("pause") == [rj("pause", "sft", 1)]
 
 
-def test_deletion_removes_every_child(harness: Harness):
-    harness.create(job_manifest("gone"))
+def test_a_job_that_keeps_its_artifacts_carries_no_finalizer(harness: Harness):
+    """Its deletion needs no operator: owner references let the garbage collector remove the children (tested with
+    kube-controller-manager in test_neighbours)."""
+    harness.create(job_manifest("kept"))
+    harness.wait_for_rayjob(rj("kept", "sft", 1))
+    harness.wait(lambda: harness.status("kept").get("stages"), "the status of the started stage")
+    metadata = harness.job("kept")["metadata"]
+    assert not metadata.get("finalizers") and not metadata.get("annotations")
+
+
+def test_deleting_a_job_that_drops_its_artifacts_removes_every_child_first(harness: Harness):
+    """retainOnDelete: false needs the operator at deletion, so the job holds its finalizer: the operator deletes
+    the children itself, then lets the job go (no garbage collector runs here)."""
+    harness.create(job_manifest("gone", storage={"uri": "s3://runs/gone", "retainOnDelete": False}))
     harness.wait_for_rayjob(rj("gone", "sft", 1))
+    assert harness.job("gone")["metadata"]["finalizers"] == ["finetune.dev/cleanup"]
     harness.admin.delete(FINETUNEJOB, harness.namespace, "gone")
     harness.wait(lambda: harness.job("gone") is None, "the FineTuneJob to be deleted")
     selector = "finetune.dev/job=gone"
