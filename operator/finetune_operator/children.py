@@ -6,6 +6,7 @@ can find (and clean up) everything a job owns with one label selector.
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 import socket
 from datetime import datetime
@@ -379,13 +380,20 @@ def rayjob(
     }
 
 
+def event_name(job: JobRef, reason: str, message: str) -> str:
+    """One name per happening: the same transition, decided again after a crash or a refused status write, names
+    the same Event, so posting it is create-if-absent and it appears exactly once."""
+    digest = hashlib.sha256(f"{job.uid}/{job.generation}/{reason}/{message}".encode()).hexdigest()[:16]
+    return f"{job.name}.{digest}"
+
+
 def event(job: JobRef, type_: str, reason: str, message: str, now: datetime) -> dict[str, Any]:
     """A core/v1 Event about the FineTuneJob (messages never carry Secret values: only names)."""
     stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     return {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"generateName": f"{job.name}.", "namespace": job.namespace},
+        "metadata": {"name": event_name(job, reason, message), "namespace": job.namespace},
         "involvedObject": {
             "apiVersion": API_VERSION,
             "kind": KIND,

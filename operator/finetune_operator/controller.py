@@ -218,9 +218,9 @@ class Controller:
             self.kube.delete(FINETUNEJOB, job.namespace, job.name)
 
     def post_event(self, job: JobRef, type_: str, reason: str, message: str) -> None:
-        self.metrics.events.labels(type=type_, reason=reason).inc()
         try:
-            self.kube.create(children.event(job, type_, reason, message, datetime.now(UTC)))
+            if self.kube.create_if_absent(children.event(job, type_, reason, message, datetime.now(UTC))):
+                self.metrics.events.labels(type=type_, reason=reason).inc()
         except ApiException as exc:
             # Events are best effort: a failure to post one must not stop the reconcile.
             log.warning("%s/%s: could not post event %s: %s", job.namespace, job.name, reason, exc.reason)
@@ -265,6 +265,10 @@ class Controller:
         # A patch that goes through ends a refusal: the condition saying so is dropped.
         decision.status.conditions = [c for c in decision.status.conditions if c.type != STATUS_UPDATED]
         patch = merge_patch(stored, decision.status.to_wire())
+        # Events go out before the status that records their transition: if this process dies in between, the next
+        # pass decides the same transition again and re-posts the same (deterministically named) Event.
+        for event in decision.events:
+            self.post_event(job, event.type, event.reason, event.message)
         if patch:
             try:
                 self.kube.patch_job_status(job.namespace, job.name, patch)
@@ -273,8 +277,6 @@ class Controller:
                 if exc.status not in (404, 409):  # gone or conflicting: not a refusal of what the patch says
                     self.status_patch_refused(job, stored, exc)
                 raise
-        for event in decision.events:
-            self.post_event(job, event.type, event.reason, event.message)
         self.metrics.observe_phase(job.uid, decision.status.phase)
         delay = decision.requeue_after
         if any(

@@ -501,6 +501,10 @@ def test_a_refused_status_update_shows_as_a_warning_event_and_a_condition(harnes
         lambda: harness.status("refused")["stages"][0].get("phase") == "Succeeded", "sft Succeeded", timeout=60
     )
     assert harness.condition("refused", "StatusUpdated") == {}
+    # Every refused pass decided "sft succeeded, dpo starts" again, and posted its Events before the refused write
+    # (as a pass killed before its status write would): each appears once.
+    reasons = [e["reason"] for e in harness.events("refused")]
+    assert reasons.count(Reason.STAGE_SUCCEEDED) == 1 and reasons.count(Reason.STAGE_STARTING) == 2, reasons
 
 
 def test_a_rayjob_refused_by_admission_fails_the_attempt_in_status_and_an_event(harness: Harness):

@@ -244,7 +244,21 @@ def test_event_refers_to_the_job(job):
         "SecretNotFound",
         "2026-01-02T03:04:05Z",
     )
-    assert event["metadata"]["generateName"] == "demo."
+    # The same happening twice (decided again after a crash) has one name; another message or generation, another.
+    again = children.event(job, "Warning", "SecretNotFound", event["message"], datetime(2026, 1, 2, tzinfo=UTC))
+    other = children.event(job, "Warning", "SecretNotFound", "Secret 'y' not found", datetime(2026, 1, 2, tzinfo=UTC))
+    later = children.event(
+        dataclasses.replace(job, generation=job.generation + 1),
+        "Warning",
+        "SecretNotFound",
+        event["message"],
+        datetime(2026, 1, 2, tzinfo=UTC),
+    )
+    assert (
+        event["metadata"]["name"] == again["metadata"]["name"] == "demo.2554620efa9a2172"
+    )  # sha256("uid-1234/3/SecretNotFound/<message>")[:16]
+    assert len({event["metadata"]["name"], other["metadata"]["name"], later["metadata"]["name"]}) == 3
+    assert DNS_1123_SUBDOMAIN.match(event["metadata"]["name"])
 
 
 # -- names -------------------------------------------------------------------------------------------------------------
