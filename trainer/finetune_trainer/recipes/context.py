@@ -173,6 +173,8 @@ class StageContext:
             # One held-out evaluation before the first step gives the recipes their `eval_loss_before`.
             "eval_on_start": True,
             "report_to": self.trackers(),
+            # Throughput counts the tokens trained (the attention mask's), not the padding.
+            "include_num_input_tokens_seen": "non_padding",
             "disable_tqdm": True,
             "use_cpu": not self.gpu,
             "activation_checkpointing": bool(training.gradient_checkpointing),
@@ -331,8 +333,16 @@ class StageContext:
         if self.is_main:
             print(f"[{self.config.stage.name}] {message}", flush=True)
 
-    def report_progress(self, step: int, total: int, loss: float | None = None, **extra: float) -> None:
-        """Progress from a custom training loop (rank 0 only); the ETA is extrapolated from the pace so far."""
+    def report_progress(
+        self,
+        step: int,
+        total: int,
+        loss: float | None = None,
+        tokens_per_second: float | None = None,
+        **extra: float,
+    ) -> None:
+        """Progress from a custom training loop (rank 0 only) into the report and metrics.jsonl; the ETA is
+        extrapolated from the pace so far, `tokens_per_second` is the loop's own measure (reporting.TokenRate)."""
         if not self.is_main:
             return
         now = time.monotonic()
@@ -340,5 +350,7 @@ class StageContext:
             self._progress_clock = (now, step)
         started, first_step = self._progress_clock
         eta = (now - started) / (step - first_step) * (total - step) if step > first_step else None
-        self.channel.record(step, {**({"loss": loss} if loss is not None else {}), **extra})
-        self.channel.progress(step, total, loss=loss, eta=eta, **extra)
+        measured = {"loss": loss, "tokens_per_second": tokens_per_second}
+        values = {**{key: value for key, value in measured.items() if value is not None}, **extra}
+        self.channel.record(step, values)
+        self.channel.progress(step, total, loss=loss, eta=eta, tokens_per_second=tokens_per_second, **extra)
