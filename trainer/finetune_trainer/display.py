@@ -24,14 +24,15 @@ SHOWN_EVENTS = {"StageStarting", "StageSucceeded", "AllStagesSucceeded", "Suspen
 
 def pipeline_eta(status: FineTuneJobStatus, current: StageReport | None) -> float | None:
     """Seconds left for the whole pipeline: the running stage's ETA, plus the stages still to run at the average
-    duration of those finished so far (unknown until one has finished)."""
+    duration of those finished so far (unknown until the running stage has an ETA and one stage has finished)."""
     durations = [seconds_between(s.start_time, s.completion_time) for s in status.stages if s.phase == "Succeeded"]
     durations = [d for d in durations if d is not None]
     pending = sum(1 for s in status.stages if s.phase not in (StagePhase.succeeded.value, StagePhase.running.value))
-    running = current.eta_seconds if current and current.phase == "Running" else None
-    if pending and not durations:
+    running = any(s.phase == StagePhase.running.value for s in status.stages)
+    running_eta = current.eta_seconds if current is not None else None
+    if (running and running_eta is None) or (pending and not durations):
         return None
-    return (running or 0.0) + pending * (sum(durations) / len(durations) if durations else 0.0)
+    return (running_eta if running else 0.0) + pending * (sum(durations) / len(durations) if durations else 0.0)
 
 
 class PlainDisplay:
