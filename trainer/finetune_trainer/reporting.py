@@ -410,3 +410,64 @@ def tensorboard_callback(log_dir: Path):
             self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, filename_suffix=suffix)
 
     return SeparateFilesTensorBoardCallback()
+
+
+def mlflow_callback():
+    """transformers' MLflowCallback with a run that spans the stage rather than its training alone.
+
+    The HF callback ends its run when training ends, so the held-out evaluation after it would log into another run,
+    one that mlflow starts unasked and leaves open. This one keeps its run until `end_run`, called as the stage ends.
+    """
+    from transformers.integrations import MLflowCallback
+
+    class StageMLflowCallback(MLflowCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            pass  # the evaluation after training belongs to the same run: `end_run` ends it
+
+        def end_run(self, failed: bool) -> None:
+            if self._auto_end_run and self._ml_flow.active_run():
+                self._ml_flow.end_run("FAILED" if failed else "FINISHED")
+
+    return StageMLflowCallback()
+
+
+def build_tracker_callbacks(trackers: list[str], tensorboard_dir: Path) -> list:
+    """One HF TrainerCallback per experiment tracker (`training.reportTo`); each writes from rank 0 only."""
+    from transformers.integrations import WandbCallback
+
+    makers = {
+        "tensorboard": lambda: tensorboard_callback(tensorboard_dir),
+        "mlflow": mlflow_callback,
+        "wandb": WandbCallback,
+    }
+    return [makers[tracker]() for tracker in trackers]
+
+
+class TrackerFeed:
+    """A custom training loop's logs into the trackers' HF callbacks, called as an HF Trainer calls them.
+
+    The callbacks get a minimal TrainerState (the step and the planned steps) and the `args` TrainingArguments, which
+    they record as the run's parameters. Rank 0 only.
+    """
+
+    def __init__(self, callbacks: list, args):
+        from transformers import TrainerControl, TrainerState
+
+        self.callbacks, self.args = callbacks, args
+        self.state, self.control = TrainerState(), TrainerControl()
+        self.begun = False
+
+    def _call(self, event: str, **kwargs) -> None:
+        for callback in self.callbacks:
+            getattr(callback, event)(self.args, self.state, self.control, **kwargs)
+
+    def log(self, step: int, total: int, logs: dict[str, float]) -> None:
+        self.state.global_step, self.state.max_steps = step, total
+        if not self.begun:
+            self.begun = True
+            self._call("on_train_begin")
+        self._call("on_log", logs=dict(logs))
+
+    def end(self) -> None:
+        if self.begun:
+            self._call("on_train_end")
