@@ -39,6 +39,11 @@ class StageReport(ApiModel):
     epoch: FiniteOrNone = Field(default=None, description="Epochs done.")
     eta_seconds: FiniteOrNone = Field(default=None, description="Estimated seconds left.")
     loss: FiniteOrNone = Field(default=None, description="Latest training loss (absent when not finite).")
+    tokens_per_second: FiniteOrNone = Field(
+        default=None,
+        description="Training throughput: non-padding tokens trained since the previous progress log, over the wall "
+        "time since it, summed over workers (absent until measured, and for trainers that do not count tokens).",
+    )
     metrics: FiniteMetrics = Field(
         default_factory=dict,
         description="Evaluation metrics (final ones once Succeeded); non-finite values are left out.",

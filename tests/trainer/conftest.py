@@ -55,6 +55,16 @@ def run_in_process(tmp_path):
     return _run
 
 
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> Path:
+    """MLflow's settings as envFromSecrets would give them: a file store, and a password that must stay secret."""
+    store = tmp_path / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{store}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2-not-for-logs")
+    return store
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on loopback; yields its endpoint URL. Credentials are dummies moto accepts."""

@@ -71,3 +71,11 @@ def stage_command(config, report: Path, no_ray: bool = True) -> list[str]:
     """argv of the stage entrypoint (the operator's) for `config`, reporting into the file `report`."""
     argv = [sys.executable, "-m", "finetune_trainer.stage", "--config-json", config.model_dump_json()]
     return argv + ["--report", f"file://{report}", *(["--no-ray"] if no_ray else [])]
+
+
+def mlflow_runs(store: Path) -> tuple:
+    """(an MlflowClient on the file store `store`, every run in it)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"file://{store}")
+    return client, client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])

@@ -7,7 +7,14 @@ import pytest
 from finetune_api.report import REPORT_KEY, StageReport
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.recipes import RECIPES
-from finetune_trainer.reporting import ConfigMapReporter, FileReporter, ReportChannel, reporter_from_url
+from finetune_trainer.reporting import (
+    ConfigMapReporter,
+    FileReporter,
+    ReportChannel,
+    TokenRate,
+    format_report,
+    reporter_from_url,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -46,6 +53,32 @@ def test_file_reporter_writes_the_wire_shape(tmp_path):
         and final.last_checkpoint == "s3://b/ckpt/checkpoint-3"
     )
     assert final.metrics == {"eval_loss_after": 0.5} and final.updated_at
+
+
+def test_throughput_is_the_tokens_trained_since_the_last_log_over_the_seconds_since_it():
+    times = iter([100.0, 102.0, 103.5, 104.0, 106.0])
+    rate = TokenRate(clock=lambda: next(times))
+    rate.mark(4096)  # e.g. resumed: the count goes on from the checkpoint's
+    assert rate.rate(4096 + 2 * 1024) == 1024.0  # two 1024-token steps in 2 s
+    assert rate.rate(6144 + 3 * 1024) == 2048.0  # three more in 1.5 s: the latest interval alone
+    assert rate.rate(9216) is None  # a trainer that counts no tokens shows no throughput, not 0
+    assert rate.rate(9216 + 1000) == 500.0
+
+
+def test_no_throughput_before_the_clock_starts():
+    assert TokenRate(clock=lambda: 5.0).rate(1024) is None
+
+
+def test_progress_carries_tokens_per_second_to_the_wire_and_the_progress_line(tmp_path):
+    path = tmp_path / "report.json"
+    channel = ReportChannel(FileReporter(path, min_interval=0), attempt=1)
+    channel.progress(20, 80, loss=1.11894, eta=12.4, tokens_per_second=20480.4)
+    wire = json.loads(path.read_text())
+    assert wire["tokensPerSecond"] == 20480.4
+    report = StageReport.model_validate(wire)
+    assert format_report("sft", report) == "[sft] step 20/80 loss 1.1189 20,480 tok/s eta 0:12"
+    channel.progress(25, 80, loss=1.0, eta=10.0)  # an interval without a measure keeps the last one
+    assert json.loads(path.read_text())["tokensPerSecond"] == 20480.4
 
 
 def test_configmap_reporter_patches_only_and_throttles():

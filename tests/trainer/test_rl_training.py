@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from stage_helpers import mlflow_runs
 
 from finetune_api.render import StageConfig, render_stage
 from finetune_api.spec import FineTuneJobSpec, ResourcesSpec
@@ -188,6 +189,48 @@ def test_ppo_raises_the_reward_model_score_within_the_kl_limit(toy, tmp_path):
     assert final["metrics"] == metrics
     # The saved policy (adapters merged into a plain causal LM) puts more probability on the rewarded tokens.
     assert digit_mass(Path(config.output_uri), toy) > digit_mass(toy.policy, toy) + 0.05
+
+
+def test_ppo_logs_reward_kl_and_its_rollouts_throughput_to_metrics_jsonl_and_the_trackers(
+    toy, tmp_path, monkeypatch, mlflow_store
+):
+    import itertools
+
+    from finetune_trainer import reporting
+
+    # A clock one second further on each time it is read: tokens/s is then the tokens trained since the last log.
+    monkeypatch.setattr(ppo_loop, "TokenRate", lambda: reporting.TokenRate(clock=itertools.count().__next__))
+    prompt_tokens = []
+    real_encode = ppo_loop.encode_prompts
+
+    def encode_counting(*args):
+        batch = real_encode(*args)
+        prompt_tokens.append(int(batch.attention_mask.sum()))
+        return batch
+
+    monkeypatch.setattr(ppo_loop, "encode_prompts", encode_counting)
+    options = {"rolloutBatchSize": 8, "miniBatches": 2, "maxNewTokens": 6, "temperature": 1.0}
+    training = {"maxSteps": 3, "loggingSteps": 1, "reportTo": ["mlflow", "tensorboard"]}
+    config = stage_config(toy, tmp_path, options=options, training=training)
+    report = tmp_path / "report.json"
+    run_stage(config, FileReporter(report, min_interval=0.0), use_ray=False)
+
+    stage_dir = tmp_path / "storage" / "rl"
+    logged = [row for row in map(json.loads, (stage_dir / "metrics.jsonl").read_text().splitlines()) if "kl" in row]
+    assert [row["step"] for row in logged] == [1, 2, 3]
+    # Each rollout's prompt tokens and response tokens (8 responses of `response_length` on average), padding aside.
+    assert [row["tokens_per_second"] for row in logged] == pytest.approx(
+        [prompts + 8 * row["response_length"] for prompts, row in zip(prompt_tokens, logged)]
+    )
+    assert json.loads(report.read_text())["tokensPerSecond"] == pytest.approx(logged[-1]["tokens_per_second"])
+
+    client, runs = mlflow_runs(mlflow_store)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    for key in ("score", "kl", "loss", "tokens_per_second"):
+        history = client.get_metric_history(runs[0].info.run_id, key)
+        assert [(m.step, m.value) for m in history] == [(row["step"], pytest.approx(row[key])) for row in logged], key
+    events = list((stage_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert any(b"train/score" in event.read_bytes() and b"train/kl" in event.read_bytes() for event in events)
 
 
 def test_ppo_kl_gate_aborts_with_measured_and_allowed_kl(toy, tmp_path):

@@ -1,8 +1,8 @@
 """What `finetune run` shows while it runs: one live view on a terminal, plain lines at a steady rate elsewhere.
 
 The stage processes' own output (the trainer, Ray, libraries) goes to each stage's `stage.log`; this shows the
-pipeline as the status and the reports describe it: a progress bar per stage (step/total, loss, ETA) and an estimate
-for the whole pipeline.
+pipeline as the status and the reports describe it: a progress bar per stage (step/total, loss, tokens/s, ETA) and an
+estimate for the whole pipeline.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from finetune_api.report import StageReport
 from finetune_api.status import FineTuneJobStatus, StagePhase
 from finetune_api.timeutil import format_duration, seconds_between
-from finetune_trainer.reporting import format_report
+from finetune_trainer.reporting import format_report, format_throughput
 
 # Off a terminal (pods, CI, pipes), at most one progress line per stage this often.
 PLAIN_INTERVAL_SECONDS = 10.0
@@ -24,14 +24,15 @@ SHOWN_EVENTS = {"StageStarting", "StageSucceeded", "AllStagesSucceeded", "Suspen
 
 def pipeline_eta(status: FineTuneJobStatus, current: StageReport | None) -> float | None:
     """Seconds left for the whole pipeline: the running stage's ETA, plus the stages still to run at the average
-    duration of those finished so far (unknown until one has finished)."""
+    duration of those finished so far (unknown until the running stage has an ETA and one stage has finished)."""
     durations = [seconds_between(s.start_time, s.completion_time) for s in status.stages if s.phase == "Succeeded"]
     durations = [d for d in durations if d is not None]
     pending = sum(1 for s in status.stages if s.phase not in (StagePhase.succeeded.value, StagePhase.running.value))
-    running = current.eta_seconds if current and current.phase == "Running" else None
-    if pending and not durations:
+    running = any(s.phase == StagePhase.running.value for s in status.stages)
+    running_eta = current.eta_seconds if current is not None else None
+    if (running and running_eta is None) or (pending and not durations):
         return None
-    return (running or 0.0) + pending * (sum(durations) / len(durations) if durations else 0.0)
+    return (running_eta if running else 0.0) + pending * (sum(durations) / len(durations) if durations else 0.0)
 
 
 class PlainDisplay:
@@ -89,7 +90,7 @@ class LiveDisplay:
         from rich.table import Table
 
         table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
-        for column in ("stage", "type", "phase", "progress", "step", "loss", "eta"):
+        for column in ("stage", "type", "phase", "progress", "step", "loss", "tokens/s", "eta"):
             table.add_column(column)
         for entry in status.stages:
             live = report if entry.name == stage and report is not None else None
@@ -98,11 +99,11 @@ class LiveDisplay:
             if entry.phase == StagePhase.succeeded.value:
                 done = total = max(total, 1)
             loss = f"{live.loss:.4f}" if live and live.loss is not None else ""
+            rate = format_throughput(live.tokens_per_second) if live and live.tokens_per_second is not None else ""
             eta = format_duration(live.eta_seconds) if live and live.eta_seconds is not None else ""
             bar = ProgressBar(total=max(total, 1), completed=done, width=30)
-            table.add_row(
-                entry.name, entry.type, entry.phase or "Pending", bar, f"{done}/{total}" if total else "", loss, eta
-            )
+            step = f"{done}/{total}" if total else ""
+            table.add_row(entry.name, entry.type, entry.phase or "Pending", bar, step, loss, rate, eta)
         table.caption = f"pipeline {status.progress or ''} eta {format_duration(pipeline_eta(status, report))}"
         self.live.update(table)
 

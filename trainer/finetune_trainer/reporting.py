@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -170,7 +171,7 @@ class ConfigMapReporter(_Throttled):
 
 
 class ConsoleReporter:
-    """Human-readable progress lines: stage, step/total, loss, ETA."""
+    """Human-readable progress lines: stage, step/total, loss, tokens/s, ETA."""
 
     def __init__(self, stage: str, min_interval: float = 2.0):
         self.stage = stage
@@ -205,8 +206,14 @@ def format_report(stage: str, report: StageReport) -> str:
     if report.message and not report.total_steps:
         return f"[{stage}] {report.message}"
     loss = f" loss {report.loss:.4f}" if report.loss is not None else ""
+    rate = f" {format_throughput(report.tokens_per_second)} tok/s" if report.tokens_per_second is not None else ""
     saved = f" saved {report.last_checkpoint}" if report.message == "checkpoint" else ""
-    return f"[{stage}] step {report.step}/{report.total_steps}{loss} eta {format_duration(report.eta_seconds)}{saved}"
+    eta = format_duration(report.eta_seconds)
+    return f"[{stage}] step {report.step}/{report.total_steps}{loss}{rate} eta {eta}{saved}"
+
+
+def format_throughput(tokens_per_second: float) -> str:
+    return f"{tokens_per_second:,.0f}"
 
 
 def reporter_from_url(url: str) -> Reporter:
@@ -277,11 +284,14 @@ class ReportChannel:
         loss: float | None = None,
         epoch: float | None = None,
         eta: float | None = None,
+        tokens_per_second: float | None = None,
         **metrics: float,
     ) -> None:
         self.report.step, self.report.total_steps, self.report.epoch, self.report.eta_seconds = step, total, epoch, eta
         if loss is not None:
             self.report.loss = loss
+        if tokens_per_second is not None:
+            self.report.tokens_per_second = tokens_per_second
         self.report.metrics.update({k: float(v) for k, v in metrics.items()})
         self.report.message = ""
         self._publish(urgent=False)
@@ -303,9 +313,39 @@ class ReportChannel:
         self._publish(urgent=True)
 
 
-def progress_callback(channel: ReportChannel, checkpoint_saved):
-    """An HF TrainerCallback: progress (step/total, loss, ETA) on every log, and each saved checkpoint.
+class TokenRate:
+    """Training throughput: the tokens trained between two logs over the wall time between them.
 
+    `mark(tokens)` starts the clock at a running count of trained tokens; each `rate(tokens)` measures the interval
+    since the previous mark or rate and starts the next one. None when nothing was measured yet, or when no token was
+    counted: a trainer that does not count its tokens shows no throughput rather than zero.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.last: tuple[float, int] | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.last is not None
+
+    def mark(self, tokens: int) -> None:
+        self.last = (self.clock(), tokens)
+
+    def rate(self, tokens: int) -> float | None:
+        previous, now = self.last, self.clock()
+        self.last = (now, tokens)
+        if previous is None or now <= previous[0] or tokens <= previous[1]:
+            return None
+        return (tokens - previous[1]) / (now - previous[0])
+
+
+def progress_callback(channel: ReportChannel, checkpoint_saved):
+    """An HF TrainerCallback: progress (step/total, loss, tokens/s, ETA) on every log, and each saved checkpoint.
+
+    Throughput counts `state.num_input_tokens_seen` (summed over ranks; kept only with
+    `include_num_input_tokens_seen`, which `StageContext.training_args` sets, or by trainers that count their own
+    tokens, as GRPO does) from the first step on, so the evaluation before it is not training time.
     `checkpoint_saved(local_dir, step)` runs on every rank (ranks may hold their own shards); it syncs and reports.
     """
     from transformers import TrainerCallback
@@ -313,10 +353,18 @@ def progress_callback(channel: ReportChannel, checkpoint_saved):
     class ProgressCallback(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             self.started_at, self.first_step = time.monotonic(), state.global_step
+            self.tokens = TokenRate()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not self.tokens.started:
+                self.tokens.mark(state.num_input_tokens_seen)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:
                 return
+            tokens_per_second = self.tokens.rate(state.num_input_tokens_seen) if "loss" in logs else None
+            if tokens_per_second is not None:
+                logs["tokens_per_second"] = tokens_per_second  # the trackers after this callback log it too
             channel.record(state.global_step, logs, state.epoch)
             if "loss" not in logs:
                 return
@@ -326,7 +374,14 @@ def progress_callback(channel: ReportChannel, checkpoint_saved):
                 if done > 0
                 else None
             )
-            channel.progress(state.global_step, state.max_steps, loss=float(logs["loss"]), epoch=state.epoch, eta=eta)
+            channel.progress(
+                state.global_step,
+                state.max_steps,
+                loss=float(logs["loss"]),
+                epoch=state.epoch,
+                eta=eta,
+                tokens_per_second=tokens_per_second,
+            )
 
         def on_save(self, args, state, control, **kwargs):
             local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -355,3 +410,64 @@ def tensorboard_callback(log_dir: Path):
             self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, filename_suffix=suffix)
 
     return SeparateFilesTensorBoardCallback()
+
+
+def mlflow_callback():
+    """transformers' MLflowCallback with a run that spans the stage rather than its training alone.
+
+    The HF callback ends its run when training ends, so the held-out evaluation after it would log into another run,
+    one that mlflow starts unasked and leaves open. This one keeps its run until `end_run`, called as the stage ends.
+    """
+    from transformers.integrations import MLflowCallback
+
+    class StageMLflowCallback(MLflowCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            pass  # the evaluation after training belongs to the same run: `end_run` ends it
+
+        def end_run(self, failed: bool) -> None:
+            if self._auto_end_run and self._ml_flow.active_run():
+                self._ml_flow.end_run("FAILED" if failed else "FINISHED")
+
+    return StageMLflowCallback()
+
+
+def build_tracker_callbacks(trackers: list[str], tensorboard_dir: Path) -> list:
+    """One HF TrainerCallback per experiment tracker (`training.reportTo`); each writes from rank 0 only."""
+    from transformers.integrations import WandbCallback
+
+    makers = {
+        "tensorboard": lambda: tensorboard_callback(tensorboard_dir),
+        "mlflow": mlflow_callback,
+        "wandb": WandbCallback,
+    }
+    return [makers[tracker]() for tracker in trackers]
+
+
+class TrackerFeed:
+    """A custom training loop's logs into the trackers' HF callbacks, called as an HF Trainer calls them.
+
+    The callbacks get a minimal TrainerState (the step and the planned steps) and the `args` TrainingArguments, which
+    they record as the run's parameters. Rank 0 only.
+    """
+
+    def __init__(self, callbacks: list, args):
+        from transformers import TrainerControl, TrainerState
+
+        self.callbacks, self.args = callbacks, args
+        self.state, self.control = TrainerState(), TrainerControl()
+        self.begun = False
+
+    def _call(self, event: str, **kwargs) -> None:
+        for callback in self.callbacks:
+            getattr(callback, event)(self.args, self.state, self.control, **kwargs)
+
+    def log(self, step: int, total: int, logs: dict[str, float]) -> None:
+        self.state.global_step, self.state.max_steps = step, total
+        if not self.begun:
+            self.begun = True
+            self._call("on_train_begin")
+        self._call("on_log", logs=dict(logs))
+
+    def end(self) -> None:
+        if self.begun:
+            self._call("on_train_end")

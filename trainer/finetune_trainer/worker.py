@@ -29,5 +29,10 @@ def execute_stage(
     """Run the stage's recipe on this rank; returns its final metrics and the report channel's last report."""
     _quiet_libraries()
     context = StageContext(config, reporter, rank=rank, world_size=world_size, work_dir=work_dir, local_rank=local_rank)
-    metrics = RECIPES[config.stage.type].run(context)
+    try:
+        metrics = RECIPES[config.stage.type].run(context)
+    except BaseException:
+        context.close_trackers(failed=True)
+        raise
+    context.close_trackers(failed=False)
     return {key: float(value) for key, value in metrics.items()}, context.channel.report

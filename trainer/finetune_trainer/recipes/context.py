@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import shutil
 import time
 from pathlib import Path
@@ -25,8 +26,9 @@ from finetune_trainer.reporting import (
     MetricsHistory,
     ReportChannel,
     Reporter,
+    TrackerFeed,
+    build_tracker_callbacks,
     progress_callback,
-    tensorboard_callback,
 )
 
 
@@ -61,6 +63,8 @@ class StageContext:
         self._endpoint = config.storage.endpoint_url
         self._tokenizers: dict[str, Any] = {}
         self._progress_clock: tuple[float, int] | None = None
+        self._trackers: list | None = None
+        self._tracker_feed: TrackerFeed | None = None
         self._hygiene: dict[str, int] = {}
         # New heads and adapters initialise from the global generator when models load: seed it once, here.
         set_seed(config.training.seed)
@@ -124,8 +128,8 @@ class StageContext:
         return data
 
     # ---- training -----------------------------------------------------------------------------------------------
-    def trackers(self) -> list[str] | str:
-        """`training.reportTo` for the HF trainers, once each tracker's package is known to be importable."""
+    def trackers(self) -> list[str]:
+        """`training.reportTo`, once each tracker's package is known to be importable and MLflow where to write."""
         wanted = list(self.config.training.report_to or [])
         packages = {"tensorboard": ("tensorboardX", "tensorboard"), "mlflow": ("mlflow",), "wandb": ("wandb",)}
         for tracker in wanted:
@@ -134,8 +138,17 @@ class StageContext:
                     f"spec.training.reportTo: {tracker!r} needs the {' or '.join(packages[tracker])} package, which "
                     "the trainer image lacks; install it in the image or drop the tracker"
                 )
-        # TensorBoard is one of `callbacks()`, which writes each run to a file of its own.
-        return [tracker for tracker in wanted if tracker != "tensorboard"] or "none"
+        if "mlflow" in wanted:
+            _check_mlflow_tracking_uri()
+        return wanted
+
+    @property
+    def tracker_callbacks(self) -> list:
+        """The trackers' HF callbacks: the HF trainers get them from `callbacks()`, custom loops feed them through
+        `report_progress()`; the same objects, so that the stage can end their runs (`close_trackers`)."""
+        if self._trackers is None:
+            self._trackers = build_tracker_callbacks(self.trackers(), self.tensorboard_dir)
+        return self._trackers
 
     @property
     def tensorboard_uri(self) -> str:
@@ -172,7 +185,12 @@ class StageContext:
             "eval_strategy": "no",
             # One held-out evaluation before the first step gives the recipes their `eval_loss_before`.
             "eval_on_start": True,
-            "report_to": self.trackers(),
+            # What MLflow and W&B name the stage's run.
+            "run_name": f"{self.config.job_name}-{self.config.stage.name}",
+            # The trackers are among `callbacks()`, after the progress callback that adds tokens/s to the logs.
+            "report_to": "none",
+            # Throughput counts the tokens trained (the attention mask's), not the padding.
+            "include_num_input_tokens_seen": "non_padding",
             "disable_tqdm": True,
             "use_cpu": not self.gpu,
             "activation_checkpointing": bool(training.gradient_checkpointing),
@@ -195,13 +213,19 @@ class StageContext:
 
     def callbacks(self) -> list:
         # The divergence check first: it removes a non-finite checkpoint before the progress callback syncs it.
-        callbacks = [
+        return [
             guards.divergence_callback(self.config, loss_scaling=bool(self.precision.get("fp16"))),
             progress_callback(self.channel, self.checkpoint_saved),
+            *self.tracker_callbacks,
         ]
-        if "tensorboard" in (self.config.training.report_to or []):
-            callbacks.append(tensorboard_callback(self.tensorboard_dir))
-        return callbacks
+
+    def close_trackers(self, failed: bool) -> None:
+        """End the trackers' runs as the stage ends, with its outcome (every rank; rank 0's alone hold runs)."""
+        if self._tracker_feed is not None:
+            self._tracker_feed.end()
+        for callback in self._trackers or []:
+            if hasattr(callback, "end_run"):  # MLflow's run outlives training (reporting.mlflow_callback)
+                callback.end_run(failed)
 
     def checkpoint_saved(self, local: Path, step: int) -> str:
         """Copy a freshly saved checkpoint to `config.checkpoint_dir` and report it; call on every rank.
@@ -331,8 +355,16 @@ class StageContext:
         if self.is_main:
             print(f"[{self.config.stage.name}] {message}", flush=True)
 
-    def report_progress(self, step: int, total: int, loss: float | None = None, **extra: float) -> None:
-        """Progress from a custom training loop (rank 0 only); the ETA is extrapolated from the pace so far."""
+    def report_progress(
+        self,
+        step: int,
+        total: int,
+        loss: float | None = None,
+        tokens_per_second: float | None = None,
+        **extra: float,
+    ) -> None:
+        """Progress from a custom training loop (rank 0 only) into the report, metrics.jsonl and the trackers; the ETA
+        is extrapolated from the pace so far, `tokens_per_second` is the loop's own measure (reporting.TokenRate)."""
         if not self.is_main:
             return
         now = time.monotonic()
@@ -340,5 +372,37 @@ class StageContext:
             self._progress_clock = (now, step)
         started, first_step = self._progress_clock
         eta = (now - started) / (step - first_step) * (total - step) if step > first_step else None
-        self.channel.record(step, {**({"loss": loss} if loss is not None else {}), **extra})
-        self.channel.progress(step, total, loss=loss, eta=eta, **extra)
+        measured = {"loss": loss, "tokens_per_second": tokens_per_second}
+        values = {**{key: value for key, value in measured.items() if value is not None}, **extra}
+        self.channel.record(step, values)
+        self.channel.progress(step, total, loss=loss, eta=eta, tokens_per_second=tokens_per_second, **extra)
+        if self.tracker_callbacks:
+            self._feed_trackers(total).log(step, total, values)
+
+    def _feed_trackers(self, total: int) -> TrackerFeed:
+        if self._tracker_feed is None:
+            from transformers import TrainingArguments
+
+            # The run's parameters, as an HF stage records them; DeepSpeed's config stays out of it, because
+            # TrainingArguments would set it up (globally) as if an HF Trainer were to run.
+            args = self.training_args(TrainingArguments, deepspeed=None, max_steps=total)
+            self._tracker_feed = TrackerFeed(self.tracker_callbacks, args)
+        return self._tracker_feed
+
+
+def _check_mlflow_tracking_uri() -> None:
+    """The trainer image's mlflow-skinny writes to an MLflow server (or Databricks), or to a file store that MLflow 3
+    only opens when MLFLOW_ALLOW_FILE_STORE is true; its default (a local SQLite database) needs the full package."""
+    from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    where = "in the trainer's environment (a Secret named in envFromSecrets)"
+    if not uri:
+        raise ConfigError(
+            f"spec.training.reportTo: 'mlflow' needs MLFLOW_TRACKING_URI {where}: an MLflow server's http(s):// URL, "
+            "databricks, or file://DIR with MLFLOW_ALLOW_FILE_STORE=true"
+        )
+    if uri.startswith("file:") and not MLFLOW_ALLOW_FILE_STORE.get():
+        raise ConfigError(
+            f"spec.training.reportTo: 'mlflow' with the file store {uri} needs MLFLOW_ALLOW_FILE_STORE=true {where}"
+        )

@@ -51,6 +51,8 @@ def run(ctx: StageContext) -> dict[str, float]:
         max_completion_length=options.max_new_tokens,
         epsilon=options.epsilon,
         logging_first_step=True,  # so even a short run logs a reward for the status metrics
+        # GRPO counts its prompt and completion tokens itself; the HF count would find no `input_ids` in its batches.
+        include_num_input_tokens_seen="no",
         eval_on_start=False,  # the training rewards are the learning signal; a held-out pass would only add generation time
     )
     trainer = GRPOTrainer(

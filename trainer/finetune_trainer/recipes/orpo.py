@@ -26,7 +26,9 @@ def run(ctx: StageContext) -> dict[str, float]:
     options = ctx.config.stage.orpo or ORPOOptions()
     data = ctx.data(ACCEPTED_COLUMNS)
     tokenizer = ctx.tokenizer()
-    args = ctx.training_args(ORPOConfig, beta=options.beta)
+    # Its batches hold chosen_/rejected_ sequences and no `input_ids` for the HF Trainer's token count, which would
+    # warn every step: the ORPO stage reports no tokens/s.
+    args = ctx.training_args(ORPOConfig, beta=options.beta, include_num_input_tokens_seen="no")
     trainer = ORPOTrainer(
         model=ctx.causal_lm(),
         args=args,

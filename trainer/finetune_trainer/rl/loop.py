@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from finetune_api.spec import PPOOptions, TrainingSpec
 from finetune_trainer.errors import ConfigError, KLLimitError
 from finetune_trainer.recipes.guards import diverged, non_finite
+from finetune_trainer.reporting import TokenRate
 from finetune_trainer.rl import core
 from finetune_trainer.rl.engines import Engine
 from finetune_trainer.rl.kl import KLController, RunningMoments
@@ -111,7 +112,7 @@ class PPOState:
 @dataclass
 class PPOHooks:
     log: Callable[[str], None]
-    progress: Callable[..., None]  # (step, total, loss=None, **extra)
+    progress: Callable[..., None]  # (step, total, loss=None, tokens_per_second=None, **extra)
     checkpoint_saved: Callable[[int, Path], None]  # after every worker wrote its part of checkpoint-<step>
 
 
@@ -147,6 +148,10 @@ class PPOLoop:
         self.seed = training.seed if training.seed is not None else 42
         self.state = PPOState(kl=KLController(options.kl_coef, options.kl_target, options.kl_horizon))
         self.timings = {"generation": 0.0, "scoring": 0.0, "optimisation": 0.0}
+        # Throughput: the rollouts' non-padding tokens (prompts and responses) over all workers, each counted once
+        # however many PPO epochs train on it, as TRL's GRPO counts its generations.
+        self.tokens_seen = 0
+        self.token_rate = TokenRate()
 
     # -- data -------------------------------------------------------------------------------------------------------
     def prompts_for_step(self, step: int) -> list[Prompt]:
@@ -296,6 +301,7 @@ class PPOLoop:
         plan, options, state = self.plan, self.options, self.state
         save_every = self.training.save_steps or 50
         log_every = self.training.logging_steps or 5
+        self.token_rate.mark(self.tokens_seen)
         while state.step < plan.total_steps:
             torch.manual_seed(self.seed * 1_000_003 + state.step * self.world_size + self.rank)
             batch = encode_prompts(self.tokenizer, self.prompts_for_step(state.step), self.max_prompt_tokens)
@@ -305,12 +311,13 @@ class PPOLoop:
             )
             rollout = self.rollout(batch)
             mask = rollout.response_mask
-            score, kl, length, finished = self.global_mean(
+            score, kl, length, finished, tokens = self.global_mean(
                 [
                     rollout.raw_scores.mean().item(),
                     (rollout.kl * mask).sum(dim=1).mean().item(),
                     mask.sum(dim=1).float().mean().item(),
                     core.contains_stop(rollout.responses, self.stop_token_ids).float().mean().item(),
+                    float(rollout.query_mask.sum().item() + mask.sum().item()),
                 ]
             )
             if options.max_kl is not None and kl > options.max_kl:
@@ -327,12 +334,14 @@ class PPOLoop:
             state.score_history.append(score)
             state.kl_history.append(kl)
             state.step += 1
+            self.tokens_seen += round(tokens * self.world_size)
             if state.step % log_every == 0 or state.step == plan.total_steps:
                 reported = ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl")
                 self.hooks.progress(
                     state.step,
                     plan.total_steps,
                     loss=stats["policy_loss"] + options.vf_coef * stats["value_loss"],
+                    tokens_per_second=self.token_rate.rate(self.tokens_seen),
                     score=score,
                     kl=kl,
                     kl_coef=state.kl.value,
