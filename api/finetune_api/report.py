@@ -32,6 +32,10 @@ FiniteMetrics = Annotated[dict[str, float], AfterValidator(_finite_only), PlainS
 
 
 class StageReport(ApiModel):
+    # A newer trainer's report may carry fields this operator does not know: they are ignored, so a trainer image
+    # newer than the operator still reports its phase, progress and failure.
+    model_config = {**ApiModel.model_config, "extra": "ignore"}
+
     phase: Literal["Running", "Succeeded", "Failed"] = Field(description="Phase of the attempt as the trainer sees it.")
     attempt: int = Field(default=1, description="Attempt that wrote this report.")
     step: int = Field(default=0, description="Optimizer steps done.")
