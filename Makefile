@@ -80,7 +80,7 @@ dev-cluster: install
 	$(PY) -m finetune_dev $(WITH_FLAGS) $(if $(GPU_NODES),--gpu-nodes $(GPU_NODES))
 
 operator: install
-	$(VENV)/bin/finetune-operator run --executor local --standalone
+	$(VENV)/bin/finetune-operator run --executor local
 
 bench-operator: install
 	$(PY) bench/operator_scale.py 200 1000

@@ -60,8 +60,6 @@ def install_chart_rbac(
         namespace,
         "--set",
         f"executor={executor}",
-        "--set",
-        "peering.enabled=false",
     ]
     if watch_namespaces:
         args += ["--set", "watchNamespaces={" + ",".join(watch_namespaces) + "}"]
@@ -93,8 +91,10 @@ class OperatorProcess:
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
         python: str = sys.executable,
+        leader_election: bool = False,
     ):
         self.kubeconfig, self.log_path, self.executor = kubeconfig, log_path, executor
+        self.leader_election = leader_election
         self.namespaces, self.state_dir, self.cwd, self.python = namespaces, state_dir, cwd, python
         self.env = source_env(**(env or {}))
         self.process: subprocess.Popen | None = None
@@ -109,7 +109,7 @@ class OperatorProcess:
             "run",
             "--executor",
             self.executor,
-            "--standalone",
+            "--leader-elect" if self.leader_election else "--no-leader-elect",
             "--kubeconfig",
             str(self.kubeconfig),
             "--health-port",

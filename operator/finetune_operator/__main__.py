@@ -37,10 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trainer-image", help="image of the Ray pods when a stage names none")
     run.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster ServiceAccount, else $KUBECONFIG)")
     run.add_argument("--state-dir", type=Path, help="local executor: where stage logs, pids and exit codes are kept")
-    peering = run.add_mutually_exclusive_group()
-    peering.add_argument("--peering", metavar="NAME", help="kopf peering object shared by the operator's replicas")
-    peering.add_argument(
-        "--standalone", action="store_true", default=None, help="no peering: a single operator instance"
+    run.add_argument(
+        "--leader-elect",
+        action=argparse.BooleanOptionalAction,
+        help="act only while holding the Lease in $POD_NAMESPACE, so that one of several replicas acts (default: off)",
     )
     run.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return parser
@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer_image=args.trainer_image,
             kubeconfig=args.kubeconfig,
             state_dir=args.state_dir,
-            peering=args.peering,
-            standalone=args.standalone,
+            leader_election=args.leader_elect,
         )
     except ValueError as exc:
         print(f"finetune-operator: {exc}", file=sys.stderr)
@@ -71,8 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     # Imported here so that `--help` and bad flags answer without loading kopf and the Kubernetes client.
     from finetune_operator.handlers import run_operator
+    from finetune_operator.leader import LeadershipError
 
-    asyncio.run(run_operator(settings))
+    try:
+        asyncio.run(run_operator(settings))
+    except LeadershipError as exc:
+        # Non-zero, so that Kubernetes restarts the replica, which then stands by for the lease.
+        logging.getLogger("finetune_operator").error("%s", exc)
+        return 1
     return 0
 
 

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,6 +18,7 @@ from finetune_api.spec import GROUP, PLURAL, VERSION
 from finetune_operator.children import ATTEMPT_LABEL, JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL
 from finetune_operator.controller import Controller
 from finetune_operator.kube import Kube
+from finetune_operator.leader import Leadership
 from finetune_operator.settings import Settings
 
 
@@ -98,11 +96,6 @@ class NoProgress(kopf.ProgressStorage):
         return essence
 
 
-def replica_priority(identity: str) -> int:
-    """A stable per-replica peering priority in 1..1_000_000 from the pod's name."""
-    return zlib.crc32(identity.encode()) % 1_000_000 + 1
-
-
 def kopf_settings(clusterwide: bool) -> kopf.OperatorSettings:
     settings = kopf.OperatorSettings()
     # Watched namespaces are exact names: without scanning, kopf neither lists namespaces (a cluster-scope permission
@@ -115,9 +108,6 @@ def kopf_settings(clusterwide: bool) -> kopf.OperatorSettings:
     ours = f"{MANAGED_BY_LABEL}={MANAGED_BY},{JOB_LABEL}"
     settings.watching.label_selectors["ray.io", "rayjobs"] = ours
     settings.watching.label_selectors["v1", "configmaps"] = f"{ours},!{ATTEMPT_LABEL}"
-    # kopf pauses every peer that shares the top priority, so each replica takes a distinct one: the highest is active,
-    # the others stand by until its peering record goes stale.
-    settings.peering.priority = replica_priority(os.environ.get("POD_NAME") or socket.gethostname())
     # Our own Events say what happened; kopf adds only its warnings and errors.
     settings.posting.level = logging.WARNING
     return settings
@@ -134,6 +124,8 @@ async def run_operator(
     )
     if settings.metrics_port:
         controller.metrics.serve(settings.metrics_port)
+    # A standby runs nothing until it holds the lease.
+    leadership = await Leadership.begin(kube.configuration, settings)
     workers = asyncio.create_task(controller.run_workers(settings.api_workers), name="reconcile workers")
     try:
         await kopf.operator(
@@ -141,8 +133,8 @@ async def run_operator(
             settings=kopf_settings(settings.clusterwide),
             clusterwide=settings.clusterwide,
             namespaces=settings.namespaces,
-            standalone=settings.standalone,
-            peering_name=settings.peering,
+            # Replicas take turns through the lease (leader.py), not through kopf's peering.
+            standalone=True,
             liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
             stop_flag=stop_flag,
             ready_flag=ready_flag,
@@ -151,3 +143,5 @@ async def run_operator(
         workers.cancel()
         await asyncio.gather(workers, return_exceptions=True)
         kube.close()
+        # Last: the lease guards all of the above. Raises LeadershipError when the lease was lost.
+        await leadership.end()

@@ -28,6 +28,7 @@ _RESOURCES = {
     ("v1", "Event"): ("/api/v1", "events"),
     ("v1", "Pod"): ("/api/v1", "pods"),
     ("v1", "PersistentVolumeClaim"): ("/api/v1", "persistentvolumeclaims"),
+    ("coordination.k8s.io/v1", "Lease"): ("/apis/coordination.k8s.io/v1", "leases"),
     ("rbac.authorization.k8s.io/v1", "Role"): ("/apis/rbac.authorization.k8s.io/v1", "roles"),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     ("ray.io/v1", "RayJob"): ("/apis/ray.io/v1", "rayjobs"),
@@ -39,6 +40,7 @@ RAYJOB = ("ray.io/v1", "RayJob")
 CONFIGMAP = ("v1", "ConfigMap")
 POD = ("v1", "Pod")
 PVC = ("v1", "PersistentVolumeClaim")
+LEASE = ("coordination.k8s.io/v1", "Lease")
 FINETUNEJOB = (f"{GROUP}/{VERSION}", "FineTuneJob")
 RUNTIME = (f"{GROUP}/{VERSION}", RUNTIME_KIND)
 CLUSTER_RUNTIME = (f"{GROUP}/{VERSION}", CLUSTER_RUNTIME_KIND)
@@ -95,6 +97,7 @@ class Kube:
         body: Any = None,
         content_type: str = "application/json",
         query: list[tuple[str, Any]] | None = None,
+        timeout: float = 30,
     ) -> dict[str, Any]:
         # Errors arrive as the dynamic client's ApiException subclasses (NotFoundError, ConflictError, ...).
         response = self.dynamic.request(
@@ -105,7 +108,7 @@ class Kube:
             content_type=content_type,
             header_params={"Accept": "application/json"},
             serialize=False,
-            _request_timeout=30,
+            _request_timeout=timeout,
         )
         return json.loads(response.data or b"{}")
 

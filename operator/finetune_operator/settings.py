@@ -10,6 +10,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from finetune_api.render import PVC_MOUNT_ROOT
+from finetune_api.spec import DNS_SUBDOMAIN
 
 EXECUTORS = ("kuberay", "local")
 ENV_PREFIX = "FINETUNE_"
@@ -28,9 +29,15 @@ class Settings(BaseSettings):
     metrics_port: int = 8080
     health_port: int = 8081
     trainer_image: str = "ghcr.io/finetune-operator/trainer:0.1.0"
-    # kopf peering object name; None with standalone=False means kopf's default peering.
-    peering: str | None = None
-    standalone: bool = False
+    # Replicas take turns through a coordination.k8s.io Lease in $POD_NAMESPACE: only its holder acts (leader.py).
+    # Off, the operator acts at once and alone: a single local run.
+    leader_election: bool = False
+    lease_name: str = Field("finetune-operator", min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)
+    # client-go's defaults: a standby takes over lease_seconds after the holder's last renewal; the holder renews
+    # every lease_retry_seconds and stops acting once no renewal succeeded for lease_renew_deadline_seconds.
+    lease_seconds: int = 15
+    lease_renew_deadline_seconds: float = 10.0
+    lease_retry_seconds: float = 2.0
     # None: in-cluster ServiceAccount, else $KUBECONFIG / ~/.kube/config.
     kubeconfig: str | None = None
     # Delay before retry n is retry_base_seconds * 2**(n-1), capped at retry_max_seconds.
@@ -64,15 +71,19 @@ class Settings(BaseSettings):
     def _comma_separated(cls, value: Any) -> Any:
         return tuple(part.strip() for part in value.split(",") if part.strip()) if isinstance(value, str) else value
 
-    @field_validator("peering", "kubeconfig", mode="before")
+    @field_validator("kubeconfig", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
 
     @model_validator(mode="after")
-    def _peering_or_standalone(self) -> Settings:
-        if self.standalone and self.peering:
-            raise ValueError("--peering and --standalone exclude each other")
+    def _holder_stops_before_the_lease_expires(self) -> Settings:
+        # client-go's NewLeaderElector checks the same: a holder that cannot renew gives up before a standby may take
+        # over, and tries at least once before it gives up.
+        if not self.lease_seconds > self.lease_renew_deadline_seconds > self.lease_retry_seconds > 0:
+            raise ValueError(
+                "lease timings need lease_seconds > lease_renew_deadline_seconds > lease_retry_seconds > 0"
+            )
         return self
 
     @property

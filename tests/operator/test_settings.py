@@ -8,7 +8,6 @@ import pytest
 
 from finetune_operator.__main__ import build_parser
 from finetune_operator.controller import merge_patch
-from finetune_operator.handlers import replica_priority
 from finetune_operator.settings import from_env
 
 pytestmark = pytest.mark.unit
@@ -24,20 +23,21 @@ def test_environment_then_flags(monkeypatch):
         "FINETUNE_EXECUTOR": "local",
         "FINETUNE_NAMESPACES": "ml, research",
         "FINETUNE_METRICS_PORT": "9090",
-        "FINETUNE_STANDALONE": "true",
+        "FINETUNE_LEADER_ELECTION": "true",
         "FINETUNE_RETRY_BASE_SECONDS": "0.5",
         "FINETUNE_STATE_DIR": "/var/lib/ft",
-        "FINETUNE_PEERING": "",
+        "FINETUNE_LEASE_NAME": "ops-lease",
     }
     environment(monkeypatch, env)
     settings = from_env()
     assert (settings.executor, settings.namespaces, settings.metrics_port) == ("local", ("ml", "research"), 9090)
-    assert (settings.standalone, settings.retry_base_seconds, settings.state_dir, settings.peering) == (
+    assert (settings.leader_election, settings.retry_base_seconds, settings.state_dir, settings.lease_name) == (
         True,
         0.5,
         Path("/var/lib/ft"),
-        None,
+        "ops-lease",
     )
+    assert (settings.lease_seconds, settings.lease_renew_deadline_seconds, settings.lease_retry_seconds) == (15, 10, 2)
     assert not settings.clusterwide
     assert from_env(executor="kuberay", metrics_port=None).executor == "kuberay"
     monkeypatch.setenv("FINETUNE_NAMESPACES", "")
@@ -49,8 +49,12 @@ def test_environment_then_flags(monkeypatch):
     [
         ({"FINETUNE_EXECUTOR": "slurm"}, "FINETUNE_EXECUTOR='slurm': Input should be 'kuberay' or 'local'"),
         ({"FINETUNE_METRICS_PORT": "eighty"}, "FINETUNE_METRICS_PORT='eighty': Input should be a valid integer"),
-        ({"FINETUNE_STANDALONE": "maybe"}, "FINETUNE_STANDALONE='maybe': Input should be a valid boolean"),
-        ({"FINETUNE_STANDALONE": "1", "FINETUNE_PEERING": "ops"}, "--peering and --standalone exclude each other"),
+        ({"FINETUNE_LEADER_ELECTION": "maybe"}, "FINETUNE_LEADER_ELECTION='maybe': Input should be a valid boolean"),
+        ({"FINETUNE_LEASE_NAME": "Ops"}, "FINETUNE_LEASE_NAME='Ops': String should match pattern"),
+        (
+            {"FINETUNE_LEASE_RENEW_DEADLINE_SECONDS": "20"},
+            "lease timings need lease_seconds > lease_renew_deadline_seconds > lease_retry_seconds > 0",
+        ),
     ],
 )
 def test_bad_settings_are_named(monkeypatch, env, message):
@@ -64,11 +68,14 @@ def test_bad_settings_are_named(monkeypatch, env, message):
 
 def test_cli_flags():
     args = build_parser().parse_args(
-        ["run", "--executor", "local", "-n", "a", "-n", "b", "--standalone", "--health-port", "0"]
+        ["run", "--executor", "local", "-n", "a", "-n", "b", "--leader-elect", "--health-port", "0"]
     )
-    assert (args.executor, args.namespaces, args.standalone, args.health_port) == ("local", ["a", "b"], True, 0)
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["run", "--peering", "x", "--standalone"])
+    assert (args.executor, args.namespaces, args.leader_elect, args.health_port) == ("local", ["a", "b"], True, 0)
+    # Unset, the environment decides.
+    assert [build_parser().parse_args(["run", *flag]).leader_elect for flag in ([], ["--no-leader-elect"])] == [
+        None,
+        False,
+    ]
 
 
 def test_merge_patch_replaces_changed_keys_and_removes_dropped_ones():
@@ -85,14 +92,6 @@ def test_merge_patch_replaces_changed_keys_and_removes_dropped_ones():
         "currentStage": None,
     }
     assert merge_patch(new, new) == {}
-
-
-def test_replicas_get_distinct_stable_peering_priorities():
-    names = [f"finetune-operator-7d9c8b-{suffix}" for suffix in ("abcde", "fghij", "klmno")]
-    priorities = [replica_priority(name) for name in names]
-    assert len(set(priorities)) == len(names)
-    assert priorities == [replica_priority(name) for name in names]
-    assert all(1 <= p <= 1_000_000 for p in priorities)
 
 
 def test_pull_secrets_and_start_timeout_come_from_the_environment(monkeypatch):
