@@ -42,7 +42,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = f"{GROUP}_{PLURAL}.yaml"
 RUNTIME_CRD_FILE = f"{GROUP}_{RUNTIME_PLURAL}.yaml"
 CLUSTER_RUNTIME_CRD_FILE = f"{GROUP}_{CLUSTER_RUNTIME_PLURAL}.yaml"
-PEERING_FILE = "kopf.dev_peerings.yaml"
 CHART_CRD_DIR = REPO_ROOT / "charts" / "finetune-operator" / "crds"
 RELEASE_NAME = '{{ include "finetune-operator.fullname" . }}'
 ADMISSION_POLICY_TEMPLATE = REPO_ROOT / "charts" / "finetune-operator" / "templates" / "runtime-admission-policy.yaml"
@@ -449,45 +448,6 @@ def runtime_crd(kind: str) -> dict[str, Any]:
     }
 
 
-def _peering_crd(kind: str, scope: str) -> dict[str, Any]:
-    plural = kind.lower() + "s"
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{plural}.kopf.dev"},
-        "spec": {
-            "group": "kopf.dev",
-            "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
-            "scope": scope,
-            "versions": [
-                {
-                    "name": "v1",
-                    "served": True,
-                    "storage": True,
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "description": "kopf's peering record: replicas of the operator announce themselves here so only one is active.",
-                            "properties": {
-                                "status": {
-                                    "type": "object",
-                                    "description": "One entry per live operator replica (priority, lifetime, last seen).",
-                                    "x-kubernetes-preserve-unknown-fields": True,
-                                }
-                            },
-                        }
-                    },
-                }
-            ],
-        },
-    }
-
-
-def peering_crds() -> list[dict[str, Any]]:
-    """kopf's peering CRDs (cluster-wide and per-namespace), as kopf documents them."""
-    return [_peering_crd("ClusterKopfPeering", "Cluster"), _peering_crd("KopfPeering", "Namespaced")]
-
-
 def _dump(*documents: dict[str, Any]) -> str:
     body = "---\n".join(yaml.safe_dump(doc, sort_keys=False, width=120, allow_unicode=True) for doc in documents)
     return HEADER + body
@@ -500,7 +460,6 @@ def generated_files() -> dict[Path, str]:
         CRD_FILE: _dump(crd),
         RUNTIME_CRD_FILE: _dump(runtime),
         CLUSTER_RUNTIME_CRD_FILE: _dump(runtime_crd(CLUSTER_RUNTIME_KIND)),
-        PEERING_FILE: _dump(*peering_crds()),
     }
     runtime_doc = reference_doc(runtime, {"spec": runtime_spec_schema()}).replace(
         "\n## `spec`",

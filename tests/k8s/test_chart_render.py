@@ -38,10 +38,6 @@ CRD_READ = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("
 TOKEN_CREATE = {("", "serviceaccounts/token", "create")}
 
 
-def peering(resource: str) -> set[tuple[str, str, str]]:
-    return {("kopf.dev", resource, v) for v in ("get", "list", "watch", "patch")}
-
-
 @pytest.fixture(scope="module")
 def helm() -> Path:
     from finetune_dev import GoNotFoundError, ensure_binaries
@@ -131,18 +127,18 @@ def test_default_values_are_cluster_wide(helm: Path, tmp_path: Path):
         "ClusterRoleBinding",
         "Deployment",
         "Service",
-        "ClusterKopfPeering",
+        "Role",
+        "RoleBinding",
         "ValidatingAdmissionPolicy",
         "ValidatingAdmissionPolicyBinding",
     }
     (role,) = by_kind(docs, "ClusterRole")
-    assert grants(role) == NAMESPACED | CLUSTER_RUNTIME_READ | CRD_READ | peering("clusterkopfpeerings")
+    assert grants(role) == NAMESPACED | CLUSTER_RUNTIME_READ | CRD_READ
     (binding,) = by_kind(docs, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ft-finetune-operator", "namespace": NAMESPACE}]
-    (peer,) = by_kind(docs, "ClusterKopfPeering")
     env = env_of(docs)
-    assert env["FINETUNE_PEERING"] == peer["metadata"]["name"]
+    assert (env["FINETUNE_LEADER_ELECTION"], env["FINETUNE_LEASE_NAME"]) == ("true", "ft-finetune-operator")
     assert env["FINETUNE_EXECUTOR"] == "kuberay" and env["FINETUNE_NAMESPACES"] == ""
     assert env["FINETUNE_TRAINER_IMAGE"] == "ghcr.io/finetune-operator/trainer:0.1.0"
     assert (env["FINETUNE_IMAGE_PULL_SECRETS"], env["FINETUNE_START_TIMEOUT_SECONDS"]) == ("", "1200")
@@ -155,24 +151,22 @@ def test_trainer_pull_secrets_reach_the_operator(helm: Path, tmp_path: Path):
 
 def test_watch_namespaces_grant_roles_per_namespace(helm: Path, tmp_path: Path):
     docs = render(helm, tmp_path, {"watchNamespaces": ["a", "b"]})
-    roles = by_kind(docs, "Role")
+    roles = [r for r in by_kind(docs, "Role") if r["metadata"]["name"] == "ft-finetune-operator"]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["a", "b"]
     for role in roles:
-        assert grants(role) == NAMESPACED | peering("kopfpeerings")
-    bindings = by_kind(docs, "RoleBinding")
+        assert grants(role) == NAMESPACED
+    bindings = [b for b in by_kind(docs, "RoleBinding") if b["metadata"]["name"] == "ft-finetune-operator"]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["a", "b"]
     assert all(b["subjects"][0]["namespace"] == NAMESPACE for b in bindings)
     # Nothing cluster-wide: kopf serves the listed namespaces by name, without the CRD and namespace watches.
     assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
-    assert sorted(p["metadata"]["namespace"] for p in by_kind(docs, "KopfPeering")) == ["a", "b"]
-    assert not by_kind(docs, "ClusterKopfPeering")
     assert env_of(docs)["FINETUNE_NAMESPACES"] == "a,b"
 
 
 def test_token_requests_only_with_the_local_executor(helm: Path, tmp_path: Path):
     docs = render(helm, tmp_path, {"executor": "local"})
     (role,) = by_kind(docs, "ClusterRole")
-    assert grants(role) == NAMESPACED | CLUSTER_RUNTIME_READ | TOKEN_CREATE | CRD_READ | peering("clusterkopfpeerings")
+    assert grants(role) == NAMESPACED | CLUSTER_RUNTIME_READ | TOKEN_CREATE | CRD_READ
     assert env_of(docs)["FINETUNE_STATE_DIR"].startswith("/tmp/")
 
 
@@ -213,20 +207,46 @@ def test_metrics_service_and_optional_service_monitor(helm: Path, tmp_path: Path
     assert env_of(docs)["FINETUNE_METRICS_PORT"] == "0"
 
 
-def test_standalone_mode_refuses_extra_replicas(helm: Path, tmp_path: Path):
-    docs = render(helm, tmp_path, {"peering": {"enabled": False}})
-    assert env_of(docs)["FINETUNE_STANDALONE"] == "true" and "FINETUNE_PEERING" not in env_of(docs)
-    assert not by_kind(docs, "ClusterKopfPeering")
+def test_leader_election_may_touch_only_its_lease_in_the_operators_namespace(helm: Path, tmp_path: Path):
+    for values in ({}, {"watchNamespaces": ["a", "b"]}):
+        docs = render(helm, tmp_path, {**values, "leaderElection": {"name": "ops-lease"}})
+        (role,) = [r for r in by_kind(docs, "Role") if r["metadata"]["name"] == "ft-finetune-operator-leader-election"]
+        assert role["metadata"]["namespace"] == NAMESPACE
+        # `create` cannot name the object; reading and renewing can.
+        assert role["rules"] == [
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+            {
+                "apiGroups": ["coordination.k8s.io"],
+                "resources": ["leases"],
+                "resourceNames": ["ops-lease"],
+                "verbs": ["get", "update"],
+            },
+        ]
+        (binding,) = [b for b in by_kind(docs, "RoleBinding") if b["roleRef"]["name"] == role["metadata"]["name"]]
+        assert binding["metadata"]["namespace"] == NAMESPACE
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "ft-finetune-operator", "namespace": NAMESPACE}
+        ]
+        assert env_of(docs)["FINETUNE_LEASE_NAME"] == "ops-lease"
+        assert {e["name"] for e in container(docs)["env"]} >= {"POD_NAME", "POD_NAMESPACE"}
+    (deployment,) = by_kind(render(helm, tmp_path, {"replicas": 3}), "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+
+
+def test_without_leader_election_a_single_replica_and_no_lease_rights(helm: Path, tmp_path: Path):
+    docs = render(helm, tmp_path, {"leaderElection": {"enabled": False}})
+    assert env_of(docs)["FINETUNE_LEADER_ELECTION"] == "false" and "FINETUNE_LEASE_NAME" not in env_of(docs)
+    assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
     result = run_helm(
         helm,
         "template",
         "ft",
         str(CHART),
-        values={"peering": {"enabled": False}, "replicas": 2},
+        values={"leaderElection": {"enabled": False}, "replicas": 2},
         tmp_path=tmp_path,
         check=False,
     )
-    assert result.returncode != 0 and "replicas > 1 needs peering.enabled" in result.stderr
+    assert result.returncode != 0 and "replicas > 1 needs leaderElection.enabled" in result.stderr
 
 
 def test_schema_rejects_unknown_and_mistyped_values(helm: Path, tmp_path: Path):
@@ -250,8 +270,6 @@ def test_crds_ship_with_the_chart(helm: Path, tmp_path: Path):
         "finetunejobs.finetune.dev",
         "finetuneruntimes.finetune.dev",
         "clusterfinetuneruntimes.finetune.dev",
-        "clusterkopfpeerings.kopf.dev",
-        "kopfpeerings.kopf.dev",
     }
 
 

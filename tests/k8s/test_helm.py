@@ -48,8 +48,10 @@ def test_cluster_wide_install_creates_objects_and_least_privilege_rbac(control_p
     name = f"{release}-finetune-operator"
     for kind in ("deployment", "serviceaccount", "service"):
         control_plane.kubectl("get", kind, name if kind != "service" else f"{name}-metrics", "-n", namespace)
-    for kind in ("clusterrole", "clusterrolebinding", "clusterkopfpeering"):
+    for kind in ("clusterrole", "clusterrolebinding"):
         control_plane.kubectl("get", kind, name)
+    for kind in ("role", "rolebinding"):
+        control_plane.kubectl("get", kind, f"{name}-leader-election", "-n", namespace)
     status = json.loads(control_plane.helm("status", release, "--namespace", namespace, "-o", "json").stdout)
     assert status["info"]["status"] == "deployed"
 
@@ -68,7 +70,11 @@ def test_cluster_wide_install_creates_objects_and_least_privilege_rbac(control_p
     ):
         assert can(control_plane, user, verb, resource, other), (verb, resource)
     assert not can(control_plane, user, "watch", "namespaces")  # kopf lists no namespaces when serving all of them
-    assert can(control_plane, user, "patch", f"clusterkopfpeerings.kopf.dev/{name}")
+    # The leader-election Lease: its own, in the release namespace only.
+    assert eventually(lambda: can(control_plane, user, "update", f"leases.coordination.k8s.io/{name}", namespace))
+    assert can(control_plane, user, "create", "leases.coordination.k8s.io", namespace)
+    assert not can(control_plane, user, "update", "leases.coordination.k8s.io/kube-scheduler", namespace)
+    assert not can(control_plane, user, "update", f"leases.coordination.k8s.io/{name}", other)
     for verb, resource in (
         ("list", "secrets"),
         ("create", "pods"),
@@ -135,7 +141,6 @@ def test_namespaced_install_is_confined_to_its_namespaces(control_plane: Control
     for ns in watched:
         control_plane.kubectl("get", "role", name, "-n", ns)
         control_plane.kubectl("get", "rolebinding", name, "-n", ns)
-        control_plane.kubectl("get", "kopfpeering", name, "-n", ns)
     assert (
         control_plane.kubectl("get", "clusterrole", "-l", f"app.kubernetes.io/instance={release}", "-o", "name").stdout
         == ""
@@ -143,9 +148,9 @@ def test_namespaced_install_is_confined_to_its_namespaces(control_plane: Control
 
     user = operator_user(namespace, release)
     assert eventually(lambda: all(can(control_plane, user, "create", "rayjobs.ray.io", ns) for ns in watched))
-    assert can(control_plane, user, "patch", f"kopfpeerings.kopf.dev/{name}", watched[0])
+    assert eventually(lambda: can(control_plane, user, "update", f"leases.coordination.k8s.io/{name}", namespace))
+    assert not can(control_plane, user, "create", "leases.coordination.k8s.io", watched[0])
     assert not can(control_plane, user, "list", "customresourcedefinitions.apiextensions.k8s.io")
     assert not can(control_plane, user, "create", "rayjobs.ray.io", unwatched)
     assert not can(control_plane, user, "watch", "finetunejobs.finetune.dev", unwatched)
     assert not can(control_plane, user, "watch", "namespaces")
-    assert not can(control_plane, user, "patch", "clusterkopfpeerings.kopf.dev")

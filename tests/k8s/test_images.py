@@ -70,8 +70,6 @@ def chart_deployment(control_plane, release: str, namespace: str) -> dict:
         "--set",
         "executor=kuberay",
         "--set",
-        "peering.enabled=false",
-        "--set",
         f"watchNamespaces={{{namespace}}}",
         "--set",
         f"trainerImage={TRAINER_IMAGE}",

@@ -28,8 +28,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{- end -}}
 
-{{- define "finetune-operator.peeringName" -}}
-{{- default (include "finetune-operator.fullname" .) .Values.peering.name -}}
+{{- define "finetune-operator.leaseName" -}}
+{{- default (include "finetune-operator.fullname" .) .Values.leaderElection.name -}}
 {{- end -}}
 
 {{- define "finetune-operator.image" -}}
