@@ -160,6 +160,9 @@ class Event:
     type: str
     reason: str
     message: str
+    # What the Event is about, when more stable than its message: the same transition decided again (after a crash,
+    # with fresher observations) has the same reason and key, and the operator names the Event by them.
+    key: str = ""
 
 
 @dataclass
@@ -173,8 +176,8 @@ class Decision:
         seconds = max(seconds, 0.0)
         self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
 
-    def event(self, reason: str, message: str, warning: bool = False) -> None:
-        self.events.append(Event("Warning" if warning else "Normal", reason, message))
+    def event(self, reason: str, message: str, warning: bool = False, key: str = "") -> None:
+        self.events.append(Event("Warning" if warning else "Normal", reason, message, key or message))
 
 
 # Job fields still read from the job's own spec once its effective spec is fixed (the first stage has started).
@@ -587,6 +590,7 @@ class _Machine:
         self.decision.event(
             Reason.STAGE_SUCCEEDED,
             f"stage {stage.name} succeeded: {stage.checkpoint}" + (f" ({shown})" if shown else ""),
+            key=f"{stage.name}/{stage.attempts}",
         )
 
     def attempt_failed(self, index: int, reason: str, message: str, permanent: bool) -> bool:
@@ -619,7 +623,9 @@ class _Machine:
             f"at {stage.retry_at}"
         )
         stage.message = text
-        self.decision.event(Reason.RETRYING_FROM_CHECKPOINT, f"stage {stage.name}: {text}", warning=True)
+        self.decision.event(
+            Reason.RETRYING_FROM_CHECKPOINT, f"stage {stage.name}: {text}", warning=True, key=f"{stage.name}/{attempt}"
+        )
         self.condition(RUNNING, True, Reason.RETRYING_FROM_CHECKPOINT, f"stage {stage.name}: {text}")
         self.decision.wake_in(wait)
         return False
@@ -694,7 +700,7 @@ class _Machine:
         stage.message = message
         self.condition(RUNNING, True, Reason.STAGE_STARTING, message)
         if new_attempt:
-            self.decision.event(Reason.STAGE_STARTING, message)
+            self.decision.event(Reason.STAGE_STARTING, message, key=f"{stage.name}/{attempt}")
             for warning in self.obs.storage_warnings:
                 self.decision.event(Reason.STORAGE_NOT_SHARED, f"stage {stage.name}: {warning}", warning=True)
 

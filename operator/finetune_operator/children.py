@@ -380,20 +380,21 @@ def rayjob(
     }
 
 
-def event_name(job: JobRef, reason: str, message: str) -> str:
+def event_name(job: JobRef, reason: str, key: str) -> str:
     """One name per happening: the same transition, decided again after a crash or a refused status write, names
-    the same Event, so posting it is create-if-absent and it appears exactly once."""
-    digest = hashlib.sha256(f"{job.uid}/{job.generation}/{reason}/{message}".encode()).hexdigest()[:16]
+    the same Event, so posting it is create-if-absent and it appears exactly once. `key` says what the Event is
+    about (a stage attempt, say); without one, its message does."""
+    digest = hashlib.sha256(f"{job.uid}/{job.generation}/{reason}/{key}".encode()).hexdigest()[:16]
     return f"{job.name}.{digest}"
 
 
-def event(job: JobRef, type_: str, reason: str, message: str, now: datetime) -> dict[str, Any]:
+def event(job: JobRef, type_: str, reason: str, message: str, now: datetime, key: str = "") -> dict[str, Any]:
     """A core/v1 Event about the FineTuneJob (messages never carry Secret values: only names)."""
     stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     return {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"name": event_name(job, reason, message), "namespace": job.namespace},
+        "metadata": {"name": event_name(job, reason, key or message), "namespace": job.namespace},
         "involvedObject": {
             "apiVersion": API_VERSION,
             "kind": KIND,

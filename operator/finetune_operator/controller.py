@@ -217,9 +217,10 @@ class Controller:
             )
             self.kube.delete(FINETUNEJOB, job.namespace, job.name)
 
-    def post_event(self, job: JobRef, type_: str, reason: str, message: str) -> None:
+    def post_event(self, job: JobRef, type_: str, reason: str, message: str, key: str = "") -> None:
         try:
-            if self.kube.create_if_absent(children.event(job, type_, reason, message, datetime.now(UTC))):
+            manifest = children.event(job, type_, reason, message, datetime.now(UTC), key=key)
+            if self.kube.create_if_absent(manifest):
                 self.metrics.events.labels(type=type_, reason=reason).inc()
         except ApiException as exc:
             # Events are best effort: a failure to post one must not stop the reconcile.
@@ -268,7 +269,7 @@ class Controller:
         # Events go out before the status that records their transition: if this process dies in between, the next
         # pass decides the same transition again and re-posts the same (deterministically named) Event.
         for event in decision.events:
-            self.post_event(job, event.type, event.reason, event.message)
+            self.post_event(job, event.type, event.reason, event.message, key=event.key)
         if patch:
             try:
                 self.kube.patch_job_status(job.namespace, job.name, patch)

@@ -127,9 +127,17 @@ async def run_operator(
     # A standby runs nothing until it holds the lease.
     leadership = await Leadership.begin(kube.configuration, settings)
     workers = asyncio.create_task(controller.run_workers(settings.api_workers), name="reconcile workers")
+    registry = make_registry(controller)
+
+    # kopf waits (5 s) on shutdown for tasks it did not start: the workers stop in its cleanup phase instead.
+    @kopf.on.cleanup(id="stop-workers", registry=registry)
+    async def stop_workers(**_: Any) -> None:
+        workers.cancel()
+        await asyncio.gather(workers, return_exceptions=True)
+
     try:
         await kopf.operator(
-            registry=make_registry(controller),
+            registry=registry,
             settings=kopf_settings(settings.clusterwide),
             clusterwide=settings.clusterwide,
             namespaces=settings.namespaces,
