@@ -505,6 +505,9 @@ class ControlPlane:
                 *args,
                 f"--controllers={','.join(CONTROLLERS)}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
+                # The default 20 requests/s has the garbage collector take minutes over a few thousand children.
+                "--kube-api-qps=200",
+                "--kube-api-burst=400",
             ],
         )
         self._wait_ready("kube-controller-manager", proc, lambda: self._http_ok(healthz, _UNVERIFIED_TLS))
