@@ -83,7 +83,7 @@ operator: install
 	$(VENV)/bin/finetune-operator run --executor local
 
 bench-operator: install
-	$(PY) bench/operator_scale.py 200 1000
+	$(PY) bench/operator_scale.py 1000
 
 # The operator and trainer images from their Dockerfiles, with buildah on a local Debian base (root, buildah and
 # debootstrap needed; docs/install.md). Cached under ~/.cache/finetune-operator/images.

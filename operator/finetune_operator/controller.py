@@ -275,7 +275,9 @@ class Controller:
                 self.kube.patch_job_status(job.namespace, job.name, patch)
                 self.refused_patches.pop(job.uid, None)
             except ApiException as exc:
-                if exc.status not in (404, 409):  # gone or conflicting: not a refusal of what the patch says
+                if exc.status == 404:
+                    return None, current  # deleted meanwhile: its DELETED event ends its state here
+                if exc.status != 409:  # a conflict is not a refusal of what the patch says
                     self.status_patch_refused(job, stored, exc)
                 raise
         self.metrics.observe_phase(job.uid, decision.status.phase)
@@ -402,7 +404,13 @@ class Controller:
         except Exception as exc:  # noqa: BLE001 - any failure is retried
             self.metrics.reconciles.labels(result="error").inc()
             self.metrics.errors.labels(kind=type(exc).__name__).inc()
-            log.warning("%s/%s: reconcile failed, retrying in %.0fs: %s", *key, ERROR_RETRY_SECONDS, exc)
+            # The client's ApiException prints its response headers too: the status and the server's message say it.
+            problem = (
+                f"{exc.status} {_api_message(exc)}"
+                if isinstance(exc, ApiException)
+                else (str(exc) or type(exc).__name__)
+            )
+            log.warning("%s/%s: reconcile failed, retrying in %.0fs: %s", *key, ERROR_RETRY_SECONDS, problem)
             self.known.pop(key, None)
             delay = ERROR_RETRY_SECONDS
         finally:
