@@ -290,7 +290,33 @@ class DeepSpeedSpec(SpecModel):
         return self
 
 
+# A module name or dotted path as `named_modules()` writes it (`lm_head`, `model.embed_tokens`).
+MODULE_NAME = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$"
+
+
+# Options of the adapters, and the CEL test that one is in use (false and an empty list are the same as unset).
+_ADAPTER_ONLY = {
+    "use_dora": ("useDora", "has(self.useDora) && self.useDora"),
+    "use_rslora": ("useRslora", "has(self.useRslora) && self.useRslora"),
+    "modules_to_save": ("modulesToSave", "has(self.modulesToSave) && size(self.modulesToSave) > 0"),
+}
+
+
 class PeftSpec(SpecModel):
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            *(
+                cel(
+                    # The CRD stores no defaults: an absent method is lora.
+                    f"!({in_use}) || !has(self.method) || self.method != 'full'",
+                    f"{wire} applies to lora and qlora, not method full",
+                    fieldPath=f".{wire}",
+                )
+                for wire, in_use in _ADAPTER_ONLY.values()
+            )
+        )
+    )
+
     method: Literal["full", "lora", "qlora"] = Field(
         default="lora",
         description="`full` trains every weight; `lora` trains low-rank adapters; `qlora` adds a 4-bit quantized base (GPU only).",
@@ -303,6 +329,30 @@ class PeftSpec(SpecModel):
         max_length=256,
         description="Module names to adapt (e.g. `q_proj`, `v_proj`); default: all linear layers except the output head.",
     )
+    use_dora: bool = Field(
+        default=False,
+        description="Weight-Decomposed LoRA (DoRA): adapt each weight's direction and magnitude separately (lora/qlora).",
+    )
+    use_rslora: bool = Field(
+        default=False,
+        description="Rank-stabilised LoRA: scale adapters by alpha / sqrt(r) instead of alpha / r (lora/qlora).",
+    )
+    modules_to_save: list[Annotated[str, Field(min_length=1, max_length=256, pattern=MODULE_NAME)]] | None = Field(
+        default=None,
+        max_length=64,
+        description=(
+            "Modules trained in full and saved beside the adapters (e.g. `lm_head`, `embed_tokens`), by name as in "
+            "the model's `named_modules()` (lora/qlora)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _adapter_options_need_adapters(self) -> PeftSpec:
+        if self.method == "full":
+            for name, (wire, _) in _ADAPTER_ONLY.items():
+                if getattr(self, name):
+                    raise ValueError(f"{wire}: applies to lora and qlora, not method full")
+        return self
 
 
 class TrainingSpec(SpecModel):
@@ -375,6 +425,29 @@ class TrainingSpec(SpecModel):
         description="Quality gate: fail the stage (QualityGateFailed, output not written) unless the held-out loss "
         "drops by at least this much (eval_loss_before - eval_loss_after). Unset: no gate.",
     )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        default=None,
+        description=(
+            "Attention kernel the model loads with (transformers' `attn_implementation`); default: transformers' "
+            "choice for the model. `flash_attention_2` needs a GPU and the flash-attn package in the trainer image."
+        ),
+    )
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd"] | None = Field(
+        default=None,
+        description=(
+            "Optimizer (transformers' `optim`; default adamw_torch). 8-bit and paged optimizers need bitsandbytes, "
+            "which the trainer image lacks, so they are not offered."
+        ),
+    )
+    neftune_noise_alpha: float | None = Field(
+        default=None,
+        gt=0,
+        le=50,
+        description=(
+            "NEFTune: add uniform noise of this scale (alpha / sqrt(length * hidden size)) to the input embeddings "
+            "while training (sft stages; other stage types ignore it). Typical values 5-15; unset: no noise."
+        ),
+    )
 
 
 TRAINING_DEFAULTS = TrainingSpec(
@@ -386,6 +459,7 @@ TRAINING_DEFAULTS = TrainingSpec(
     warmup_ratio=0.03,
     weight_decay=0.0,
     lr_scheduler="cosine",
+    optimizer="adamw_torch",
     gradient_checkpointing=False,
     precision="auto",
     seed=42,

@@ -6,6 +6,7 @@ fetched to a local directory first.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -111,14 +112,35 @@ def lora_config(peft: PeftSpec, task_type: str = "CAUSAL_LM", **fields: Any):
         return None
     from peft import LoraConfig
 
+    # Modules the spec names train in full beside those the trainer adds (an untied output head for new tokens).
+    to_save = list(dict.fromkeys([*(peft.modules_to_save or []), *(fields.pop("modules_to_save", None) or [])]))
     return LoraConfig(
         r=peft.r,
         lora_alpha=peft.alpha,
         lora_dropout=peft.dropout,
         target_modules=peft.target_modules or "all-linear",
         task_type=task_type,
+        use_dora=peft.use_dora,
+        use_rslora=peft.use_rslora,
+        modules_to_save=to_save or None,
         **fields,
     )
+
+
+def attention_kwargs(attn_implementation: str | None, gpu: bool) -> dict[str, Any]:
+    """from_pretrained's `attn_implementation` (none: transformers' choice), refused before loading when unusable."""
+    if attn_implementation is None:
+        return {}
+    if attn_implementation == "flash_attention_2":
+        field = "spec.training.attnImplementation"
+        if not gpu:
+            raise ConfigError(f"{field}: flash_attention_2 needs a GPU; use sdpa or eager on CPU")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError(
+                f"{field}: flash_attention_2 needs the flash-attn package, which the trainer image lacks; install it "
+                "in the image or use sdpa"
+            )
+    return {"attn_implementation": attn_implementation}
 
 
 def _quantization(peft: PeftSpec, gpu: bool) -> dict[str, Any]:
@@ -198,10 +220,12 @@ def load_causal_lm(
     endpoint_url: str | None = None,
     gradient_checkpointing: bool = False,
     deepspeed: bool = False,
+    attn_implementation: str | None = None,
 ):
     from transformers import AutoModelForCausalLM
 
     quantization = _quantization(peft, gpu) if trainable else {}
+    attention = attention_kwargs(attn_implementation, gpu)
     model = _load(
         AutoModelForCausalLM,
         uri,
@@ -210,6 +234,7 @@ def load_causal_lm(
         endpoint_url,
         dtype=load_dtype(precision, trainable=trainable, peft_method=peft.method, deepspeed=deepspeed),
         **quantization,
+        **attention,
     )
     return _prepare(model, tokenizer, peft, trainable, "CAUSAL_LM", gradient_checkpointing)
 
@@ -227,11 +252,13 @@ def load_sequence_classifier(
     endpoint_url: str | None = None,
     gradient_checkpointing: bool = False,
     deepspeed: bool = False,
+    attn_implementation: str | None = None,
 ):
     """A one-logit scoring head on the model (reward/value models)."""
     from transformers import AutoModelForSequenceClassification
 
     quantization = _quantization(peft, gpu) if trainable else {}
+    attention = attention_kwargs(attn_implementation, gpu)
     model = _load(
         AutoModelForSequenceClassification,
         uri,
@@ -241,6 +268,7 @@ def load_sequence_classifier(
         num_labels=1,
         dtype=load_dtype(precision, trainable=trainable, peft_method=peft.method, deepspeed=deepspeed),
         **quantization,
+        **attention,
     )
     return _prepare(model, tokenizer, peft, trainable, "SEQ_CLS", gradient_checkpointing)
 

@@ -92,6 +92,7 @@ class StageContext:
             "endpoint_url": self._endpoint,
             "gradient_checkpointing": bool(self.config.training.gradient_checkpointing),
             "deepspeed": strategy.deepspeed_config(self.config.deepspeed) is not None,
+            "attn_implementation": self.config.training.attn_implementation,
         }
 
     def causal_lm(self, uri: str | None = None, trainable: bool = True):
@@ -171,6 +172,7 @@ class StageContext:
             "lr_scheduler_type": training.lr_scheduler,
             "warmup_steps": training.warmup_ratio,  # a float below 1 is a ratio of the total steps
             "weight_decay": training.weight_decay,
+            "optim": training.optimizer or "adamw_torch",
             "per_device_train_batch_size": training.batch_size,
             "per_device_eval_batch_size": training.eval_batch_size or training.batch_size,
             "gradient_accumulation_steps": training.gradient_accumulation_steps,

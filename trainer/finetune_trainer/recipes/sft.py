@@ -137,6 +137,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         completion_only_loss=completion_only if not data.columns == ("messages",) else None,
         assistant_only_loss=completion_only and data.columns == ("messages",),
         dataset_num_proc=None,
+        neftune_noise_alpha=ctx.config.training.neftune_noise_alpha,
     )
     trainer = SFTTrainer(
         model=ctx.causal_lm(),

@@ -22,8 +22,17 @@ MAX_GRAD_NORM = 1.0  # transformers' TrainingArguments default, which PPOv2 inhe
 
 
 def _optimizer(model: nn.Module, training: TrainingSpec) -> torch.optim.Optimizer:
+    """`training.optimizer`, built as transformers' Trainer builds it for `optim`."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay or 0.0)
+    lr, weight_decay = training.learning_rate, training.weight_decay or 0.0
+    name = training.optimizer or "adamw_torch"
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=name == "adamw_torch_fused")
 
 
 def _schedule(optimizer: torch.optim.Optimizer, training: TrainingSpec, total_updates: int):
