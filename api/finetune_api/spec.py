@@ -435,7 +435,8 @@ class TrainingSpec(SpecModel):
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd"] | None = Field(
         default=None,
         description=(
-            "Optimizer (transformers' `optim`; default adamw_torch). 8-bit and paged optimizers need bitsandbytes, "
+            "Optimizer (transformers' `optim`). Default: transformers' own (adamw_torch_fused with the image's "
+            "torch) for the HF stages, adamw_torch for our PPO loop. 8-bit and paged optimizers need bitsandbytes, "
             "which the trainer image lacks, so they are not offered."
         ),
     )
@@ -459,7 +460,6 @@ TRAINING_DEFAULTS = TrainingSpec(
     warmup_ratio=0.03,
     weight_decay=0.0,
     lr_scheduler="cosine",
-    optimizer="adamw_torch",
     gradient_checkpointing=False,
     precision="auto",
     seed=42,

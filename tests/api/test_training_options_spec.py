@@ -48,10 +48,10 @@ def test_options_parse_camel_case_and_stage_training_overrides_them_field_by_fie
     assert job.spec.to_wire()["training"]["neftuneNoiseAlpha"] == 5
 
 
-def test_defaults_are_adamw_torch_and_no_noise_or_attention_choice():
+def test_defaults_leave_the_optimizer_noise_and_attention_to_the_libraries():
     text = JOB.replace("  training: {attnImplementation: sdpa, optimizer: adafactor, neftuneNoiseAlpha: 5}\n", "")
     resolved = resolve_training(parse_manifest(text, "job.yaml").spec, parse_manifest(text, "job.yaml").spec.stages[0])
-    assert resolved.optimizer == "adamw_torch"
+    assert resolved.optimizer is None
     assert resolved.neftune_noise_alpha is None and resolved.attn_implementation is None
     assert (PeftSpec().use_dora, PeftSpec().use_rslora, PeftSpec().modules_to_save) == (False, False, None)
 

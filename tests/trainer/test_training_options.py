@@ -34,7 +34,7 @@ def test_unset_options_keep_transformers_defaults(render, tmp_path):
 
     ctx = context(render(SFT), tmp_path)
     args = ctx.training_args(SFTConfig)
-    assert args.optim == "adamw_torch" and args.neftune_noise_alpha is None
+    assert args.optim == SFTConfig.__dataclass_fields__["optim"].default and args.neftune_noise_alpha is None
     assert ctx._model_kwargs(trainable=True)["attn_implementation"] is None
 
 

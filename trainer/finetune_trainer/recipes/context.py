@@ -172,7 +172,6 @@ class StageContext:
             "lr_scheduler_type": training.lr_scheduler,
             "warmup_steps": training.warmup_ratio,  # a float below 1 is a ratio of the total steps
             "weight_decay": training.weight_decay,
-            "optim": training.optimizer or "adamw_torch",
             "per_device_train_batch_size": training.batch_size,
             "per_device_eval_batch_size": training.eval_batch_size or training.batch_size,
             "gradient_accumulation_steps": training.gradient_accumulation_steps,
@@ -207,6 +206,8 @@ class StageContext:
         field_names = {f.name for f in dataclasses.fields(args_cls)}
         if "max_length" in field_names:
             values["max_length"] = training.max_length
+        if training.optimizer:
+            values["optim"] = training.optimizer  # unset: transformers' default for the installed torch
         values.update(overrides)
         unknown = sorted(set(values) - field_names)
         if unknown:
