@@ -80,7 +80,8 @@ def test_operator_reconciles_with_the_client_bound(control_plane, namespace, tmp
         "metadata": {"name": "bounds", "namespace": namespace},
         "spec": {
             "model": {"source": "s3://models/base"},
-            "storage": {"uri": "s3://runs/bounds"},
+            # retainOnDelete: false makes the operator hold a finalizer: its metadata patch and deletes are exercised.
+            "storage": {"uri": "s3://runs/bounds", "retainOnDelete": False},
             "stages": [{"name": "sft", "type": "sft", "dataset": {"uri": "s3://data/instruct.jsonl"}}],
         },
     }

@@ -94,9 +94,10 @@ def screen_lines(output: str) -> list[str]:
 
 @pytest.mark.train
 def test_on_a_terminal_finetune_run_draws_a_live_progress_bar_and_ends_with_the_stage_table(tmp_path, tiny_model_dir):
-    steps = 40
+    # Long enough (a few seconds on an idle machine) for reports, written at most once a second, to land mid-run.
+    steps = 300
     stages = [{"name": "domain", "type": "cpt", "dataset": {"uri": str(DATA / "domain.txt")}}]
-    training = {**FAST_TRAINING, "maxSteps": steps, "loggingSteps": 2}
+    training = {**FAST_TRAINING, "maxSteps": steps, "loggingSteps": 5}
     spec = job_spec(tiny_model_dir, tmp_path / "out", stages, training=training)
     manifest = write_manifest(tmp_path / "job.yaml", spec.model_dump(by_alias=True, exclude_none=True, mode="json"))
     argv = [sys.executable, "-m", "finetune_trainer", "run", str(manifest), "--no-ray"]
