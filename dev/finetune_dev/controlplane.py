@@ -50,15 +50,19 @@ _STATE_ENTRIES = ("pki", "etcd", "logs", "apiserver-certs", "helm", "kubeconfigs
 COMPONENTS = ("kube-controller-manager", "kube-scheduler", "kwok", "kuberay-operator", "kueue")
 # The kube-controller-manager loops the neighbours rely on (names from k8s.io/kubernetes
 # cmd/kube-controller-manager/names/controller_names.go): owner-reference garbage collection,
-# namespace deletion, `default` ServiceAccounts, Jobs (KubeRay's submitter), EndpointSlices,
-# PersistentVolumeClaim binding, and node lifecycle (it lifts the not-ready taint the apiserver
-# puts on every new Node).
+# namespace deletion, `default` ServiceAccounts, Jobs (KubeRay's submitter), Endpoints (what the
+# apiserver's service proxy dials: pkg/registry/core/service/storage ResourceLocation) and
+# EndpointSlices, each namespace's `kube-root-ca.crt` (what a Pod's projected token volume
+# carries), PersistentVolumeClaim binding, and node lifecycle (it lifts the not-ready taint the
+# apiserver puts on every new Node).
 CONTROLLERS = (
     "garbage-collector-controller",
     "namespace-controller",
     "serviceaccount-controller",
     "job-controller",
+    "endpoints-controller",
     "endpointslice-controller",
+    "root-ca-certificate-publisher-controller",
     "persistentvolume-binder-controller",
     "node-lifecycle-controller",
 )
@@ -355,6 +359,11 @@ class ControlPlane:
         if self._owns_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
+    @property
+    def ca_cert(self) -> Path:
+        """The cluster CA's certificate (what `kube-root-ca.crt` carries)."""
+        return self._pki.ca_cert
+
     def raise_if_exited(self) -> None:
         """Raise ControlPlaneError, with its log, if etcd or the apiserver has died."""
         for name, proc in self._processes:
@@ -505,6 +514,7 @@ class ControlPlane:
                 *args,
                 f"--controllers={','.join(CONTROLLERS)}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--root-ca-file={self._pki.ca_cert}",
                 # The default 20 requests/s has the garbage collector take minutes over a few thousand children.
                 "--kube-api-qps=200",
                 "--kube-api-burst=400",
@@ -549,6 +559,9 @@ class ControlPlane:
                 f"--health-probe-bind-address=127.0.0.1:{probe}",
                 "--enable-leader-election=false",
                 "--log-stdout-encoder=console",
+                # Reach each head's dashboard through the apiserver's service proxy (utils/util.go
+                # GetRayDashboardClientFunc): this process runs outside any Pod network and cluster DNS.
+                "--use-kubernetes-proxy",
             ],
             env={"KUBECONFIG": str(self.kubeconfig)},
         )
