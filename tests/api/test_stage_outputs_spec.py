@@ -134,17 +134,17 @@ def test_a_reward_model_that_a_later_stage_scores_with_must_be_merged():
 @pytest.mark.parametrize("field", ["evalSteps: 10", "earlyStopping: {patience: 2}"])
 def test_rl_stages_refuse_held_out_options_of_their_own_and_ignore_inherited_ones(field):
     text = textwrap.dedent(
-        f"""\
+        """\
         apiVersion: finetune.dev/v1alpha1
         kind: FineTuneJob
-        metadata: {{name: rl}}
+        metadata: {name: rl}
         spec:
-          model: {{source: ./models/tiny}}
-          storage: {{uri: ./out}}
-          training: {{evalSteps: 10, earlyStopping: {{}}}}
+          model: {source: ./models/tiny}
+          storage: {uri: ./out}
+          training: {evalSteps: 10, earlyStopping: {}}
           stages:
-          - {{name: rm, type: reward, dataset: {{uri: prefs.jsonl}}}}
-          - {{name: ppo, type: ppo, rewardFrom: rm, dataset: {{uri: prompts.jsonl}}}}
+          - {name: rm, type: reward, dataset: {uri: prefs.jsonl}}
+          - {name: ppo, type: ppo, rewardFrom: rm, dataset: {uri: prompts.jsonl}}
         """
     )
     assert parse_manifest(text, "job.yaml").spec.stages[1].training is None

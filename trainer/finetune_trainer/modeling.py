@@ -282,6 +282,21 @@ def merged(model):
     return model
 
 
+def save_adapter(model, tokenizer, out_dir: Path, base_model: str) -> None:
+    """The LoRA adapter alone (adapter_config.json and its weights) with the tokenizer, naming `base_model` as its base.
+
+    Call before `merged(model)`, which folds the adapter into the base and removes it.
+    """
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise ConfigError("export adapter and both need a model trained with LoRA adapters (peft.method lora or qlora)")
+    for adapter in model.peft_config.values():
+        # PEFT records the local directory the base was loaded from (a scratch cache); users need where it lives.
+        adapter.base_model_name_or_path = base_model
+    save_pretrained(model, tokenizer, out_dir)
+
+
 def save_pretrained(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, state_dict=state_dict)
