@@ -300,10 +300,10 @@ class StageContext:
                 self._endpoint,
             )
             kept = storage.list_checkpoints(self.config.checkpoint_dir, self._endpoint)
-            # The best checkpoint (early stopping's) stays, as transformers keeps it in its own rotation.
-            best = _best_step(local)
+            # The latest (to resume from) and the best (early stopping's) stay, as in transformers' own rotation.
+            keep = {kept[-1][0], _best_step(local)}
             excess = len(kept) - (self.config.training.save_total_limit or len(kept))
-            for _, old in [(step, uri) for step, uri in kept if step != best][: max(0, excess)]:
+            for _, old in [(step, uri) for step, uri in kept if step not in keep][: max(0, excess)]:
                 storage.delete(old, self._endpoint)
             self.channel.checkpoint(destination, step)
             self.publish_history()
