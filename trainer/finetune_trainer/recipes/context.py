@@ -7,6 +7,7 @@ process and in every Ray Train worker.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -381,36 +382,43 @@ class StageContext:
     def _score_suites(self, model, tokenizer, metrics: dict[str, float]) -> None:
         if not self.config.suites:
             return
-        if strategy.is_zero3(self.config.deepspeed):
-            # The input model is loaded whole for scoring: ZeRO-3's partitioned loading would leave it without weights
-            # outside a DeepSpeed engine.
-            from transformers.integrations.deepspeed import (
-                _hf_deepspeed_config_weak_ref,
-                set_hf_deepspeed_config,
-                unset_hf_deepspeed_config,
-            )
-
-            active = _hf_deepspeed_config_weak_ref() if _hf_deepspeed_config_weak_ref is not None else None
-            unset_hf_deepspeed_config()
-            try:
-                suites.score_and_gate(self, model, tokenizer, metrics)
-            finally:
-                if active is not None:
-                    set_hf_deepspeed_config(active)
-        else:
+        # The input model is loaded whole for scoring.
+        with self._whole_model_loading():
             suites.score_and_gate(self, model, tokenizer, metrics)
+
+    @contextlib.contextmanager
+    def _whole_model_loading(self):
+        """Under ZeRO-3, models loaded in this block load whole: ZeRO-3's partitioned loading would leave them without
+        weights outside a DeepSpeed engine, and hang on a collective when only rank 0 loads."""
+        if not strategy.is_zero3(self.config.deepspeed):
+            yield
+            return
+        from transformers.integrations.deepspeed import (
+            _hf_deepspeed_config_weak_ref,
+            set_hf_deepspeed_config,
+            unset_hf_deepspeed_config,
+        )
+
+        active = _hf_deepspeed_config_weak_ref() if _hf_deepspeed_config_weak_ref is not None else None
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            if active is not None:
+                set_hf_deepspeed_config(active)
 
     def _write_final(self, model, tokenizer, output: str, metrics: dict[str, float]) -> None:
         staging = self.work_dir / "final-model"
         shutil.rmtree(staging, ignore_errors=True)
         export = self.config.stage.export
+        adapter = None
         if export != "merged":
             adapter = staging / model_card.ADAPTER_DIR
             modeling.save_adapter(model, tokenizer, adapter, model_card.hub_or_uri(self.config.input_model))
             # In place of PEFT's template card.
             (adapter / "README.md").write_text(model_card.render(self.config, metrics, adapter=True), encoding="utf-8")
         if export != "adapter":
-            modeling.save_pretrained(modeling.merged(model), tokenizer, staging)
+            modeling.save_pretrained(self._merged(model, tokenizer, adapter), tokenizer, staging)
         else:
             tokenizer.save_pretrained(staging)
         card = model_card.render(self.config, metrics, adapter=export == "adapter")
@@ -425,6 +433,28 @@ class StageContext:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(staging), target)
         self.log(f"saved final model to {output}")
+
+    def _merged(self, model, tokenizer, adapter: Path | None):
+        """The stage's merged model (rank 0). LoRA's adapters fold into the trained model in memory; QLoRA's adapter,
+        saved to `adapter` (or, when the stage keeps no adapter, to a scratch directory), folds into the input model
+        reloaded unquantized in bf16 on the CPU instead of into the trained model's 4-bit weights
+        (modeling.reload_and_merge)."""
+        if self.config.peft.method != "qlora":
+            return modeling.merged(model)
+        if adapter is None:
+            adapter = self.work_dir / "qlora-adapter"
+            shutil.rmtree(adapter, ignore_errors=True)
+            modeling.save_adapter(model, tokenizer, adapter, model_card.hub_or_uri(self.config.input_model))
+        self.log(f"merging the QLoRA adapter into {self.config.input_model}, reloaded in bf16")
+        with self._whole_model_loading():
+            return modeling.reload_and_merge(
+                adapter,
+                self.config.input_model,
+                self.config.model,
+                tokenizer,
+                cache=self._cache,
+                endpoint_url=self._endpoint,
+            )
 
     # ---- reporting ----------------------------------------------------------------------------------------------
     def log(self, message: str) -> None:
