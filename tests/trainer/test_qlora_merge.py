@@ -165,3 +165,39 @@ def test_only_rank_0_reloads_and_merges(render, tmp_path, monkeypatch):
     monkeypatch.setattr(modeling, "reload_and_merge", refuse)
     ctx.save_final(model, tokenizer, dict.fromkeys(STAGE_METRICS["sft"], 1.0))
     assert not Path(ctx.config.output_uri).exists()
+
+
+def test_under_zero3_the_input_model_reloads_whole(render, tmp_path, monkeypatch):
+    """Rank 0 reloads alone: ZeRO-3's partitioned loading (deepspeed.zero.Init) is off for it, and on again after."""
+    from transformers.integrations.deepspeed import (
+        HfDeepSpeedConfig,
+        is_deepspeed_zero3_enabled,
+        unset_hf_deepspeed_config,
+    )
+
+    config = render(
+        {"type": "sft", "dataset": {"uri": str(DATA / "instruct.jsonl")}}, peft="qlora", deepspeed={"zeroStage": 3}
+    )
+    ctx = StageContext(config, None, rank=0, world_size=1, work_dir=tmp_path / "work")
+    tokenizer = ctx.tokenizer()
+    model = modeling.load_causal_lm(
+        config.input_model, config.model, tokenizer, **{**ctx._model_kwargs(True), "peft": LORA}
+    )
+    # What the Trainer's arguments set up under ZeRO-3 (kept referenced: transformers holds it weakly).
+    active = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    assert is_deepspeed_zero3_enabled()
+    zero3_while_reloading = []
+    reload_and_merge = modeling.reload_and_merge
+
+    def spy(*args, **kwargs):
+        zero3_while_reloading.append(is_deepspeed_zero3_enabled())
+        return reload_and_merge(*args, **kwargs)
+
+    monkeypatch.setattr(modeling, "reload_and_merge", spy)
+    try:
+        ctx._write_final(model, tokenizer, config.output_uri, {})
+        assert zero3_while_reloading == [False] and is_deepspeed_zero3_enabled()
+    finally:
+        unset_hf_deepspeed_config()
+        del active
+    assert (Path(config.output_uri) / "model.safetensors").is_file()

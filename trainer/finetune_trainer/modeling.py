@@ -335,6 +335,7 @@ def reload_and_merge(
         getattr(transformers, auto_cls), base_uri, spec, cache, endpoint_url, dtype=dtype or torch.bfloat16, **kwargs
     )
     _match_tokenizer(base, tokenizer)
+    # PEFT would otherwise read the adapter's weights onto the GPU, beside the trained model, before copying them over.
     model = PeftModel.from_pretrained(base, str(adapter_dir), torch_device="cpu")
     return model.merge_and_unload().eval()
 
