@@ -355,6 +355,21 @@ class PeftSpec(SpecModel):
         return self
 
 
+class EarlyStoppingSpec(SpecModel):
+    patience: int = Field(
+        default=3,
+        ge=1,
+        le=10000,
+        description="Stop after this many held-out evaluations in a row without a new best held-out loss.",
+    )
+    min_delta: float = Field(
+        default=0.0,
+        ge=0,
+        le=1000,
+        description="A held-out loss counts as better only when it is below the best so far by more than this.",
+    )
+
+
 class TrainingSpec(SpecModel):
     """Hyper-parameters. Set once under `spec.training`; a stage's `training` overrides field by field."""
 
@@ -404,7 +419,10 @@ class TrainingSpec(SpecModel):
         default=None, ge=1, le=COUNT_MAX, description="Report progress every N steps (default 5)."
     )
     save_steps: int | None = Field(
-        default=None, ge=1, le=COUNT_MAX, description="Save a resumable checkpoint every N steps (default 50)."
+        default=None,
+        ge=1,
+        le=COUNT_MAX,
+        description="Save a resumable checkpoint every N steps (default 50; with `earlyStopping`, `evalSteps`).",
     )
     save_total_limit: int | None = Field(
         default=None, ge=1, le=10000, description="Keep at most this many intermediate checkpoints (default 2)."
@@ -416,6 +434,24 @@ class TrainingSpec(SpecModel):
             "Experiment trackers the trainer logs to, besides the stage's metrics.jsonl. `tensorboard` writes under "
             "`<storage>/<stage>/tensorboard`; `mlflow` and `wandb` read their settings and credentials from the "
             "environment (put them in a Secret named in `envFromSecrets`). The tracker's package must be in the image."
+        ),
+    )
+    eval_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=COUNT_MAX,
+        description=(
+            "Also evaluate on the held-out rows every N optimizer steps (cpt, sft, reward, dpo, kto and orpo stages; "
+            "ppo and grpo stages refuse it in their own `training` and ignore it from `spec.training`). Unset: "
+            "held-out evaluation only before and after training."
+        ),
+    )
+    early_stopping: EarlyStoppingSpec | None = Field(
+        default=None,
+        description=(
+            "Stop training once the held-out loss stops improving (`patience` evaluations every `evalSteps`, which "
+            "it requires) and make the evaluation with the lowest held-out loss the stage's output; a checkpoint is "
+            "saved at every evaluation instead of every `saveSteps`. Same stages as `evalSteps`."
         ),
     )
     min_improvement: float | None = Field(
@@ -739,6 +775,10 @@ class GRPOOptions(SpecModel):
     epsilon: float = Field(default=0.2, gt=0, le=100, description="Policy ratio clip.")
 
 
+# Stage types whose held-out loss `training.evalSteps` and `training.earlyStopping` watch (the HF Trainer stages).
+HELD_OUT_LOSS_STAGES = ("cpt", "sft", "reward", "dpo", "kto", "orpo")
+_HELD_OUT_ONLY = {"eval_steps": "evalSteps", "early_stopping": "earlyStopping"}
+
 # Stage types with their own options block (`stages[].dpo`, `stages[].ppo`, ...), allowed only on stages of that type.
 OPTION_STAGES = ("sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo")
 _RL_TYPES = "[" + ", ".join(f"'{t}'" for t in sorted(RL_STAGES)) + "]"
@@ -774,6 +814,14 @@ class StageSpec(SpecModel):
                     reason="FieldValueForbidden",
                 )
                 for option in OPTION_STAGES
+            ),
+            cel(
+                f"!(self.type in {_RL_TYPES}) || !has(self.training) || "
+                "!has(self.training.evalSteps) && !has(self.training.earlyStopping)",
+                "training.evalSteps and training.earlyStopping apply to the held-out loss of cpt, sft, reward, dpo, "
+                "kto and orpo stages, not ppo or grpo",
+                fieldPath=".training",
+                reason="FieldValueForbidden",
             ),
         )
     )
@@ -817,6 +865,15 @@ class StageSpec(SpecModel):
     peft: PeftSpec | None = Field(default=None, description="Overrides `spec.peft` for this stage.")
     deepspeed: DeepSpeedSpec | None = Field(default=None, description="Overrides `spec.deepspeed` for this stage.")
     resources: ResourcesSpec | None = Field(default=None, description="Overrides `spec.resources` for this stage.")
+    export: Literal["merged", "adapter", "both"] = Field(
+        default="merged",
+        description=(
+            "What the stage's output directory (`<storage>/<stage>/model`) holds besides the tokenizer and a model "
+            "card (README.md): `merged`, the model with any LoRA adapters folded in (what the next stage starts "
+            "from); `adapter`, only the LoRA adapter, under `adapter/` (no later stage may start from, or score "
+            "with, this stage's model); `both`. `adapter` and `both` need peft.method lora or qlora."
+        ),
+    )
     generation_eval: GenerationEvalSpec | None = Field(
         default=None,
         description="cpt/sft: generate for held-out prompts and report ROUGE-L and BLEU against the references.",
@@ -844,7 +901,21 @@ class StageSpec(SpecModel):
             raise ValueError(f"rewardFrom: a {self.type} stage needs the name of an earlier reward stage here")
         if self.reward_from and self.type not in RL_STAGES:
             raise ValueError("rewardFrom: only allowed on ppo and grpo stages")
+        if self.type in RL_STAGES and self.training is not None:
+            for name, wire in _HELD_OUT_ONLY.items():
+                if getattr(self.training, name) is not None:
+                    raise ValueError(
+                        f"training.{wire}: applies to the held-out loss of cpt, sft, reward, dpo, kto and orpo "
+                        f"stages, not {self.type}"
+                    )
         return self
+
+    def consumers(self, later: list[StageSpec]) -> list[StageSpec]:
+        """The stages among `later` that load this stage's model: the next policy stages, or the stages scoring with
+        a reward model."""
+        if self.type == StageType.reward.value:
+            return [stage for stage in later if stage.reward_from == self.name]
+        return [stage for stage in later if stage.type != StageType.reward.value]
 
     def data_sources(self) -> list[tuple[str, str, DatasetSpec]]:
         """(task name, field path, dataset) of each of the stage's datasets; a lone `dataset` is task `default`."""
@@ -872,6 +943,40 @@ _REWARD_FROM_EARLIER_REWARD_STAGE = cel(
     messageExpression="'stage ' + self.map(n, n.name).filter(n, self.exists(s, s.name == n && has(s.rewardFrom) && "
     f"!{_VALID_REWARD_FROM}))[0] + ': rewardFrom must name an earlier stage of type reward'",
 )
+_ADAPTER_ONLY_CONSUMED = (
+    "has(s.export) && s.export == 'adapter' && self.exists(t, self.indexOf(t) > self.indexOf(s) && "
+    "(s.type == 'reward' ? has(t.rewardFrom) && t.rewardFrom == s.name : t.type != 'reward'))"
+)
+_ADAPTER_ONLY_LAST = cel(
+    f"self.all(s, !({_ADAPTER_ONLY_CONSUMED}))",
+    "export adapter writes no merged model, but a later stage loads it; use export both",
+    messageExpression="'stage ' + self.map(n, n.name).filter(n, self.exists(s, s.name == n && "
+    f"{_ADAPTER_ONLY_CONSUMED}))[0] + ': export adapter writes no merged model, but a later stage loads it; use "
+    "export both'",
+)
+# The CRD stores no defaults: an absent peft.method is lora, and a stage without `peft` has the job's.
+_FULL = "has({0}.peft) && has({0}.peft.method) && {0}.peft.method == 'full'"
+_EXPORT_WITHOUT_ADAPTER = (
+    f"has(s.export) && s.export != 'merged' && (has(s.peft) ? {_FULL.format('s')} : {_FULL.format('self')})"
+)
+_EARLY_STOPPING_WITHOUT_EVAL_STEPS = (
+    f"!(s.type in {_RL_TYPES}) && "
+    "(has(s.training) && has(s.training.earlyStopping) || has(self.training) && has(self.training.earlyStopping)) && "
+    "!(has(s.training) && has(s.training.evalSteps) || has(self.training) && has(self.training.evalSteps))"
+)
+
+
+def _stage_rule(bad: str, message: str) -> dict[str, str]:
+    """A job-level rule that no stage is `bad` (a CEL condition on stage `s`), its message naming the first that is."""
+    return cel(
+        f"self.stages.all(s, !({bad}))",
+        message,
+        messageExpression="'stage ' + self.stages.map(n, n.name).filter(n, self.stages.exists(s, s.name == n && "
+        f"{bad}))[0] + ': {message}'",
+        fieldPath=".stages",
+    )
+
+
 RUNTIME_KINDS = ("FineTuneRuntime", "ClusterFineTuneRuntime")
 
 
@@ -895,7 +1000,12 @@ class FineTuneJobSpec(SpecModel):
                     reason="FieldValueRequired",
                 )
                 for name in ("model", "storage")
-            )
+            ),
+            _stage_rule(_EXPORT_WITHOUT_ADAPTER, "export adapter and both need peft.method lora or qlora, not full"),
+            _stage_rule(
+                _EARLY_STOPPING_WITHOUT_EVAL_STEPS,
+                "training.earlyStopping requires training.evalSteps, the held-out evaluations it watches",
+            ),
         )
     )
 
@@ -920,7 +1030,7 @@ class FineTuneJobSpec(SpecModel):
         min_length=1,
         max_length=16,
         description="Stages run in order; each starts from the previous stage's output model.",
-        json_schema_extra=cel_rules(_STAGE_NAMES_UNIQUE, _REWARD_FROM_EARLIER_REWARD_STAGE),
+        json_schema_extra=cel_rules(_STAGE_NAMES_UNIQUE, _REWARD_FROM_EARLIER_REWARD_STAGE, _ADAPTER_ONLY_LAST),
     )
     peft: PeftSpec = Field(
         default_factory=PeftSpec, description="Parameter-efficient fine-tuning settings for every stage."
@@ -997,6 +1107,7 @@ class FineTuneJobSpec(SpecModel):
                         f"stages[{index}].rewardFrom: stage {stage.reward_from!r} has type {source}, expected a reward stage"
                     )
             seen[stage.name] = stage.type
+            self._check_stage_outputs(index, stage)
         for index, suite in enumerate(self.evaluation.suites):
             for name in suite.stages or []:
                 if name not in seen:
@@ -1009,6 +1120,28 @@ class FineTuneJobSpec(SpecModel):
                         "not a language model; suites score the policy stages"
                     )
         return self
+
+    def _check_stage_outputs(self, index: int, stage: StageSpec) -> None:
+        """`export` against the stage's PEFT method and its consumers; `earlyStopping` against `evalSteps`."""
+        if stage.export != "merged" and (stage.peft or self.peft).method == "full":
+            raise ValueError(f"stages[{index}].export: {stage.export} needs peft.method lora or qlora, not full")
+        consumers = stage.consumers(self.stages[index + 1 :])
+        if stage.export == "adapter" and consumers:
+            raise ValueError(
+                f"stages[{index}].export: adapter writes no merged model, but stage {consumers[0].name!r} loads it; "
+                "use export both"
+            )
+        if stage.type in RL_STAGES:
+            return
+        own = stage.training or TrainingSpec()
+        if own.early_stopping is None and self.training.early_stopping is None:
+            return
+        if own.eval_steps is None and self.training.eval_steps is None:
+            where = f"stages[{index}].training" if own.early_stopping is not None else "training"
+            raise ValueError(
+                f"{where}.earlyStopping: requires training.evalSteps, the held-out evaluations it watches "
+                f"(stage {stage.name!r} sets none)"
+            )
 
     def stage(self, name: str) -> StageSpec:
         for stage in self.stages:

@@ -218,9 +218,19 @@ def test_constraints_come_from_the_field_definitions(root: dict[str, Any]):
 def test_cel_rules_cover_the_cross_field_checks(root: dict[str, Any]):
     spec = root["properties"]["spec"]["properties"]
     stage_rules = {r["fieldPath"] for r in spec["stages"]["items"]["x-kubernetes-validations"]}
-    assert stage_rules == {".rewardFrom", ".dataset", *(f".{option}" for option in OPTION_STAGES)}
+    assert stage_rules == {".rewardFrom", ".dataset", ".training", *(f".{option}" for option in OPTION_STAGES)}
     list_rules = [r["message"] for r in spec["stages"]["x-kubernetes-validations"]]
-    assert list_rules == ["stage names must be unique", "rewardFrom must name an earlier stage of type reward"]
+    assert list_rules == [
+        "stage names must be unique",
+        "rewardFrom must name an earlier stage of type reward",
+        "export adapter writes no merged model, but a later stage loads it; use export both",
+    ]
+    # Rules reading the job's peft or training beside a stage's sit on the spec and name the stage in their message.
+    job_rules = [r["message"] for r in root["properties"]["spec"]["x-kubernetes-validations"] if "stages" in r["rule"]]
+    assert job_rules == [
+        "export adapter and both need peft.method lora or qlora, not full",
+        "training.earlyStopping requires training.evalSteps, the held-out evaluations it watches",
+    ]
     # Once started, every spec field but the live ones is frozen, each by its own rule naming it.
     frozen = {r["fieldPath"]: r["rule"] for r in root["x-kubernetes-validations"]}
     assert set(frozen) == {f".spec.{name}" for name in spec} - {

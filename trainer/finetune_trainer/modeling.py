@@ -192,13 +192,19 @@ def _apply_peft(model, peft: PeftSpec, task_type: str, gradient_checkpointing: b
     return get_peft_model(model, lora_config(peft, task_type, **_train_new_tokens(model, new_ids)))
 
 
-def _prepare(model, tokenizer, peft: PeftSpec, trainable: bool, task_type: str, gradient_checkpointing: bool):
-    """Match the tokenizer's vocabulary and pad token; frozen for inference, or with adapters when trained with PEFT."""
+def _match_tokenizer(model, tokenizer) -> list[int]:
+    """Fit the embeddings to the tokenizer's vocabulary and set its pad and stop tokens; the ids of added rows."""
     new_ids = _fit_embeddings(model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = stop_token_ids(tokenizer, model)
+    return new_ids
+
+
+def _prepare(model, tokenizer, peft: PeftSpec, trainable: bool, task_type: str, gradient_checkpointing: bool):
+    """Match the tokenizer's vocabulary and pad token; frozen for inference, or with adapters when trained with PEFT."""
+    new_ids = _match_tokenizer(model, tokenizer)
     if not trainable:
         model.eval().requires_grad_(False)
         return model
@@ -274,12 +280,79 @@ def load_sequence_classifier(
 
 
 def merged(model):
-    """The model with LoRA adapters folded into the base weights (unchanged for full fine-tuning)."""
+    """The model with LoRA adapters folded into the base weights (unchanged for full fine-tuning).
+
+    Not for QLoRA, whose base weights are quantized: see `reload_and_merge`.
+    """
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
         return model.merge_and_unload()
     return model
+
+
+# The auto class and from_pretrained arguments each adapter task type loads its base with (as load_causal_lm and
+# load_sequence_classifier do).
+_TASK_MODELS = {
+    "CAUSAL_LM": ("AutoModelForCausalLM", {}),
+    "SEQ_CLS": ("AutoModelForSequenceClassification", {"num_labels": 1}),
+}
+
+
+def reload_and_merge(
+    adapter_dir: Path,
+    base_uri: str,
+    spec: ModelSpec,
+    tokenizer,
+    *,
+    cache: Path,
+    endpoint_url: str | None = None,
+    dtype=None,
+):
+    """The saved adapter in `adapter_dir` folded into the model it was trained on, `base_uri`, reloaded unquantized.
+
+    This is QLoRA's merged model. `merged(model)` on a QLoRA model would fold the adapters into its 4-bit weights:
+    PEFT dequantizes each weight, adds the low-rank update and quantizes the sum again, which rounds much of the small
+    update away, and the result is a bitsandbytes checkpoint that the next stage (and vLLM or transformers without
+    bitsandbytes) would load quantized or not at all. Folding the same adapter into the original weights instead gives
+    a plain checkpoint, the standard way QLoRA adapters are merged.
+
+    The base loads in `dtype` (bf16, the dtype QLoRA computes in, by default) on the CPU: merging is a few additions
+    per weight and needs no GPU, and the GPUs still hold the trained model. It is fitted to `tokenizer` first as the
+    trained model was (embeddings grown for added tokens, pad and stop tokens), so that the adapter's trainable token
+    rows and modules saved in full (an untied output layer, a reward model's score head) load onto matching shapes.
+    The adapter's task type picks the model class: a causal LM, or a one-logit sequence classifier.
+    """
+    import torch
+    import transformers
+    from peft import PeftConfig, PeftModel
+
+    task_type = PeftConfig.from_pretrained(str(adapter_dir)).task_type
+    if task_type not in _TASK_MODELS:
+        raise ConfigError(f"cannot merge a {task_type} adapter: only causal LM and sequence classification are trained")
+    auto_cls, kwargs = _TASK_MODELS[task_type]
+    base = _load(
+        getattr(transformers, auto_cls), base_uri, spec, cache, endpoint_url, dtype=dtype or torch.bfloat16, **kwargs
+    )
+    _match_tokenizer(base, tokenizer)
+    # PEFT would otherwise read the adapter's weights onto the GPU, beside the trained model, before copying them over.
+    model = PeftModel.from_pretrained(base, str(adapter_dir), torch_device="cpu")
+    return model.merge_and_unload().eval()
+
+
+def save_adapter(model, tokenizer, out_dir: Path, base_model: str) -> None:
+    """The LoRA adapter alone (adapter_config.json and its weights) with the tokenizer, naming `base_model` as its base.
+
+    Call before `merged(model)`, which folds the adapter into the base and removes it.
+    """
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise ConfigError("export adapter and both need a model trained with LoRA adapters (peft.method lora or qlora)")
+    for adapter in model.peft_config.values():
+        # PEFT records the local directory the base was loaded from (a scratch cache); users need where it lives.
+        adapter.base_model_name_or_path = base_model
+    save_pretrained(model, tokenizer, out_dir)
 
 
 def save_pretrained(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:

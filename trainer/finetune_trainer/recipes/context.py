@@ -7,8 +7,10 @@ process and in every Ray Train worker.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
+import json
 import os
 import shutil
 import time
@@ -18,7 +20,8 @@ from typing import Any
 from transformers import set_seed
 
 from finetune_api.render import STAGE_HISTORY_FILE, STAGE_TENSORBOARD_DIR, StageConfig, join_uri, stage_root
-from finetune_trainer import modeling, storage, strategy
+from finetune_api.spec import HELD_OUT_LOSS_STAGES
+from finetune_trainer import model_card, modeling, storage, strategy
 from finetune_trainer.data import StageData, load_stage_data
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.recipes import guards, suites
@@ -66,6 +69,7 @@ class StageContext:
         self._trackers: list | None = None
         self._tracker_feed: TrackerFeed | None = None
         self._hygiene: dict[str, int] = {}
+        self._steps: dict[str, float] = {}
         # New heads and adapters initialise from the global generator when models load: seed it once, here.
         set_seed(config.training.seed)
 
@@ -208,19 +212,69 @@ class StageContext:
             values["max_length"] = training.max_length
         if training.optimizer:
             values["optim"] = training.optimizer  # unset: transformers' default for the installed torch
+        if self._watches_held_out_loss and training.eval_steps:
+            values.update(eval_strategy="steps", eval_steps=training.eval_steps)
+        if self._watches_held_out_loss and training.early_stopping:
+            values.update(
+                load_best_model_at_end=True,
+                metric_for_best_model="eval_loss",
+                greater_is_better=False,
+                # Every evaluation may be the best, and only a saved one can be restored at the end.
+                save_steps=training.eval_steps,
+                # The patience counter continues across a resume.
+                restore_callback_states_from_checkpoint=True,
+            )
         values.update(overrides)
         unknown = sorted(set(values) - field_names)
         if unknown:
             raise TypeError(f"{args_cls.__name__} has no field(s) {', '.join(unknown)}")
         return args_cls(**values)
 
+    @property
+    def _watches_held_out_loss(self) -> bool:
+        """evalSteps and earlyStopping apply to the HF Trainer stages; ppo and grpo inherit them from spec.training
+        unused."""
+        return self.config.stage.type in HELD_OUT_LOSS_STAGES
+
     def callbacks(self) -> list:
         # The divergence check first: it removes a non-finite checkpoint before the progress callback syncs it.
-        return [
+        callbacks = [
             guards.divergence_callback(self.config, loss_scaling=bool(self.precision.get("fp16"))),
             progress_callback(self.channel, self.checkpoint_saved),
             *self.tracker_callbacks,
         ]
+        early_stopping = self.config.training.early_stopping
+        if self._watches_held_out_loss and early_stopping:
+            from transformers import EarlyStoppingCallback
+
+            callbacks += [
+                EarlyStoppingCallback(early_stopping.patience, early_stopping.min_delta),
+                self._best_checkpoint_callback(),
+            ]
+        return callbacks
+
+    def _best_checkpoint_callback(self):
+        """Points a resumed run at the stage's copy of its best checkpoint (the scratch copy the state names is gone
+        with the previous attempt), and records the steps trained and the best step for the final metrics."""
+        from transformers import TrainerCallback
+
+        ctx = self
+
+        class BestCheckpointCallback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                if state.best_model_checkpoint is None and state.best_global_step:
+                    stored = dict(storage.list_checkpoints(ctx.config.checkpoint_dir, ctx._endpoint))
+                    if state.best_global_step in stored:
+                        best = state.best_global_step
+                        state.best_model_checkpoint = ctx._local_checkpoint(best, stored[best])
+
+            def on_train_end(self, args, state, control, **kwargs):
+                ctx._steps = {
+                    "train_steps": float(state.global_step),
+                    "best_step": float(state.best_global_step or 0),
+                }
+
+        return BestCheckpointCallback()
 
     def close_trackers(self, failed: bool) -> None:
         """End the trackers' runs as the stage ends, with its outcome (every rank; rank 0's alone hold runs)."""
@@ -247,7 +301,10 @@ class StageContext:
                 self._endpoint,
             )
             kept = storage.list_checkpoints(self.config.checkpoint_dir, self._endpoint)
-            for _, old in kept[: max(0, len(kept) - (self.config.training.save_total_limit or len(kept)))]:
+            # The latest (to resume from) and the best (early stopping's) stay, as in transformers' own rotation.
+            keep = {kept[-1][0], _best_step(local)}
+            excess = len(kept) - (self.config.training.save_total_limit or len(kept))
+            for _, old in [(step, uri) for step, uri in kept if step not in keep][: max(0, excess)]:
                 storage.delete(old, self._endpoint)
             self.channel.checkpoint(destination, step)
             self.publish_history()
@@ -270,22 +327,27 @@ class StageContext:
         if not checkpoints:
             return None
         step, uri = checkpoints[-1]
-        if not storage.is_remote(uri):
-            path = storage.local_path(uri)
-        else:
-            path = self._cache / "resume" / f"checkpoint-{step}"
-            if self.local_rank == 0:
-                shutil.rmtree(path, ignore_errors=True)
-                fetched = storage.fetch_dir(uri, self._cache / "resume-download", self._endpoint)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fetched.rename(path)
-            strategy.barrier()
+        path = self._local_checkpoint(step, uri)
         self.log(f"resuming from {uri} (step {step})")
+        return path
+
+    def _local_checkpoint(self, step: int, uri: str) -> str:
+        """A local path of the stored checkpoint `uri`, fetched first when remote (call on every rank)."""
+        if not storage.is_remote(uri):
+            return str(storage.local_path(uri))
+        path = self._cache / "resume" / f"checkpoint-{step}"
+        if self.local_rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+            fetched = storage.fetch_dir(uri, self._cache / "resume-download", self._endpoint)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fetched.rename(path)
+        strategy.barrier()
         return str(path)
 
     def save_final(self, model, tokenizer, metrics: dict[str, float]) -> str:
-        """Check the stage's final `metrics` and weights, merge adapters and write the final model to
-        `config.output_uri`. Call on every rank; rank 0 writes.
+        """Check the stage's final `metrics` and weights and write the stage output to `config.output_uri`: the
+        merged model and/or the adapter (`stage.export`), the tokenizer and a model card. Call on every rank; rank 0
+        writes.
 
         Non-finite metrics or weights fail the stage (TrainingDiverged), and so does a held-out loss that dropped less
         than `training.minImprovement` (QualityGateFailed); nothing is written then. The stage's evaluation suites
@@ -293,6 +355,7 @@ class StageContext:
         than its `maxRegression` fails the stage (ForgettingDetected).
         """
         metrics.update({key: float(value) for key, value in self._hygiene.items()})
+        metrics.update(self._steps)
         guards.check_metrics(self.config, metrics)
         guards.check_improvement(self.config, metrics)
         output = self.config.output_uri
@@ -304,12 +367,12 @@ class StageContext:
                 self._score_suites(model, tokenizer, metrics)
                 guards.check_weights(self.config, model)
                 if self.is_main:
-                    self._write_final(model, tokenizer, output)
+                    self._write_final(model, tokenizer, output, metrics)
         else:
             self._score_suites(model, tokenizer, metrics)
             guards.check_weights(self.config, model)
             if self.is_main:
-                self._write_final(model, tokenizer, output)
+                self._write_final(model, tokenizer, output, metrics)
         strategy.barrier()
         if self.channel.history is not None:
             self.channel.history.append(self.channel.report.step, metrics, final=True)
@@ -319,39 +382,79 @@ class StageContext:
     def _score_suites(self, model, tokenizer, metrics: dict[str, float]) -> None:
         if not self.config.suites:
             return
-        if strategy.is_zero3(self.config.deepspeed):
-            # The input model is loaded whole for scoring: ZeRO-3's partitioned loading would leave it without weights
-            # outside a DeepSpeed engine.
-            from transformers.integrations.deepspeed import (
-                _hf_deepspeed_config_weak_ref,
-                set_hf_deepspeed_config,
-                unset_hf_deepspeed_config,
-            )
-
-            active = _hf_deepspeed_config_weak_ref() if _hf_deepspeed_config_weak_ref is not None else None
-            unset_hf_deepspeed_config()
-            try:
-                suites.score_and_gate(self, model, tokenizer, metrics)
-            finally:
-                if active is not None:
-                    set_hf_deepspeed_config(active)
-        else:
+        # The input model is loaded whole for scoring.
+        with self._whole_model_loading():
             suites.score_and_gate(self, model, tokenizer, metrics)
 
-    def _write_final(self, model, tokenizer, output: str) -> None:
+    @contextlib.contextmanager
+    def _whole_model_loading(self):
+        """Under ZeRO-3, models loaded in this block load whole: ZeRO-3's partitioned loading would leave them without
+        weights outside a DeepSpeed engine, and hang on a collective when only rank 0 loads."""
+        if not strategy.is_zero3(self.config.deepspeed):
+            yield
+            return
+        from transformers.integrations.deepspeed import (
+            _hf_deepspeed_config_weak_ref,
+            set_hf_deepspeed_config,
+            unset_hf_deepspeed_config,
+        )
+
+        active = _hf_deepspeed_config_weak_ref() if _hf_deepspeed_config_weak_ref is not None else None
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            if active is not None:
+                set_hf_deepspeed_config(active)
+
+    def _write_final(self, model, tokenizer, output: str, metrics: dict[str, float]) -> None:
         staging = self.work_dir / "final-model"
         shutil.rmtree(staging, ignore_errors=True)
-        modeling.save_pretrained(modeling.merged(model), tokenizer, staging)
+        export = self.config.stage.export
+        adapter = None
+        if export != "merged":
+            adapter = staging / model_card.ADAPTER_DIR
+            modeling.save_adapter(model, tokenizer, adapter, model_card.hub_or_uri(self.config.input_model))
+            # In place of PEFT's template card.
+            (adapter / "README.md").write_text(model_card.render(self.config, metrics, adapter=True), encoding="utf-8")
+        if export != "adapter":
+            modeling.save_pretrained(self._merged(model, tokenizer, adapter), tokenizer, staging)
+        else:
+            tokenizer.save_pretrained(staging)
+        card = model_card.render(self.config, metrics, adapter=export == "adapter")
+        (staging / "README.md").write_text(card, encoding="utf-8")
         if storage.is_remote(output):
             storage.delete(output, self._endpoint)
-            # config.json last: a model directory without it is incomplete.
-            storage.upload_dir(staging, output, self._endpoint, last=("config.json",))
+            # config.json (adapter_config.json without a merged model) last: a model directory without it is incomplete.
+            storage.upload_dir(staging, output, self._endpoint, last=("config.json", "adapter_config.json"))
         else:
             target = storage.local_path(output)
             shutil.rmtree(target, ignore_errors=True)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(staging), target)
         self.log(f"saved final model to {output}")
+
+    def _merged(self, model, tokenizer, adapter: Path | None):
+        """The stage's merged model (rank 0). LoRA's adapters fold into the trained model in memory; QLoRA's adapter,
+        saved to `adapter` (or, when the stage keeps no adapter, to a scratch directory), folds into the input model
+        reloaded unquantized in bf16 on the CPU instead of into the trained model's 4-bit weights
+        (modeling.reload_and_merge)."""
+        if self.config.peft.method != "qlora":
+            return modeling.merged(model)
+        if adapter is None:
+            adapter = self.work_dir / "qlora-adapter"
+            shutil.rmtree(adapter, ignore_errors=True)
+            modeling.save_adapter(model, tokenizer, adapter, model_card.hub_or_uri(self.config.input_model))
+        self.log(f"merging the QLoRA adapter into {self.config.input_model}, reloaded in bf16")
+        with self._whole_model_loading():
+            return modeling.reload_and_merge(
+                adapter,
+                self.config.input_model,
+                self.config.model,
+                tokenizer,
+                cache=self._cache,
+                endpoint_url=self._endpoint,
+            )
 
     # ---- reporting ----------------------------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -391,6 +494,12 @@ class StageContext:
             args = self.training_args(TrainingArguments, deepspeed=None, max_steps=total)
             self._tracker_feed = TrackerFeed(self.tracker_callbacks, args)
         return self._tracker_feed
+
+
+def _best_step(checkpoint: Path) -> int | None:
+    """The best evaluation's step a saved checkpoint's trainer state records (with early stopping), if any."""
+    state = checkpoint / storage.CHECKPOINT_COMPLETE_FILE
+    return json.loads(state.read_text()).get("best_global_step") if state.is_file() else None
 
 
 def _check_mlflow_tracking_uri() -> None:
