@@ -15,7 +15,7 @@ export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install lock lock-check lint format run test test-unit crds check-crds k8s-binaries system-packages dev-cluster operator bench-operator images clean
+.PHONY: install lock lock-check lint format run test test-images test-unit crds check-crds k8s-binaries system-packages dev-cluster operator bench-operator images clean
 
 $(UV):
 	python3 -m venv $(CACHE_DIR)/uv-$(UV_VERSION)
@@ -47,7 +47,12 @@ run: install
 # The neighbour tests need every component; building them up front shows the (first-run) build outside pytest.
 test: WITH = all
 test: lock-check lint check-crds k8s-binaries system-packages
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not image" --durations=25
+
+# The images, built with buildah and run: a source change rebuilds the 6 GB trainer image (about 7 minutes), so CI
+# runs them as a step of their own after `make test`.
+test-images: lock-check k8s-binaries system-packages
+	$(PY) -m pytest -m image --durations=10
 
 test-unit: install
 	$(PY) -m pytest -m unit

@@ -24,6 +24,7 @@ from finetune_operator.kube import FINETUNEJOB, RAYJOB, Kube
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.image,
     pytest.mark.skipif(bool(images.missing_tools()), reason=f"images cannot be built here: {images.missing_tools()}"),
 ]
 

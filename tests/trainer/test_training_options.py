@@ -91,6 +91,19 @@ def test_flash_attention_without_the_package_is_refused_on_gpu_too(monkeypatch):
 
 
 @pytest.mark.unit
+def test_qlora_without_bitsandbytes_is_refused_before_loading(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="qlora needs the bitsandbytes package") as info:
+        modeling._quantization(PeftSpec(method="qlora"), gpu=True)
+    assert info.value.reason == "InvalidConfig"
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        modeling._quantization(PeftSpec(method="qlora"), gpu=False)
+    assert modeling._quantization(PeftSpec(method="lora"), gpu=True) == {}
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("kernel", ["eager", "sdpa"])
 def test_the_attention_kernel_reaches_from_pretrained(render, tmp_path, kernel):
     model = context(render(SFT, training={"attnImplementation": kernel}), tmp_path).causal_lm(trainable=False)

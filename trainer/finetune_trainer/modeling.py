@@ -148,6 +148,12 @@ def _quantization(peft: PeftSpec, gpu: bool) -> dict[str, Any]:
         return {}
     if not gpu:
         raise ConfigError("peft.method qlora needs a GPU (4-bit bitsandbytes kernels); use lora on CPU")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        # Not in the lock: PEFT imports it for every LoRA model once installed (seconds per process, on every stage).
+        raise ConfigError(
+            "peft.method qlora needs the bitsandbytes package, which the trainer image lacks; add it to the image "
+            "(a GPU build), or use lora"
+        )
     import torch
     from transformers import BitsAndBytesConfig
 
