@@ -207,7 +207,9 @@ def _pod_template(
     labels: dict[str, str],
 ) -> dict[str, Any]:
     compute = config.resources
-    values = {"FINETUNE_PVC_ROOT": PVC_MOUNT_ROOT, "FINETUNE_WORK_DIR": SCRATCH_DIR}
+    # Ray reports usage to usage-stats.ray.io unless told not to; a cluster's training runs are not ours to announce
+    # (and an air-gapped head would retry the call for a minute). `resources.env` may turn it back on.
+    values = {"FINETUNE_PVC_ROOT": PVC_MOUNT_ROOT, "FINETUNE_WORK_DIR": SCRATCH_DIR, "RAY_USAGE_STATS_ENABLED": "0"}
     if compute.gpus_per_worker == 0:
         # DeepSpeed picks its accelerator at import; without a GPU it must be told.
         values["DS_ACCELERATOR"] = "cpu"

@@ -130,6 +130,7 @@ def test_worker_pods_get_gpus_placement_secrets_and_volumes(make_rayjob):
         {"name": "scratch", "mountPath": "/scratch"},
     ]
     assert {"name": "FINETUNE_WORK_DIR", "value": "/scratch"} in container["env"]
+    assert {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"} in container["env"]
     # A large model PVC is re-owned only when its root is not the trainer's already.
     assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
     assert pod["serviceAccountName"] == "demo-trainer" and pod["automountServiceAccountToken"] is True
