@@ -23,7 +23,7 @@ $(UV):
 
 # `finetune` and `finetune-operator` land in $(VENV)/bin.
 install: $(UV)
-	$(UV) sync --frozen --all-extras --quiet
+	$(UV) sync --frozen --extra operator --extra trainer --quiet
 
 # After editing dependencies in pyproject.toml: re-resolve and commit uv.lock.
 lock: $(UV)

@@ -149,10 +149,10 @@ def _quantization(peft: PeftSpec, gpu: bool) -> dict[str, Any]:
     if not gpu:
         raise ConfigError("peft.method qlora needs a GPU (4-bit bitsandbytes kernels); use lora on CPU")
     if importlib.util.find_spec("bitsandbytes") is None:
-        # Not in the lock: PEFT imports it for every LoRA model once installed (seconds per process, on every stage).
+        # The trainer image has it (the `gpu` extra); a development environment does not.
         raise ConfigError(
-            "peft.method qlora needs the bitsandbytes package, which the trainer image lacks; add it to the image "
-            "(a GPU build), or use lora"
+            "peft.method qlora needs the bitsandbytes package, which this environment lacks (the trainer image has "
+            "it: the `gpu` extra of uv.lock); install it, or use lora"
         )
     import torch
     from transformers import BitsAndBytesConfig
