@@ -468,12 +468,15 @@ class TrainingSpec(SpecModel):
             "choice for the model. `flash_attention_2` needs a GPU and the flash-attn package in the trainer image."
         ),
     )
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd"] | None = Field(
+    optimizer: (
+        Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adamw_bnb_8bit", "paged_adamw_8bit"] | None
+    ) = Field(
         default=None,
         description=(
             "Optimizer (transformers' `optim`). Default: transformers' own (adamw_torch_fused with the image's "
-            "torch) for the HF stages, adamw_torch for our PPO loop. 8-bit and paged optimizers need bitsandbytes, "
-            "which the trainer image lacks, so they are not offered."
+            "torch) for the HF stages, adamw_torch for our PPO loop. `adamw_bnb_8bit` keeps AdamW's state in 8 bits "
+            "and `paged_adamw_8bit` also pages it to host memory under pressure; both are bitsandbytes', need a GPU "
+            "and come with the trainer image."
         ),
     )
     neftune_noise_alpha: float | None = Field(

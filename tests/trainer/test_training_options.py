@@ -7,7 +7,7 @@ import pytest
 from stage_helpers import DATA
 
 from finetune_api.spec import PeftSpec, TrainingSpec
-from finetune_trainer import modeling
+from finetune_trainer import modeling, strategy
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.recipes.context import StageContext
 
@@ -57,6 +57,30 @@ def test_the_sft_recipe_passes_neftune_noise_alpha(render, tmp_path, monkeypatch
     with pytest.raises(Stop):
         sft.run(context(render(SFT, training={"neftuneNoiseAlpha": 7.5}), tmp_path))
     assert seen["args"].neftune_noise_alpha == 7.5
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("optimizer", ["adamw_bnb_8bit", "paged_adamw_8bit"])
+def test_bitsandbytes_optimizers_are_refused_where_they_cannot_run(render, tmp_path, monkeypatch, optimizer):
+    from torch import nn
+    from transformers import TrainingArguments
+
+    from finetune_trainer.rl.engines import _optimizer
+
+    # On CPU (the stage's context, and our PPO loop's parameters on CPU): a GPU is needed.
+    ctx = context(render(SFT, training={"optimizer": optimizer}), tmp_path)
+    with pytest.raises(ConfigError, match=rf"spec\.training\.optimizer: {optimizer} needs a GPU") as info:
+        ctx.training_args(TrainingArguments)
+    assert info.value.reason == "InvalidConfig"
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        _optimizer(nn.Linear(2, 2), TrainingSpec(optimizer=optimizer, learning_rate=1e-3))
+    # On a GPU without the package (a development environment): named, before training.
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="needs the bitsandbytes package"):
+        strategy.check_optimizer(optimizer, gpu=True)
+    strategy.check_optimizer("adamw_torch", gpu=False)
 
 
 @pytest.mark.unit

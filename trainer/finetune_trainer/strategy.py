@@ -10,7 +10,7 @@ from typing import Any
 
 from finetune_api.reasons import Reason
 from finetune_api.spec import DeepSpeedSpec, ResourcesSpec
-from finetune_trainer.errors import StageError
+from finetune_trainer.errors import ConfigError, StageError
 
 
 def use_gpu(resources: ResourcesSpec) -> bool:
@@ -33,6 +33,26 @@ def use_gpu(resources: ResourcesSpec) -> bool:
             permanent=True,
         )
     return True
+
+
+# training.optimizer values that are bitsandbytes' (GPU kernels), with the class our PPO loop builds for each.
+BITSANDBYTES_OPTIMIZERS = {"adamw_bnb_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit"}
+
+
+def check_optimizer(optimizer: str | None, gpu: bool) -> None:
+    """Refuse a bitsandbytes optimizer before training where it cannot run (no GPU, or no bitsandbytes)."""
+    if optimizer not in BITSANDBYTES_OPTIMIZERS:
+        return
+    import importlib.util
+
+    field = "spec.training.optimizer"
+    if not gpu:
+        raise ConfigError(f"{field}: {optimizer} needs a GPU (bitsandbytes' 8-bit kernels); use adamw_torch on CPU")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"{field}: {optimizer} needs the bitsandbytes package, which this environment lacks (the trainer image "
+            "has it: the `gpu` extra of uv.lock)"
+        )
 
 
 def backend(resources: ResourcesSpec) -> str:

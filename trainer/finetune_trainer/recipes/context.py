@@ -211,6 +211,7 @@ class StageContext:
         if "max_length" in field_names:
             values["max_length"] = training.max_length
         if training.optimizer:
+            strategy.check_optimizer(training.optimizer, self.gpu)
             values["optim"] = training.optimizer  # unset: transformers' default for the installed torch
         if self._watches_held_out_loss and training.eval_steps:
             values.update(eval_strategy="steps", eval_steps=training.eval_steps)

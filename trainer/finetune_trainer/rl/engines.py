@@ -17,6 +17,7 @@ from torch import nn
 from transformers import get_scheduler
 
 from finetune_api.spec import TrainingSpec
+from finetune_trainer import strategy
 
 MAX_GRAD_NORM = 1.0  # transformers' TrainingArguments default, which PPOv2 inherits
 
@@ -28,6 +29,12 @@ def _optimizer(model: nn.Module, training: TrainingSpec) -> torch.optim.Optimize
     name = training.optimizer or "adamw_torch"
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    if name in strategy.BITSANDBYTES_OPTIMIZERS:
+        strategy.check_optimizer(name, gpu=any(p.is_cuda for p in params))
+        import bitsandbytes
+
+        optimizer_class = getattr(bitsandbytes.optim, strategy.BITSANDBYTES_OPTIMIZERS[name])
+        return optimizer_class(params, lr=lr, weight_decay=weight_decay)
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
