@@ -180,9 +180,8 @@ def gather_to_rank_0(model) -> dict[str, Any] | None:
     """
     import deepspeed
 
-    main = world()[0] == 0
-    state: dict[str, Any] | None = {} if main else None
-    copies: dict[int, Any] = {}
+    state: dict[str, Any] | None = {} if world()[0] == 0 else None
+    copies: dict[int, Any] = {}  # each parameter's CPU copy, by the parameter's identity
     # Every name a module is reachable by, as in model.state_dict(), so that the keys are the same.
     for prefix, module in model.named_modules(remove_duplicate=False):
         parameters = list(module.named_parameters(recurse=False, remove_duplicate=False))
