@@ -71,8 +71,13 @@ def test_sft_on_two_ray_workers_with_zero3(render, tmp_path):
     final = json.loads(report.read_text())
     assert final["phase"] == "Succeeded" and final["step"] == 10
     assert final["metrics"]["eval_loss_after"] < final["metrics"]["eval_loss_before"]
-    # The saved model is whole (gathered from both ranks' partitions), not two empty shards.
+    # The saved model is whole (gathered from both ranks' partitions), not two empty shards: the trained weights that
+    # DeepSpeed's engine consolidated into the last checkpoint, at the same step.
+    import torch
     from safetensors.torch import load_file
 
     weights = load_file(Path(config.output_uri) / "model.safetensors")
     assert weights and all(tensor.numel() > 0 for tensor in weights.values())
+    consolidated = load_file(Path(config.checkpoint_dir) / "checkpoint-10" / "model.safetensors")
+    assert weights.keys() == consolidated.keys()
+    assert all(torch.equal(weights[name], consolidated[name]) for name in weights)

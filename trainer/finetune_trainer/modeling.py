@@ -6,6 +6,7 @@ fetched to a local directory first.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 from pathlib import Path
@@ -169,7 +170,9 @@ def _quantization(peft: PeftSpec, gpu: bool) -> dict[str, Any]:
 
 def _fit_embeddings(model, tokenizer) -> list[int]:
     """Grow the embeddings when the tokenizer gained tokens (e.g. a chat template's turn markers); the new rows' ids."""
-    rows = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    # A weight that ZeRO-3 partitioned while it loaded is empty on each rank; its whole shape is `ds_shape`.
+    rows = getattr(weight, "ds_shape", weight.shape)[0]
     if len(tokenizer) <= rows:
         return []
     model.resize_token_embeddings(len(tokenizer))
@@ -295,6 +298,35 @@ def merged(model):
     if isinstance(model, PeftModel):
         return model.merge_and_unload()
     return model
+
+
+def plain_copy(model, state_dict: dict[str, Any]):
+    """A plain, unpartitioned copy of `model` on the CPU holding the weights in `state_dict` (all of `model`'s).
+
+    For a model whose weights ZeRO-3 partitions (`strategy.gather_to_rank_0` gives the state dict). The copy is built
+    from `model` itself, not reloaded: the same class and config (a reward model's score head, embeddings grown for
+    added tokens, pad and stop tokens), the same generation config and, for a PeftModel, the same adapters (LoRA,
+    trainable token rows, modules saved in full). It is built with its weights on the meta device and then takes the
+    state dict's tensors as they are (no second copy in memory); a weight the copy lacks or does not expect fails the
+    load. Build it with ZeRO-3's partitioned loading off (StageContext._whole_model_loading), or it is partitioned
+    too.
+    """
+    from accelerate import init_empty_weights
+    from peft import PeftModel, get_peft_model
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    # The buffers that no state dict holds (rotary frequencies) are computed for real as the copy is built.
+    with init_empty_weights(include_buffers=False):
+        whole = type(base)._from_config(copy.deepcopy(base.config))
+        if isinstance(model, PeftModel):
+            name = model.active_adapter
+            whole = get_peft_model(whole, copy.deepcopy(model.peft_config[name]), adapter_name=name)
+    whole.load_state_dict(state_dict, strict=True, assign=True)
+    if getattr(base, "generation_config", None) is not None:
+        (whole.get_base_model() if isinstance(whole, PeftModel) else whole).generation_config = copy.deepcopy(
+            base.generation_config
+        )
+    return whole.eval()
 
 
 # The auto class and from_pretrained arguments each adapter task type loads its base with (as load_causal_lm and

@@ -6,11 +6,14 @@ Recipes never look at ranks, backends or DeepSpeed directly; they get TrainingAr
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from finetune_api.reasons import Reason
 from finetune_api.spec import DeepSpeedSpec, ResourcesSpec
 from finetune_trainer.errors import ConfigError, StageError
+
+T = TypeVar("T")
 
 
 def use_gpu(resources: ResourcesSpec) -> bool:
@@ -147,11 +150,75 @@ def world() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         dist.barrier()
+
+
+def on_rank_0(work: Callable[[], T]) -> T:
+    """`work()` run on rank 0 alone, its result handed to every rank (call on every rank; the others wait for it).
+
+    An error raised in `work` is raised on every rank: rank 0 raises its own, the others the same StageError (reason,
+    permanence and message), so that the stage fails for the same reason whichever rank's failure Ray reports first,
+    and any other error as a RuntimeError naming it. No rank is left waiting for one that has failed.
+    """
+    import torch.distributed as dist
+
+    if not _distributed():
+        return work()
+    outcome: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            result = work()
+        except BaseException as error:
+            shared = error if isinstance(error, StageError) else RuntimeError(f"rank 0 failed: {error!r}")
+            dist.broadcast_object_list([(None, shared)], src=0)
+            raise
+        outcome = [(result, None)]
+    dist.broadcast_object_list(outcome, src=0)
+    result, error = outcome[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def gather_to_rank_0(model) -> dict[str, Any] | None:
+    """The state dict of a model whose weights ZeRO-3 partitions, whole and on the CPU, on rank 0 (None elsewhere).
+
+    Call on every rank. The weights are gathered one module's own parameters at a time, and rank 0 copies them to the
+    CPU before the next module's are gathered: no rank ever holds more than one module's weights whole on its device,
+    and only rank 0 keeps them (as DeepSpeed's own `_zero3_consolidated_16bit_state_dict`, which needs the engine).
+    A parameter that several modules share (tied embeddings) stays one tensor, under each of its names.
+    """
+    import deepspeed
+
+    state: dict[str, Any] | None = {} if world()[0] == 0 else None
+    copies: dict[int, Any] = {}  # each parameter's CPU copy, by the parameter's identity
+    # Every name a module is reachable by, as in model.state_dict(), so that the keys are the same.
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        parameters = list(module.named_parameters(recurse=False, remove_duplicate=False))
+        # Read-only (no modifier rank): nothing is broadcast back, the gathered weights are freed again on exit.
+        with deepspeed.zero.GatheredParameters([parameter for _, parameter in parameters], modifier_rank=None):
+            if state is None:
+                continue
+            for name, parameter in parameters:
+                if id(parameter) not in copies:
+                    copies[id(parameter)] = parameter.detach().to("cpu", copy=True)
+                state[f"{prefix}.{name}" if prefix else name] = copies[id(parameter)]
+        if state is not None:
+            # Buffers are not partitioned; the non-persistent ones are not part of a state dict.
+            for name, buffer in module.named_buffers(recurse=False, remove_duplicate=False):
+                if name not in module._non_persistent_buffers_set:
+                    state[f"{prefix}.{name}" if prefix else name] = buffer.detach().to("cpu", copy=True)
+    return state
 
 
 def is_zero3(spec: DeepSpeedSpec) -> bool:

@@ -354,6 +354,10 @@ class StageContext:
         than `training.minImprovement` (QualityGateFailed); nothing is written then. The stage's evaluation suites
         are scored here on the input model and on `model` (their metrics are added to `metrics`), and a suite worse
         than its `maxRegression` fails the stage (ForgettingDetected).
+
+        Under ZeRO-3 only rank 0 ever holds the whole model: the ranks gather its partitioned weights into a CPU state
+        dict on rank 0, one module at a time; rank 0 loads them into a plain copy of the model, then scores, checks
+        and writes it alone, and every rank ends with its verdict (its error, or its metrics).
         """
         metrics.update({key: float(value) for key, value in self._hygiene.items()})
         metrics.update(self._steps)
@@ -362,23 +366,30 @@ class StageContext:
         output = self.config.output_uri
         model = getattr(model, "module", model)  # DDP / DeepSpeed engine wrappers
         if strategy.is_zero3(self.config.deepspeed):
-            import deepspeed
+            weights = strategy.gather_to_rank_0(model)
 
-            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
-                self._score_suites(model, tokenizer, metrics)
-                guards.check_weights(self.config, model)
-                if self.is_main:
-                    self._write_final(model, tokenizer, output, metrics)
+            def save_on_rank_0() -> dict[str, float]:
+                with self._whole_model_loading():
+                    whole = modeling.plain_copy(model, weights)
+                self._check_and_write(whole, tokenizer, output, metrics, every_rank=False)
+                return metrics
+
+            metrics.update(strategy.on_rank_0(save_on_rank_0))
         else:
-            self._score_suites(model, tokenizer, metrics)
-            guards.check_weights(self.config, model)
-            if self.is_main:
-                self._write_final(model, tokenizer, output, metrics)
+            self._check_and_write(model, tokenizer, output, metrics, every_rank=True)
         strategy.barrier()
         if self.channel.history is not None:
             self.channel.history.append(self.channel.report.step, metrics, final=True)
             self.publish_history()
         return output
+
+    def _check_and_write(self, model, tokenizer, output: str, metrics: dict[str, float], every_rank: bool) -> None:
+        """Score the suites on `model`, check its weights and, on rank 0, write it. With `every_rank`, every rank
+        calls this with its own copy (or shard) and the weight check spans them all; without it, only this rank does."""
+        self._score_suites(model, tokenizer, metrics)
+        guards.check_weights(self.config, model, every_rank=every_rank)
+        if self.is_main:
+            self._write_final(model, tokenizer, output, metrics)
 
     def _score_suites(self, model, tokenizer, metrics: dict[str, float]) -> None:
         if not self.config.suites:

@@ -72,10 +72,13 @@ def check_metrics(config: StageConfig, metrics: dict[str, float]) -> None:
         raise _diverged(config, "held-out metrics " + ", ".join(f"{key}={value}" for key, value in sorted(bad.items())))
 
 
-def check_weights(config: StageConfig, model) -> None:
-    """Fail the stage when the model to be saved holds a NaN/inf weight (call on every rank)."""
+def check_weights(config: StageConfig, model, every_rank: bool = True) -> None:
+    """Fail the stage when the model to be saved holds a NaN/inf weight.
+
+    With `every_rank`, call on every rank: a NaN/inf in any rank's copy (or shard) fails them all. Without it only this
+    rank's model is checked, and no other rank takes part (rank 0's whole copy of a ZeRO-3 model)."""
     bad = non_finite_parameters(model)
-    if _any_rank(bool(bad)):
+    if _any_rank(bool(bad)) if every_rank else bad:
         where = f"{len(bad)} weight tensor(s) hold NaN/inf, e.g. {bad[0]}" if bad else "weights hold NaN/inf"
         raise _diverged(config, where)
 

@@ -2,7 +2,8 @@
 
 `StageContext.save_final` calls `score_and_gate` with the trained model, so every recipe is covered in one place. The
 "before" score loads the stage's input model once more (evaluation only); each rank scores the whole suite (suites are
-small by design, `maxSamples` cuts them), so no gather is needed and every rank reaches the same verdict.
+small by design, `maxSamples` cuts them), so no gather is needed and every rank reaches the same verdict. Under ZeRO-3
+rank 0 alone scores them, on its whole copy of the trained model, and hands its verdict to the other ranks.
 
 Scoring is log-likelihood of a continuation after a context, summed over the continuation's tokens:
   text suites            context = "" (the document starts after an EOS, as in CPT's packed stream), continuation =
