@@ -166,18 +166,17 @@ def held_out_scores(
         scores = torch.tensor(reward(prompts=batch_prompts, completions=completions, completion_ids=ids), device=device)
         kl = torch.zeros_like(scores)
         if has_reference:
-            with reference_of(model, trainer.ref_model) as reference:
-                kl = sequence_kl(
-                    model,
-                    reference,
-                    batch,
-                    responses,
-                    mask,
-                    temperature=options.temperature,
-                    estimator="k3",
-                    clamp=math.inf,
-                    micro=training.batch_size or 8,
-                )
+            kl = sequence_kl(
+                model,
+                lambda: reference_of(model, trainer.ref_model),
+                batch,
+                responses,
+                mask,
+                temperature=options.temperature,
+                estimator="k3",
+                clamp=math.inf,
+                micro=training.batch_size or 8,
+            )
         return torch.stack([scores.float(), kl.float(), mask.sum(dim=1).float()], dim=1)
 
     was_training = model.training

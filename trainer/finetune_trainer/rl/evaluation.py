@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -126,7 +127,7 @@ def sample_completions(
 @torch.no_grad()
 def sequence_kl(
     policy: nn.Module,
-    reference: nn.Module,
+    reference: Callable[[], AbstractContextManager[nn.Module]],
     batch: PromptBatch,
     responses: torch.Tensor,
     mask: torch.Tensor,
@@ -136,10 +137,15 @@ def sequence_kl(
     clamp: float,
     micro: int,
 ) -> torch.Tensor:
-    """Per-sequence KL(policy || reference): the per-token estimate (`core.kl_estimate`) summed over each response."""
+    """Per-sequence KL(policy || reference): the per-token estimate (`core.kl_estimate`) summed over each response.
+
+    `reference()` enters the reference model (`rl.models.reference_of`: under LoRA, the policy with its adapter
+    switched off), only once the policy's own log-probabilities are computed.
+    """
     input_ids = torch.cat([batch.input_ids, responses], dim=1)
     attention = torch.cat([batch.attention_mask, mask.long()], dim=1)
     query_length = batch.input_ids.shape[1]
     logprobs = batched_logprobs(policy, input_ids, attention, query_length, temperature, micro)
-    ref_logprobs = batched_logprobs(reference, input_ids, attention, query_length, temperature, micro)
+    with reference() as reference_model:
+        ref_logprobs = batched_logprobs(reference_model, input_ids, attention, query_length, temperature, micro)
     return core.kl_estimate(logprobs, ref_logprobs, estimator, clamp).masked_fill(~mask, 0.0).sum(dim=1)

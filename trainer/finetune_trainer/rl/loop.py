@@ -404,18 +404,17 @@ class PPOLoop:
                     stop_token_ids=stop,
                 )
             scores = self.reward(batch, responses, mask, finished)
-            with reference_of(self.policy.module, self.reference) as reference:
-                kl = sequence_kl(
-                    self.policy,
-                    reference,
-                    batch,
-                    responses,
-                    mask,
-                    temperature=options.temperature,
-                    estimator=options.kl_estimator,
-                    clamp=options.kl_clamp,
-                    micro=micro,
-                )
+            kl = sequence_kl(
+                self.policy,
+                lambda: reference_of(self.policy.module, self.reference),
+                batch,
+                responses,
+                mask,
+                temperature=options.temperature,
+                estimator=options.kl_estimator,
+                clamp=options.kl_clamp,
+                micro=micro,
+            )
             return torch.stack([scores.float(), kl.float(), mask.sum(dim=1).float()], dim=1)
 
         started = time.perf_counter()
