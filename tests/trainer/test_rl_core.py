@@ -156,6 +156,7 @@ def test_score_shaping_penalises_missing_eos_then_normalises_then_clips():
         tokenizer=None,
         stop_token_ids=[2],
         prompts=[],
+        eval_prompts=[],
         rank=0,
         world_size=1,
         device=torch.device("cpu"),
@@ -167,3 +168,34 @@ def test_score_shaping_penalises_missing_eos_then_normalises_then_clips():
     std = math.sqrt(2.1875)
     close(scores, [0.25 / std, -1.0, -0.75 / std, 1.0])
     assert loop.state.score_moments.mean == pytest.approx(2.75)
+
+
+def test_held_out_shares_cover_every_prompt_once_and_pad_to_equal_lengths():
+    from finetune_trainer.rl.evaluation import rank_share
+
+    for count, world in [(10, 1), (10, 2), (7, 2), (7, 3), (2, 4)]:
+        shares = [rank_share(count, rank, world) for rank in range(world)]
+        assert len({len(share) for share in shares}) == 1  # the same number of forward passes on every worker
+        per_worker = len(shares[0])
+        # Interleaved back (row i of worker r is prompt i * world + r), the first `count` rows are the prompts in order.
+        interleaved = [shares[rank][i] for i in range(per_worker) for rank in range(world)]
+        assert interleaved[:count] == list(range(count))
+
+
+def test_held_out_sampling_is_seeded_and_leaves_the_random_state_alone():
+    from finetune_trainer.rl.evaluation import evaluate_prompts
+
+    def per_batch(batch):
+        return torch.rand(len(batch), 1)
+
+    def run():
+        return evaluate_prompts(
+            list("abcde"), per_batch, rank=0, world_size=1, batch_size=2, seed=3, device=torch.device("cpu")
+        )
+
+    torch.manual_seed(0)
+    first = run()
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    torch.testing.assert_close(run(), first)
+    torch.testing.assert_close(torch.rand(1), after)

@@ -134,6 +134,7 @@ def stage_config(
     reward: Path | None = None,
     attempt: int = 1,
     prompts: Path = DATA / "prompts.jsonl",
+    validation: Path | None = None,
 ) -> StageConfig:
     """A [reward -> ppo|grpo] job whose reward stage output is the toy reward model, rendered for the RL stage."""
     storage = root / "storage"
@@ -159,7 +160,7 @@ def stage_config(
                     "name": "rl",
                     "type": stage_type,
                     "rewardFrom": "rm",
-                    "dataset": {"uri": str(prompts)},
+                    "dataset": {"uri": str(prompts), **({"validationUri": str(validation)} if validation else {})},
                     stage_type: options or {},
                 },
             ],
@@ -180,8 +181,13 @@ def test_ppo_raises_the_reward_model_score_within_the_kl_limit(toy, tmp_path):
     report = tmp_path / "report.json"
     metrics = run_stage(config, FileReporter(report, min_interval=0.0), use_ray=False)
 
-    assert metrics["ppo_steps"] == 20
-    assert metrics["reward_mean_last"] > metrics["reward_mean_first"] + 3.0, metrics  # observed: -10.9 -> -4.2
+    assert metrics["ppo_steps"] == 20 and metrics["eval_prompts"] == 10  # the 10% held out of 100 prompts
+    # On the held-out prompts, the trained policy scores higher than the input policy, at a positive KL.
+    assert metrics["reward_mean_last"] > metrics["reward_mean_first"] + 3.0, metrics  # observed: -9.1 -> 8.8, kl 29.7
+    assert 0 < metrics["kl_mean"] < 40.0
+    assert metrics["train_reward_mean_last"] > metrics["train_reward_mean_first"] + 3.0, (
+        metrics
+    )  # observed: -10.9 -> -4.2
     assert 0 < metrics["kl_last"] < 40.0
     final = json.loads(report.read_text())
     assert final["phase"] == "Succeeded" and final["step"] == 20 and final["totalSteps"] == 20
@@ -201,14 +207,24 @@ def test_ppo_logs_reward_kl_and_its_rollouts_throughput_to_metrics_jsonl_and_the
     # A clock one second further on each time it is read: tokens/s is then the tokens trained since the last log.
     monkeypatch.setattr(ppo_loop, "TokenRate", lambda: reporting.TokenRate(clock=itertools.count().__next__))
     prompt_tokens = []
-    real_encode = ppo_loop.encode_prompts
+    real_encode, real_evaluate = ppo_loop.encode_prompts, ppo_loop.PPOLoop.evaluate_held_out
+    evaluating = []
 
     def encode_counting(*args):
         batch = real_encode(*args)
-        prompt_tokens.append(int(batch.attention_mask.sum()))
+        if not evaluating:  # the rollouts' prompts, not the held-out evaluation's
+            prompt_tokens.append(int(batch.attention_mask.sum()))
         return batch
 
+    def evaluate_uncounted(self, when):
+        evaluating.append(when)
+        try:
+            return real_evaluate(self, when)
+        finally:
+            evaluating.pop()
+
     monkeypatch.setattr(ppo_loop, "encode_prompts", encode_counting)
+    monkeypatch.setattr(ppo_loop.PPOLoop, "evaluate_held_out", evaluate_uncounted)
     options = {"rolloutBatchSize": 8, "miniBatches": 2, "maxNewTokens": 6, "temperature": 1.0}
     training = {"maxSteps": 3, "loggingSteps": 1, "reportTo": ["mlflow", "tensorboard"]}
     config = stage_config(toy, tmp_path, options=options, training=training)
@@ -305,6 +321,7 @@ def test_ppo_on_two_ray_workers_with_zero3(toy, tmp_path):
     ).model_copy(update={"resources": ResourcesSpec(workers=2)})
     metrics = run_stage(config, None, use_ray=True)
     assert metrics["ppo_steps"] == 2 and metrics["kl_last"] > 0
+    assert metrics["eval_prompts"] == 10  # each held-out prompt once, though both workers evaluated a share
     # Each worker rolled out 4 prompts, averaged its statistics with the other and saved its own optimizer shard.
     shards = Path(config.checkpoint_dir) / "checkpoint-1" / "policy" / "engine"
     assert sorted(p.name for p in shards.glob("zero_pp_rank_*_optim_states.pt")) == [
@@ -344,11 +361,25 @@ def test_grpo_raises_the_reward_model_score(toy, tmp_path):
         tmp_path,
         stage_type="grpo",
         options={"numGenerations": 4, "maxNewTokens": 8, "beta": 0.04},
-        training={"maxSteps": 20, "batchSize": 16, "learningRate": 1e-2, "loggingSteps": 1},
+        training={"maxSteps": 20, "batchSize": 16, "learningRate": 5e-3, "loggingSteps": 1},
     )
     metrics = run_stage(config, None, use_ray=False)
-    assert set(metrics) == {"reward_mean_first", "reward_mean_last", "kl_mean"} and metrics["kl_mean"] > 0
-    assert metrics["reward_mean_last"] > metrics["reward_mean_first"] + 3.0, metrics  # observed: -10.6 -> 6.7
+    assert set(metrics) == {
+        "reward_mean_first",
+        "reward_mean_last",
+        "kl_mean",
+        "eval_prompts",
+        "train_reward_mean_first",
+        "train_reward_mean_last",
+        "train_kl_mean",
+    }
+    assert metrics["eval_prompts"] == 10 and metrics["kl_mean"] > 0 and metrics["train_kl_mean"] > 0
+    # On the held-out prompts, the trained (final) policy scores higher than the input policy. At learning rate 1e-2
+    # the training rewards rose as well but the last updates undid it, which only the held-out evaluation shows.
+    assert metrics["reward_mean_last"] > metrics["reward_mean_first"] + 3.0, metrics  # observed: -9.6 -> 10.4, kl 45.9
+    assert metrics["train_reward_mean_last"] > metrics["train_reward_mean_first"] + 3.0, (
+        metrics
+    )  # observed: -9.4 -> 9.3
     assert digit_mass(Path(config.output_uri), toy) > digit_mass(toy.policy, toy) + 0.05
 
 
@@ -367,8 +398,61 @@ def test_grpo_on_conversational_prompts(toy, tmp_path):
         prompts=prompts,
     )
     metrics = run_stage(config, None, use_ray=False)
-    assert {"reward_mean_first", "reward_mean_last", "kl_mean"} <= set(metrics)
+    assert {"reward_mean_first", "reward_mean_last", "kl_mean", "train_reward_mean_first"} <= set(metrics)
+    assert metrics["eval_prompts"] == 7  # the 10% held out of 64 prompts
     assert (Path(config.output_uri) / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("stage_type", "options", "training"),
+    [
+        ("ppo", {"rolloutBatchSize": 4, "maxNewTokens": 4, "temperature": 1.0}, {"maxSteps": 2}),
+        ("grpo", {"numGenerations": 2, "maxNewTokens": 4}, {"maxSteps": 2, "batchSize": 4}),
+    ],
+)
+def test_rl_held_out_metrics_score_the_held_out_prompts_before_and_after_training(
+    toy, tmp_path, monkeypatch, stage_type, options, training
+):
+    from finetune_trainer.recipes import grpo
+
+    held_out = [f"Held-out question {i}: what is {i} times {i}?" for i in range(5)]
+    validation = tmp_path / "held-out.jsonl"
+    validation.write_text("".join(json.dumps({"prompt": prompt}) + "\n" for prompt in held_out))
+    train = [json.loads(line)["prompt"] for line in (DATA / "prompts.jsonl").read_text().splitlines()]
+    assert not set(held_out) & set(train)
+
+    evaluations = []  # per evaluation: the prompts scored, and the per-prompt (reward, kl, length) rows
+    module = ppo_loop if stage_type == "ppo" else grpo
+    real_evaluate = module.evaluate_prompts
+
+    def recording(prompts, per_batch, **kwargs):
+        scored, rows = [], []
+
+        def per_batch_recorded(batch):
+            scored.extend(batch)
+            rows.append(per_batch(batch))
+            return rows[-1]
+
+        values = real_evaluate(prompts, per_batch_recorded, **kwargs)
+        evaluations.append((scored, torch.cat(rows)))
+        return values
+
+    monkeypatch.setattr(module, "evaluate_prompts", recording)
+    config = stage_config(
+        toy, tmp_path, stage_type=stage_type, options=options, training=training, validation=validation
+    )
+    metrics = run_stage(config, None, use_ray=False)
+
+    # Evaluated twice (input policy, trained policy), each time on every held-out prompt once and on nothing else.
+    assert [scored for scored, _ in evaluations] == [held_out, held_out]
+    assert metrics["eval_prompts"] == len(held_out)
+    (_, before), (_, after) = evaluations
+    assert metrics["reward_mean_first"] == pytest.approx(before[:, 0].mean().item())
+    assert metrics["reward_mean_last"] == pytest.approx(after[:, 0].mean().item())
+    assert metrics["kl_mean"] == pytest.approx(after[:, 1].mean().item())
+    # Before training the policy is its own reference (LoRA's adapter starts at zero): no KL yet; after, some.
+    assert before[:, 1].abs().max().item() < 1e-5 < after[:, 1].abs().max().item()
+    assert 1 <= after[:, 2].min().item() and after[:, 2].max().item() <= 4  # completions of at most maxNewTokens
 
 
 def test_reward_scores_agree_with_and_without_retokenizing(toy):
@@ -405,3 +489,41 @@ def test_reward_scores_agree_with_and_without_retokenizing(toy):
         "What is 3 plus 4? 7</s>",
         "How much is 12 plus 1? 13 13 13",
     ]
+
+
+def _evaluate_on_two_workers(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from finetune_trainer.rl.evaluation import evaluate_prompts
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        prompts = [f"prompt {i}" for i in range(7)]
+        seen = []
+
+        def per_batch(batch):
+            seen.extend(batch)
+            # Each prompt's index and the worker that scored it.
+            return torch.tensor([[float(p.split()[1]), float(rank)] for p in batch])
+
+        values = evaluate_prompts(
+            prompts, per_batch, rank=rank, world_size=2, batch_size=3, seed=0, device=torch.device("cpu")
+        )
+        torch.save({"values": values, "seen": seen}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_held_out_evaluation_counts_every_prompt_once_over_two_workers(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_evaluate_on_two_workers, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
+    results = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
+    # Worker 0 scored prompts 0, 2, 4, 6; worker 1 scored 1, 3, 5 and repeated 0 to match worker 0's share.
+    assert [r["seen"] for r in results] == [
+        ["prompt 0", "prompt 2", "prompt 4", "prompt 6"],
+        ["prompt 1", "prompt 3", "prompt 5", "prompt 0"],
+    ]
+    for result in results:  # both workers end with every prompt once, in order, the repeat dropped
+        expected = torch.tensor([[i, i % 2] for i in range(7)], dtype=torch.float64)
+        torch.testing.assert_close(result["values"], expected)

@@ -6,9 +6,12 @@ Models:
   value      a sequence classifier read at every token, initialised from the reward model (`valueInit: reward`) or from
              the policy's weights with a new head (`valueInit: policy`), trained
   reward     the `rewardFrom` stage's output, frozen; scores the last token of each (prompt, response)
-Data: `prompt` rows (text, or a list of chat messages rendered with the chat template).
-Status metrics: reward_mean_first / reward_mean_last (mean score over the first / last 20% of PPO steps), kl_mean,
-kl_last (per-sequence KL to the reference), ppo_steps.
+Data: `prompt` rows (text, or a list of chat messages rendered with the chat template); the held-out split is the
+evaluation set.
+Status metrics, on the held-out prompts (one sampled completion each, at most 64 prompts): reward_mean_first /
+reward_mean_last (mean reward-model score of the input / trained policy), kl_mean (mean per-sequence KL of the trained
+policy to the reference), eval_prompts. From the training rollouts: train_reward_mean_first / train_reward_mean_last
+(mean score over the first / last 20% of PPO steps), train_kl_mean, kl_last (the last step's KL), ppo_steps.
 """
 
 from __future__ import annotations
@@ -37,9 +40,9 @@ def run(ctx: StageContext) -> dict[str, float]:
         loop.resume(Path(resume_from))
     metrics = loop.run()
     ctx.log(
-        "PPO done: reward {reward_mean_first:.3f} -> {reward_mean_last:.3f}, kl_mean {kl_mean:.3f}, kl_last {kl_last:.3f}".format(
-            **metrics
-        )
+        "PPO done: held-out reward {reward_mean_first:.3f} -> {reward_mean_last:.3f}, kl_mean {kl_mean:.3f} "
+        "({eval_prompts:.0f} prompts); training reward {train_reward_mean_first:.3f} -> {train_reward_mean_last:.3f}, "
+        "kl_last {kl_last:.3f}".format(**metrics)
     )
     ctx.log("time: " + ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in loop.timings.items()))
     ctx.save_final(loop.policy.module, loop.tokenizer, metrics)
@@ -111,6 +114,7 @@ def build_loop(ctx: StageContext) -> PPOLoop:
         tokenizer=tokenizer,
         stop_token_ids=modeling.stop_token_ids(tokenizer, policy.module),
         prompts=prompts,
+        eval_prompts=list(data.eval["prompt"]),
         rank=ctx.rank,
         world_size=ctx.world_size,
         device=device,

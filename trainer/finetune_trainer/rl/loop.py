@@ -2,6 +2,7 @@
 
 One PPO step = one rollout of `rolloutBatchSize` prompts (split evenly across workers) and its updates. Everything
 that must agree across workers (KL coefficient, the KL gate, logged statistics) uses values averaged over workers.
+Before the first step and after the last, the policy is evaluated on the held-out prompts (`rl.evaluation`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ from finetune_trainer.recipes.guards import diverged, non_finite
 from finetune_trainer.reporting import TokenRate
 from finetune_trainer.rl import core
 from finetune_trainer.rl.engines import Engine
+from finetune_trainer.rl.evaluation import (
+    HELD_OUT_PROMPTS,
+    HeldOutScores,
+    evaluate_prompts,
+    sample_completions,
+    sequence_kl,
+    summarise,
+)
 from finetune_trainer.rl.kl import KLController, RunningMoments
 from finetune_trainer.rl.models import reference_of
 from finetune_trainer.rl.rollout import (
@@ -92,6 +101,7 @@ class PPOState:
     score_moments: RunningMoments = field(default_factory=RunningMoments)
     score_history: list[float] = field(default_factory=list)
     kl_history: list[float] = field(default_factory=list)
+    held_out_before: HeldOutScores | None = None  # the input policy on the held-out prompts
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -100,6 +110,7 @@ class PPOState:
             "score_moments": self.score_moments.state_dict(),
             "score_history": self.score_history,
             "kl_history": self.kl_history,
+            "held_out_before": self.held_out_before.to_json() if self.held_out_before else None,
         }
 
     def load_json(self, state: dict[str, Any]) -> None:
@@ -107,6 +118,8 @@ class PPOState:
         self.kl.load_state_dict(state["kl_controller"])
         self.score_moments.load_state_dict(state["score_moments"])
         self.score_history, self.kl_history = list(state["score_history"]), list(state["kl_history"])
+        before = state.get("held_out_before")
+        self.held_out_before = HeldOutScores.from_json(before) if before else None
 
 
 @dataclass
@@ -131,6 +144,7 @@ class PPOLoop:
         tokenizer: PreTrainedTokenizerBase,
         stop_token_ids: list[int],  # eos and the chat template's end-of-turn tokens (modeling.stop_token_ids)
         prompts: list[Prompt],
+        eval_prompts: list[Prompt],  # the held-out prompts (at most HELD_OUT_PROMPTS are evaluated)
         rank: int,
         world_size: int,
         device: torch.device,
@@ -140,6 +154,7 @@ class PPOLoop:
         self.stage, self.options, self.training, self.plan = stage, options, training, plan
         self.policy, self.value, self.reference, self.reward = policy, value, reference, reward
         self.tokenizer, self.prompts = tokenizer, prompts
+        self.eval_prompts = list(eval_prompts)[:HELD_OUT_PROMPTS]
         # A response ends at eos or at the chat template's end of turn, whichever comes first.
         self.stop_token_ids = stop_token_ids
         self.rank, self.world_size, self.device = rank, world_size, device
@@ -147,7 +162,7 @@ class PPOLoop:
         self.max_prompt_tokens = max(1, (training.max_length or 512) - options.max_new_tokens)
         self.seed = training.seed if training.seed is not None else 42
         self.state = PPOState(kl=KLController(options.kl_coef, options.kl_target, options.kl_horizon))
-        self.timings = {"generation": 0.0, "scoring": 0.0, "optimisation": 0.0}
+        self.timings = {"generation": 0.0, "scoring": 0.0, "optimisation": 0.0, "evaluation": 0.0}
         # Throughput: the rollouts' non-padding tokens (prompts and responses) over all workers, each counted once
         # however many PPO epochs train on it, as TRL's GRPO counts its generations.
         self.tokens_seen = 0
@@ -291,9 +306,13 @@ class PPOLoop:
         self.hooks.checkpoint_saved(self.state.step, directory)
 
     def resume(self, directory: Path) -> None:
+        saved = json.loads((directory / STATE_FILE).read_text())
+        if saved.get("held_out_before") is None:
+            # A checkpoint without the input policy's held-out scores: measure them before its weights load.
+            saved["held_out_before"] = self.evaluate_held_out("before").to_json()
         self.policy.load(directory / "policy")
         self.value.load(directory / "value")
-        self.state.load_json(json.loads((directory / STATE_FILE).read_text()))
+        self.state.load_json(saved)
         self.hooks.log(f"resumed PPO from {directory.name} (step {self.state.step}, kl_coef {self.state.kl.value:.4g})")
 
     # -- the loop ---------------------------------------------------------------------------------------------------
@@ -301,6 +320,8 @@ class PPOLoop:
         plan, options, state = self.plan, self.options, self.state
         save_every = self.training.save_steps or 50
         log_every = self.training.logging_steps or 5
+        if state.held_out_before is None:
+            state.held_out_before = self.evaluate_held_out("before")
         self.token_rate.mark(self.tokens_seen)
         while state.step < plan.total_steps:
             torch.manual_seed(self.seed * 1_000_003 + state.step * self.world_size + self.rank)
@@ -356,15 +377,72 @@ class PPOLoop:
                 )
             if state.step % save_every == 0 and state.step < plan.total_steps:
                 self.save_checkpoint()
-        return self.metrics()
+        return self.metrics(state.held_out_before, self.evaluate_held_out("after"))
 
-    def metrics(self) -> dict[str, float]:
+    # -- held-out evaluation ----------------------------------------------------------------------------------------
+    def evaluate_held_out(self, when: str) -> HeldOutScores:
+        """The current policy on the held-out prompts: one sampled completion each, its raw reward-model score and its
+        per-sequence KL to the reference (the stage's estimator), every prompt counted once over all workers."""
+        options, micro = self.options, self.plan.micro_batch
+        pad, stop = self.tokenizer.pad_token_id, self.stop_token_ids
+
+        def per_batch(prompts: list[Prompt]) -> torch.Tensor:
+            batch = encode_prompts(self.tokenizer, prompts, self.max_prompt_tokens)
+            batch.input_ids, batch.attention_mask = (
+                batch.input_ids.to(self.device),
+                batch.attention_mask.to(self.device),
+            )
+            self.policy.module.eval()
+            with self.policy.gathered() as policy:
+                responses, mask, finished = sample_completions(
+                    policy,
+                    batch,
+                    temperature=options.temperature,
+                    top_p=options.top_p,
+                    max_new_tokens=options.max_new_tokens,
+                    pad_token_id=pad,
+                    stop_token_ids=stop,
+                )
+            scores = self.reward(batch, responses, mask, finished)
+            kl = sequence_kl(
+                self.policy,
+                lambda: reference_of(self.policy.module, self.reference),
+                batch,
+                responses,
+                mask,
+                temperature=options.temperature,
+                estimator=options.kl_estimator,
+                clamp=options.kl_clamp,
+                micro=micro,
+            )
+            return torch.stack([scores.float(), kl.float(), mask.sum(dim=1).float()], dim=1)
+
+        started = time.perf_counter()
+        values = evaluate_prompts(
+            self.eval_prompts,
+            per_batch,
+            rank=self.rank,
+            world_size=self.world_size,
+            batch_size=self.plan.rollout_per_worker,
+            seed=self.seed + 1,
+            device=self.device,
+        )
+        self.timings["evaluation"] += time.perf_counter() - started
+        scores = summarise(values)
+        self.hooks.log(f"held-out evaluation {when} training: {scores.describe()}")
+        return scores
+
+    def metrics(self, before: HeldOutScores, after: HeldOutScores) -> dict[str, float]:
         scores, kls = self.state.score_history, self.state.kl_history
         window = max(1, round(FIRST_LAST_FRACTION * len(scores)))
         return {
-            "reward_mean_first": sum(scores[:window]) / window,
-            "reward_mean_last": sum(scores[-window:]) / window,
-            "kl_mean": sum(kls) / len(kls),
+            "reward_mean_first": before.reward,
+            "reward_mean_last": after.reward,
+            "kl_mean": after.kl,
+            "eval_prompts": float(after.prompts),
+            "train_reward_mean_first": sum(scores[:window]) / window,
+            "train_reward_mean_last": sum(scores[-window:]) / window,
+            "train_kl_mean": sum(kls) / len(kls),
             "kl_last": kls[-1],
             "ppo_steps": float(len(scores)),
         }
