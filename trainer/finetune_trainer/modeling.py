@@ -7,13 +7,12 @@ fetched to a local directory first.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any
 
 from finetune_api.spec import ModelSpec, PeftSpec, uri_scheme
-from finetune_trainer import storage
+from finetune_trainer import storage, strategy
 from finetune_trainer.chat_templates import END_OF_TURN_TOKENS, resolve_chat_template
 from finetune_trainer.errors import ConfigError, ModelLoadError, StorageUnavailableError
 
@@ -133,28 +132,16 @@ def attention_kwargs(attn_implementation: str | None, gpu: bool) -> dict[str, An
     if attn_implementation is None:
         return {}
     if attn_implementation == "flash_attention_2":
-        field = "spec.training.attnImplementation"
-        if not gpu:
-            raise ConfigError(f"{field}: flash_attention_2 needs a GPU; use sdpa or eager on CPU")
-        if importlib.util.find_spec("flash_attn") is None:
-            raise ConfigError(
-                f"{field}: flash_attention_2 needs the flash-attn package, which the trainer image lacks; install it "
-                "in the image or use sdpa"
-            )
+        strategy.require_gpu_package(
+            "spec.training.attnImplementation: flash_attention_2", "flash-attn", "flash_attn", gpu, "use sdpa"
+        )
     return {"attn_implementation": attn_implementation}
 
 
 def _quantization(peft: PeftSpec, gpu: bool) -> dict[str, Any]:
     if peft.method != "qlora":
         return {}
-    if not gpu:
-        raise ConfigError("peft.method qlora needs a GPU (4-bit bitsandbytes kernels); use lora on CPU")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        # The trainer image has it (the `gpu` extra); a development environment does not.
-        raise ConfigError(
-            "peft.method qlora needs the bitsandbytes package, which this environment lacks (the trainer image has "
-            "it: the `gpu` extra of uv.lock); install it, or use lora"
-        )
+    strategy.require_gpu_package("peft.method qlora", "bitsandbytes", "bitsandbytes", gpu, "use lora")
     import torch
     from transformers import BitsAndBytesConfig
 

@@ -42,19 +42,23 @@ def use_gpu(resources: ResourcesSpec) -> bool:
 BITSANDBYTES_OPTIMIZERS = {"adamw_bnb_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit"}
 
 
-def check_optimizer(optimizer: str | None, gpu: bool) -> None:
-    """Refuse a bitsandbytes optimizer before training where it cannot run (no GPU, or no bitsandbytes)."""
-    if optimizer not in BITSANDBYTES_OPTIMIZERS:
-        return
+def require_gpu_package(option: str, package: str, module: str, gpu: bool, otherwise: str) -> None:
+    """Refuse, before anything loads, an `option` that needs a GPU and `package` (imported as `module`)."""
     import importlib.util
 
-    field = "spec.training.optimizer"
     if not gpu:
-        raise ConfigError(f"{field}: {optimizer} needs a GPU (bitsandbytes' 8-bit kernels); use adamw_torch on CPU")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(
-            f"{field}: {optimizer} needs the bitsandbytes package, which this environment lacks (the trainer image "
-            "has it: the `gpu` extra of uv.lock)"
+        raise ConfigError(f"{option} needs a GPU; {otherwise}")
+    if importlib.util.find_spec(module) is None:
+        # bitsandbytes is in the trainer image (the `gpu` extra of uv.lock), not in a development environment.
+        where = " (the trainer image has it: the `gpu` extra of uv.lock)" if module == "bitsandbytes" else ""
+        raise ConfigError(f"{option} needs the {package} package, which this environment lacks{where}; {otherwise}")
+
+
+def check_optimizer(optimizer: str | None, gpu: bool) -> None:
+    """Refuse a bitsandbytes optimizer before training where it cannot run."""
+    if optimizer in BITSANDBYTES_OPTIMIZERS:
+        require_gpu_package(
+            f"spec.training.optimizer: {optimizer}", "bitsandbytes", "bitsandbytes", gpu, "use adamw_torch"
         )
 
 
