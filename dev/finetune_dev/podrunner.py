@@ -538,7 +538,7 @@ def _in_root(root: Path, path: str) -> Path:
     return current
 
 
-def _enter_pod(spec: dict[str, Any]) -> Path:
+def _enter_pod(spec: dict[str, Any]) -> None:
     """Build the Pod's root (an overlay over this machine's) with its volumes, and chroot into it."""
     pod_dir = Path(spec["dir"])
     layers = pod_dir / "layers"
@@ -580,7 +580,6 @@ def _enter_pod(spec: dict[str, Any]) -> Path:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     os.chroot(root)
-    return pod_dir
 
 
 def _run_pod(pod_dir: Path) -> int:

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_neighbours import FAST, KUBERAY, Neighbourhood, create_bound_claim, wait
+from test_neighbours import FAST, KUBERAY, Neighbourhood, _exists, create_bound_claim, wait
 
 from finetune_api.render import rayjob_name
 from finetune_dev import ControlPlane
@@ -53,7 +53,10 @@ def ray_hood(cluster: ControlPlane, tmp_path: Path):
         cluster.create_node(GPU_NODE, cpu="8", memory="32Gi", gpus=1, labels=GPU_POOL)
     namespace = f"t-{uuid.uuid4().hex[:8]}"
     cluster.create_namespace(namespace)
-    wait(lambda: _get(cluster, f"/api/v1/namespaces/{namespace}/serviceaccounts/default"), "the default ServiceAccount")
+    wait(
+        lambda: _exists(cluster, f"/api/v1/namespaces/{namespace}/serviceaccounts/default"),
+        "the default ServiceAccount",
+    )
     create_bound_claim(cluster, namespace, "runs")
     volume = Path(f"/tmp/{namespace}-runs")
     _prepare_volume(volume)
@@ -69,13 +72,6 @@ def ray_hood(cluster: ControlPlane, tmp_path: Path):
         yield Neighbourhood(cluster, namespace, operator), pods, volume
     cluster.api("DELETE", f"/api/v1/namespaces/{namespace}")
     shutil.rmtree(volume, ignore_errors=True)
-
-
-def _get(cluster: ControlPlane, path: str):
-    try:
-        return cluster.api("GET", path)
-    except Exception:  # noqa: BLE001 - absent yet
-        return None
 
 
 def _prepare_volume(volume: Path) -> None:

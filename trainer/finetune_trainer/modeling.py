@@ -141,7 +141,9 @@ def attention_kwargs(attn_implementation: str | None, gpu: bool) -> dict[str, An
 def _quantization(peft: PeftSpec, gpu: bool) -> dict[str, Any]:
     if peft.method != "qlora":
         return {}
-    strategy.require_gpu_package("peft.method qlora", "bitsandbytes", "bitsandbytes", gpu, "use lora")
+    strategy.require_gpu_package(
+        "peft.method qlora", "bitsandbytes", "bitsandbytes", gpu, "use lora", strategy.IN_THE_IMAGE
+    )
     import torch
     from transformers import BitsAndBytesConfig
 

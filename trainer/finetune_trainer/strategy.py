@@ -42,15 +42,17 @@ def use_gpu(resources: ResourcesSpec) -> bool:
 BITSANDBYTES_OPTIMIZERS = {"adamw_bnb_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit"}
 
 
-def require_gpu_package(option: str, package: str, module: str, gpu: bool, otherwise: str) -> None:
+# bitsandbytes is in the trainer image (the `gpu` extra of uv.lock), not in a development environment.
+IN_THE_IMAGE = " (the trainer image has it: the `gpu` extra of uv.lock)"
+
+
+def require_gpu_package(option: str, package: str, module: str, gpu: bool, otherwise: str, where: str = "") -> None:
     """Refuse, before anything loads, an `option` that needs a GPU and `package` (imported as `module`)."""
     import importlib.util
 
     if not gpu:
         raise ConfigError(f"{option} needs a GPU; {otherwise}")
     if importlib.util.find_spec(module) is None:
-        # bitsandbytes is in the trainer image (the `gpu` extra of uv.lock), not in a development environment.
-        where = " (the trainer image has it: the `gpu` extra of uv.lock)" if module == "bitsandbytes" else ""
         raise ConfigError(f"{option} needs the {package} package, which this environment lacks{where}; {otherwise}")
 
 
@@ -58,7 +60,12 @@ def check_optimizer(optimizer: str | None, gpu: bool) -> None:
     """Refuse a bitsandbytes optimizer before training where it cannot run."""
     if optimizer in BITSANDBYTES_OPTIMIZERS:
         require_gpu_package(
-            f"spec.training.optimizer: {optimizer}", "bitsandbytes", "bitsandbytes", gpu, "use adamw_torch"
+            f"spec.training.optimizer: {optimizer}",
+            "bitsandbytes",
+            "bitsandbytes",
+            gpu,
+            "use adamw_torch",
+            IN_THE_IMAGE,
         )
 
 

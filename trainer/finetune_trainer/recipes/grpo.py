@@ -30,13 +30,12 @@ from finetune_trainer.rl.evaluation import (
     HELD_OUT_PROMPTS,
     HeldOutScores,
     evaluate_prompts,
-    sample_completions,
     sequence_kl,
     summarise,
 )
 from finetune_trainer.rl.loop import FIRST_LAST_FRACTION
 from finetune_trainer.rl.models import TokenScorer, freeze, reference_of
-from finetune_trainer.rl.rollout import Prompt, RewardScorer, encode_prompts, reward_text
+from finetune_trainer.rl.rollout import Prompt, RewardScorer, encode_prompts, reward_text, sample_completions
 
 ACCEPTED_COLUMNS = [("prompt",)]
 HELD_OUT_KEY = "held_out_before"  # the input policy's held-out scores, kept in the trainer state's log history

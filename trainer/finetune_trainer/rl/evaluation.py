@@ -98,33 +98,6 @@ def summarise(values: torch.Tensor) -> HeldOutScores:
 
 
 @torch.no_grad()
-def sample_completions(
-    policy: nn.Module,
-    batch: PromptBatch,
-    *,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    pad_token_id: int,
-    stop_token_ids: list[int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(responses padded after their first stop token, response mask, finished) of one sampled completion per prompt."""
-    output = policy.generate(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=0,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad_token_id,
-        eos_token_id=stop_token_ids,
-    )
-    responses, mask = core.truncate_after_stop(output[:, batch.input_ids.shape[1] :], stop_token_ids, pad_token_id)
-    return responses, mask, core.contains_stop(responses, stop_token_ids)
-
-
-@torch.no_grad()
 def sequence_kl(
     policy: nn.Module,
     reference: Callable[[], AbstractContextManager[nn.Module]],

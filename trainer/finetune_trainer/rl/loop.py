@@ -31,7 +31,6 @@ from finetune_trainer.rl.evaluation import (
     HELD_OUT_PROMPTS,
     HeldOutScores,
     evaluate_prompts,
-    sample_completions,
     sequence_kl,
     summarise,
 )
@@ -47,7 +46,7 @@ from finetune_trainer.rl.rollout import (
     chunks,
     encode_prompts,
     response_logits,
-    sample_responses,
+    sample_completions,
 )
 from finetune_trainer.storage import CHECKPOINT_COMPLETE_FILE
 
@@ -196,9 +195,15 @@ class PPOLoop:
         self.policy.module.eval()  # generation with a KV cache, even when gradient checkpointing is on
         started = time.perf_counter()
         with self.policy.gathered() as policy:
-            raw = sample_responses(policy, batch, options, pad, stop)
-        responses, mask = core.truncate_after_stop(raw, stop, pad)
-        finished = core.contains_stop(responses, stop)
+            responses, mask, finished = sample_completions(
+                policy,
+                batch,
+                temperature=options.temperature,
+                top_p=options.top_p,
+                max_new_tokens=options.max_new_tokens,
+                pad_token_id=pad,
+                stop_token_ids=stop,
+            )
         self.timings["generation"] += time.perf_counter() - started
 
         started = time.perf_counter()

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from finetune_api.spec import PPOOptions
 from finetune_trainer.rl import core
 from finetune_trainer.rl.models import TokenScorer, position_ids_for, same_tokenizer
 
@@ -104,21 +103,30 @@ def batched_token_scores(scorer: nn.Module, input_ids: torch.Tensor, mask: torch
 
 
 @torch.no_grad()
-def sample_responses(
-    policy: nn.Module, batch: PromptBatch, options: PPOOptions, pad_token_id: int, stop_token_ids: core.StopTokens
-) -> torch.Tensor:
+def sample_completions(
+    policy: nn.Module,
+    batch: PromptBatch,
+    *,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    pad_token_id: int,
+    stop_token_ids: core.StopTokens,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(responses padded after their first stop token, response mask, finished) of one sampled completion per prompt."""
     output = policy.generate(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         do_sample=True,
-        temperature=options.temperature,
-        top_p=options.top_p,
+        temperature=temperature,
+        top_p=top_p,
         top_k=0,
-        max_new_tokens=options.max_new_tokens,
+        max_new_tokens=max_new_tokens,
         pad_token_id=pad_token_id,
         eos_token_id=stop_token_ids,
     )
-    return output[:, batch.input_ids.shape[1] :]
+    responses, mask = core.truncate_after_stop(output[:, batch.input_ids.shape[1] :], stop_token_ids, pad_token_id)
+    return responses, mask, core.contains_stop(responses, stop_token_ids)
 
 
 class RewardScorer:
