@@ -143,10 +143,10 @@ async def baseline_start(client: Client, name: str, settings: Settings, created_
     spec = FineTuneJobSpec.model_validate(created["spec"])
     config = render_stage(name, spec, "sft", namespace=NAMESPACE)
     manifests = [
-        *children.trainer_rbac(ref, spec),
-        children.report_configmap(ref, "sft"),
-        children.stage_config_configmap(ref, config),
+        children.trainer_service_account(ref),
+        children.stage_configmap(ref, config),
         children.rayjob(ref, spec, config, settings, None),
+        *children.trainer_report_access(ref, spec),
     ]
     for manifest in manifests:
         await client.create(manifest)

@@ -111,28 +111,23 @@ def rayjob_name(job_name: str, stage_name: str, attempt: int) -> str:
     return f"{job_part}-{stage_name}"[:room].rstrip("-") + tail
 
 
-def report_configmap_name(job_name: str, stage_name: str) -> str:
-    """The per-stage ConfigMap the trainer writes its StageReport into.
+def stage_configmap_name(job_name: str, stage_name: str) -> str:
+    """The per-stage ConfigMap: the current attempt's StageConfig in, the trainer's StageReport out.
 
     ConfigMap names are DNS-1123 subdomains (up to 253 characters): the dots, which job and stage names (DNS labels)
-    cannot contain, keep the name unique and readable without cutting (at most 63 + 30 + 9 characters).
+    cannot contain, keep the name unique and readable without cutting (at most 63 + 30 + 7 characters).
     """
-    return f"{job_name}.{stage_name}.report"
+    return f"{job_name}.{stage_name}.stage"
 
 
-# The config travels in a ConfigMap, whose data the API server limits to 1 MiB (corev1 MaxSecretSize); a little is
-# left for the object's metadata.
-STAGE_CONFIG_MAX_BYTES = 1024 * 1024 - 16 * 1024
+# The config travels in the stage's ConfigMap, whose data the API server limits to 1 MiB (corev1 MaxSecretSize); the
+# rest is left for the object's metadata and the trainer's report.
+STAGE_CONFIG_MAX_BYTES = 1024 * 1024 - 64 * 1024
 
 
 def stage_config_json(config: StageConfig) -> str:
     """The StageConfig as the trainer reads it (`--config-file`): compact, keys sorted."""
     return json.dumps(config.to_wire(), separators=(",", ":"), sort_keys=True)
-
-
-def stage_config_configmap_name(job_name: str, stage_name: str, attempt: int) -> str:
-    """The per-attempt ConfigMap carrying the rendered StageConfig to the trainer pods as a file."""
-    return f"{job_name}.{stage_name}.{attempt}.config"
 
 
 def resolve_training(job: FineTuneJobSpec, stage: StageSpec) -> TrainingSpec:

@@ -17,9 +17,8 @@ from finetune_api.render import (
     PVC_MOUNT_ROOT,
     StageConfig,
     rayjob_name,
-    report_configmap_name,
-    stage_config_configmap_name,
     stage_config_json,
+    stage_configmap_name,
 )
 from finetune_api.spec import API_VERSION, GROUP, KIND, FineTuneJobSpec, uri_scheme
 from finetune_operator.settings import Settings
@@ -82,23 +81,18 @@ def trainer_service_account_name(job_name: str) -> str:
     return f"{job_name}-trainer"
 
 
-def report_configmap(job: JobRef, stage: str) -> dict[str, Any]:
-    """The per-stage progress channel; the trainer fills `report.json`."""
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _metadata(job, report_configmap_name(job.name, stage), child_labels(job, stage)),
-        "data": {},
-    }
+def trainer_service_account(job: JobRef) -> dict[str, Any]:
+    """The identity of the job's Ray pods (and of a local trainer's token)."""
+    name = trainer_service_account_name(job.name)
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(job, name, child_labels(job))}
 
 
-def trainer_rbac(job: JobRef, spec: FineTuneJobSpec) -> list[dict[str, Any]]:
-    """ServiceAccount + Role + RoleBinding: the trainer may get/patch its job's report ConfigMaps, nothing else."""
+def trainer_report_access(job: JobRef, spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    """Role + RoleBinding: the trainer may get/patch its job's stage ConfigMaps, nothing else."""
     name = trainer_service_account_name(job.name)
     labels = child_labels(job)
-    report_names = sorted(report_configmap_name(job.name, stage.name) for stage in spec.stages)
+    stage_configmaps = sorted(stage_configmap_name(job.name, stage.name) for stage in spec.stages)
     return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(job, name, labels)},
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
@@ -107,7 +101,7 @@ def trainer_rbac(job: JobRef, spec: FineTuneJobSpec) -> list[dict[str, Any]]:
                 {
                     "apiGroups": [""],
                     "resources": ["configmaps"],
-                    "resourceNames": report_names,
+                    "resourceNames": stage_configmaps,
                     "verbs": ["get", "patch"],
                 }
             ],
@@ -122,17 +116,18 @@ def trainer_rbac(job: JobRef, spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     ]
 
 
-def stage_config_configmap(job: JobRef, config: StageConfig) -> dict[str, Any]:
-    """The attempt's rendered StageConfig, mounted into its Ray pods at STAGE_CONFIG_PATH (immutable: one per attempt)."""
+def stage_configmap(job: JobRef, config: StageConfig) -> dict[str, Any]:
+    """The stage's ConfigMap: the attempt's rendered StageConfig (`config.json`, mounted into its Ray pods at
+    STAGE_CONFIG_PATH) and the trainer's progress (`report.json`, which it patches; a report names its attempt).
+
+    One object per stage rather than a config and a report object per attempt: a retry replaces `config.json`.
+    """
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(
-            job,
-            stage_config_configmap_name(job.name, config.stage.name, config.attempt),
-            child_labels(job, config.stage.name, config.attempt),
+            job, stage_configmap_name(job.name, config.stage.name), child_labels(job, config.stage.name)
         ),
-        "immutable": True,
         "data": {STAGE_CONFIG_KEY: stage_config_json(config)},
     }
 
@@ -155,7 +150,7 @@ def stage_command(
         "--config-file",
         config_path,
         "--report",
-        report_uri(namespace, report_configmap_name(config.job_name, config.stage.name)),
+        report_uri(namespace, stage_configmap_name(config.job_name, config.stage.name)),
     ]
     return argv + ["--no-ray"] if no_ray else argv
 
@@ -231,7 +226,7 @@ def _pod_template(
         {
             "name": "stage-config",
             "configMap": {
-                "name": stage_config_configmap_name(config.job_name, config.stage.name, config.attempt),
+                "name": stage_configmap_name(config.job_name, config.stage.name),
                 "items": [{"key": STAGE_CONFIG_KEY, "path": STAGE_CONFIG_KEY}],
             },
         }

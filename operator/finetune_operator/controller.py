@@ -36,7 +36,7 @@ from finetune_api.pipeline import (
     runtime_needed,
 )
 from finetune_api.reasons import Reason
-from finetune_api.render import render_stage, report_configmap_name
+from finetune_api.render import render_stage, stage_configmap_name
 from finetune_api.report import REPORT_KEY, StageReport
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import FineTuneJobStatus
@@ -184,7 +184,7 @@ class Controller:
         return dataclasses.replace(job, labels={**job.labels, children.KUEUE_QUEUE_LABEL: queue})
 
     def read_report(self, job: JobRef, stage: str) -> StageReport | None:
-        configmap = self.kube.get(CONFIGMAP, job.namespace, report_configmap_name(job.name, stage))
+        configmap = self.kube.get(CONFIGMAP, job.namespace, stage_configmap_name(job.name, stage))
         text = ((configmap or {}).get("data") or {}).get(REPORT_KEY)
         if not text:
             return None

@@ -149,21 +149,35 @@ class _Base:
 
     def __init__(self, kube: Kube, settings: Settings):
         self.kube, self.settings = kube, settings
-        # Job uids whose trainer ServiceAccount/Role/RoleBinding this process has made sure of: the Role names every
-        # stage's report, so later stages skip three creates.
-        self.rbac_ready: set[str] = set()
+        # Job uids whose trainer ServiceAccount, and whose Role/RoleBinding, this process has made sure of: the Role
+        # names every stage's ConfigMap, so later stages skip those creates.
+        self.accounts_ready: set[str] = set()
+        self.access_ready: set[str] = set()
 
-    def prepare(self, job: JobRef, spec: FineTuneJobSpec, config: StageConfig) -> None:
-        """The trainer's ServiceAccount/Role/RoleBinding and the stage's report ConfigMap (idempotent)."""
-        if job.uid not in self.rbac_ready:
-            for manifest in children.trainer_rbac(job, spec):
+    def prepare(self, job: JobRef, config: StageConfig) -> None:
+        """What the attempt's pods need to start: the trainer's ServiceAccount and the stage's ConfigMap holding this
+        attempt's config (idempotent)."""
+        if job.uid not in self.accounts_ready:
+            self.kube.create_if_absent(children.trainer_service_account(job))
+            self.accounts_ready.add(job.uid)
+        manifest = children.stage_configmap(job, config)
+        if not self.kube.create_if_absent(manifest):
+            # A retry, or this attempt's start repeated after a crash: its config replaces what the ConfigMap holds
+            # (the report, which names its attempt, stays until the new attempt writes one).
+            self.kube.patch(CONFIGMAP, job.namespace, manifest["metadata"]["name"], {"data": manifest["data"]})
+
+    def grant_report_access(self, job: JobRef, spec: FineTuneJobSpec) -> None:
+        """The trainer's Role and RoleBinding (idempotent). Needed only once the trainer reports, seconds after its
+        pods start, so the RayJob need not wait for them."""
+        if job.uid not in self.access_ready:
+            for manifest in children.trainer_report_access(job, spec):
                 self.kube.create_if_absent(manifest)
-            self.rbac_ready.add(job.uid)
-        self.kube.create_if_absent(children.report_configmap(job, config.stage.name))
+            self.access_ready.add(job.uid)
 
     def forget(self, uid: str) -> None:
         """The job is gone."""
-        self.rbac_ready.discard(uid)
+        self.accounts_ready.discard(uid)
+        self.access_ready.discard(uid)
 
     def delete_children(self, job: JobRef) -> None:
         selector = children.job_selector(job.name)
@@ -185,10 +199,11 @@ class KubeRayExecutor(_Base):
     def start(
         self, job: JobRef, spec: FineTuneJobSpec, config: StageConfig, active_deadline_seconds: int | None = None
     ) -> None:
-        self.prepare(job, spec, config)
-        self.kube.create_if_absent(children.stage_config_configmap(job, config))
+        self.prepare(job, config)
         manifest = children.rayjob(job, spec, config, self.settings, active_deadline_seconds)
-        if self.kube.create_if_absent(manifest):
+        created = self.kube.create_if_absent(manifest)
+        self.grant_report_access(job, spec)
+        if created:
             return
         name = manifest["metadata"]["name"]
         existing = self.kube.get(RAYJOB, job.namespace, name) or {}
@@ -267,7 +282,8 @@ class LocalExecutor(_Base):
     def start(
         self, job: JobRef, spec: FineTuneJobSpec, config: StageConfig, active_deadline_seconds: int | None = None
     ) -> None:
-        self.prepare(job, spec, config)
+        self.prepare(job, config)
+        self.grant_report_access(job, spec)
         directory = self.attempt_dir(job, config.stage.name, config.attempt)
         if self._alive_pid(directory) is not None:
             return

@@ -15,7 +15,7 @@ from typing import Any
 import kopf
 
 from finetune_api.spec import GROUP, PLURAL, VERSION
-from finetune_operator.children import ATTEMPT_LABEL, JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL
+from finetune_operator.children import JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL
 from finetune_operator.controller import Controller
 from finetune_operator.kube import Kube
 from finetune_operator.leader import Leadership
@@ -103,11 +103,11 @@ def kopf_settings(clusterwide: bool) -> kopf.OperatorSettings:
     settings.scanning.disabled = not clusterwide
     settings.persistence.progress_storage = NoProgress()
     settings.persistence.diffbase_storage = NoDiffBase()
-    # The API server filters the children's watches: only report ConfigMaps (the per-attempt config ones carry an
-    # attempt label and never change) and our RayJobs reach the operator, not every ConfigMap in the cluster.
+    # The API server filters the children's watches: only our stage ConfigMaps and RayJobs reach the operator, not
+    # every ConfigMap in the cluster.
     ours = f"{MANAGED_BY_LABEL}={MANAGED_BY},{JOB_LABEL}"
     settings.watching.label_selectors["ray.io", "rayjobs"] = ours
-    settings.watching.label_selectors["v1", "configmaps"] = f"{ours},!{ATTEMPT_LABEL}"
+    settings.watching.label_selectors["v1", "configmaps"] = ours
     # Our own Events say what happened; kopf adds only its warnings and errors.
     settings.posting.level = logging.WARNING
     return settings

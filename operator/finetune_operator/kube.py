@@ -98,7 +98,10 @@ class Kube:
         content_type: str = "application/json",
         query: list[tuple[str, Any]] | None = None,
         timeout: float = 30,
+        parse: bool = True,
     ) -> dict[str, Any]:
+        """The response body as a dict; with `parse` False, {} (the object a write returns is often all that the
+        operator would decode, for nothing)."""
         # Errors arrive as the dynamic client's ApiException subclasses (NotFoundError, ConflictError, ...).
         response = self.dynamic.request(
             method,
@@ -110,7 +113,9 @@ class Kube:
             serialize=False,
             _request_timeout=timeout,
         )
-        return json.loads(response.data or b"{}")
+        # Read whole either way: an unread body keeps its connection out of the pool (a TLS handshake per request).
+        data = response.data
+        return json.loads(data or b"{}") if parse else {}
 
     @staticmethod
     def path(
@@ -138,14 +143,14 @@ class Kube:
     def exists(self, kind: tuple[str, str], namespace: str, name: str) -> bool:
         return self.get(kind, namespace, name) is not None
 
-    def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+    def create(self, manifest: dict[str, Any], parse: bool = True) -> dict[str, Any]:
         kind = (manifest["apiVersion"], manifest["kind"])
-        return self.request("POST", self.path(kind, manifest["metadata"]["namespace"]), manifest)
+        return self.request("POST", self.path(kind, manifest["metadata"]["namespace"]), manifest, parse=parse)
 
     def create_if_absent(self, manifest: dict[str, Any]) -> bool:
         """Create the object unless one of that name exists; True when this call created it."""
         try:
-            self.create(manifest)
+            self.create(manifest, parse=False)
             return True
         except ApiException as exc:
             if is_status(exc, 409):
@@ -154,13 +159,15 @@ class Kube:
 
     def patch(
         self, kind: tuple[str, str], namespace: str, name: str, patch: dict[str, Any], subresource: str | None = None
-    ) -> dict[str, Any]:
-        return self.request("PATCH", self.path(kind, namespace, name, subresource), patch, content_type=MERGE_PATCH)
+    ) -> None:
+        self.request(
+            "PATCH", self.path(kind, namespace, name, subresource), patch, content_type=MERGE_PATCH, parse=False
+        )
 
     def delete(self, kind: tuple[str, str], namespace: str, name: str) -> bool:
         """Delete one object; False when it was already gone."""
         try:
-            self.request("DELETE", self.path(kind, namespace, name), {"propagationPolicy": "Background"})
+            self.request("DELETE", self.path(kind, namespace, name), {"propagationPolicy": "Background"}, parse=False)
             return True
         except ApiException as exc:
             if is_status(exc, 404):
@@ -176,8 +183,8 @@ class Kube:
 
     # -- specific calls ---------------------------------------------------------------------------
 
-    def patch_job_status(self, namespace: str, name: str, status_patch: dict[str, Any]) -> dict[str, Any]:
-        return self.patch(FINETUNEJOB, namespace, name, {"status": status_patch}, subresource="status")
+    def patch_job_status(self, namespace: str, name: str, status_patch: dict[str, Any]) -> None:
+        self.patch(FINETUNEJOB, namespace, name, {"status": status_patch}, subresource="status")
 
     def service_account_token(self, namespace: str, name: str, seconds: int) -> str:
         """A TokenRequest token for ServiceAccount namespace/name (what a Pod's projected token would be)."""

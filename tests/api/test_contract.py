@@ -5,7 +5,7 @@ import textwrap
 import pytest
 
 from finetune_api.manifest import ManifestError, parse_manifest
-from finetune_api.render import rayjob_name, render_stage, report_configmap_name, resolve_training
+from finetune_api.render import rayjob_name, render_stage, resolve_training, stage_configmap_name
 from finetune_api.status import FineTuneJobStatus
 
 pytestmark = pytest.mark.unit
@@ -110,7 +110,7 @@ def test_child_names_are_deterministic_and_fit_kubernetes_limits():
     assert rayjob_name("quickstart", "instruct", 3) == "quickstart-instruct-3-c6166bdf"
     long = rayjob_name("j" * 60, "stage", 1)
     assert len(long) <= 47 and not long.endswith("-")
-    assert report_configmap_name("quickstart", "rm") == "quickstart.rm.report"
+    assert stage_configmap_name("quickstart", "rm") == "quickstart.rm.stage"
 
 
 def test_condition_transition_time_moves_only_when_status_changes():

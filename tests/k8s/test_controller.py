@@ -13,10 +13,10 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from finetune_api.reasons import Reason
-from finetune_api.render import StageConfig, rayjob_name, report_configmap_name
+from finetune_api.render import StageConfig, rayjob_name, stage_configmap_name
 from finetune_api.report import StageReport
 from finetune_dev.testing import OperatorProcess, install_chart_rbac
-from finetune_operator.children import trainer_service_account_name
+from finetune_operator.children import ATTEMPT_LABEL, trainer_service_account_name
 from finetune_operator.kube import CONFIGMAP, FINETUNEJOB, RAYJOB, Kube
 
 RAYJOB_PHASES = {
@@ -93,7 +93,7 @@ class Harness:
         self.trainer(job).patch(
             CONFIGMAP,
             self.namespace,
-            report_configmap_name(job, stage),
+            stage_configmap_name(job, stage),
             {"data": {"report.json": json.dumps(report.to_wire())}},
         )
 
@@ -135,12 +135,14 @@ def rj(job: str, stage: str, attempt: int) -> str:
 
 
 def rendered_config(harness: Harness, rayjob: dict[str, Any]) -> StageConfig:
-    """The StageConfig the RayJob's pods mount: its per-attempt ConfigMap."""
+    """The StageConfig the RayJob's pods mount: its stage's ConfigMap, which holds the latest attempt's config."""
     [volume] = [
         v for v in rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"] if "configMap" in v
     ]
     configmap = harness.admin.get(CONFIGMAP, harness.namespace, volume["configMap"]["name"])
-    return StageConfig.model_validate_json(configmap["data"]["config.json"])
+    config = StageConfig.model_validate_json(configmap["data"]["config.json"])
+    assert str(config.attempt) == rayjob["metadata"]["labels"][ATTEMPT_LABEL]
+    return config
 
 
 @pytest.fixture
@@ -192,7 +194,7 @@ def test_stages_chain_and_status_mirrors_the_report(harness: Harness):
     assert stage["lastCheckpoint"] == "s3://runs/chain/sft/checkpoints/checkpoint-5"
     assert stage["progress"]["totalSteps"] == 20 and stage["metrics"]["loss"] == 1.5
 
-    # The trainer's ServiceAccount may write only its job's report ConfigMaps.
+    # The trainer's ServiceAccount may write only its job's stage ConfigMaps.
     forbidden = harness.control_plane.kubectl(
         "get",
         "configmap",
@@ -406,7 +408,7 @@ def test_a_report_with_nan_written_by_an_older_trainer_does_not_freeze_the_statu
     harness.wait_for_rayjob(rj("nan", "sft", 1))
     text = '{"phase": "Running", "attempt": 1, "step": 3, "totalSteps": 9, "loss": NaN, "metrics": {"x": Infinity}}'
     harness.trainer("nan").patch(
-        CONFIGMAP, harness.namespace, report_configmap_name("nan", "sft"), {"data": {"report.json": text}}
+        CONFIGMAP, harness.namespace, stage_configmap_name("nan", "sft"), {"data": {"report.json": text}}
     )
     stage = harness.wait(
         lambda: (s := harness.status("nan")["stages"][0]).get("progress", {}).get("step") == 3 and s,

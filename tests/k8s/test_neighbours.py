@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from finetune_api.render import rayjob_name, report_configmap_name
+from finetune_api.render import rayjob_name, stage_configmap_name
 from finetune_dev import ApiError, ControlPlane
 from finetune_dev.testing import OperatorProcess, install_chart_rbac
 from finetune_operator.children import trainer_service_account_name
@@ -329,7 +329,7 @@ def test_deleting_a_job_removes_every_child_through_garbage_collection(hood: Nei
     """A job that keeps its artifacts has no finalizer, and the operator is stopped before the delete: owner
     references and kube-controller-manager's garbage collector alone remove the RayJob and what KubeRay made from it
     (RayCluster, Pods, Services, and the submitter Job where the submission mode has one), and the trainer's
-    ServiceAccount, Role, RoleBinding and report ConfigMap."""
+    ServiceAccount, Role, RoleBinding and stage ConfigMap."""
     rayjob = rayjob_name("gc", "sft", 1)
     hood.create_job("gc")
     hood.wait_for_ready_pods(rayjob, count=3)
@@ -341,7 +341,7 @@ def test_deleting_a_job_removes_every_child_through_garbage_collection(hood: Nei
         ("v1", "serviceaccounts"): [trainer_service_account_name("gc")],
         ("rbac.authorization.k8s.io/v1", "roles"): [trainer_service_account_name("gc")],
         ("rbac.authorization.k8s.io/v1", "rolebindings"): [trainer_service_account_name("gc")],
-        ("v1", "configmaps"): [report_configmap_name("gc", "sft")],
+        ("v1", "configmaps"): [stage_configmap_name("gc", "sft")],
     }
     for group_version, plural in (
         ("ray.io/v1", "rayjobs"),

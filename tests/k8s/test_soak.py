@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from finetune_api.reasons import Reason
-from finetune_api.render import rayjob_name, report_configmap_name
+from finetune_api.render import rayjob_name, stage_configmap_name
 from finetune_api.report import StageReport
 from finetune_dev.testing import OperatorProcess, install_chart_rbac
 from finetune_operator.children import ATTEMPT_LABEL, JOB_LABEL, STAGE_LABEL
@@ -87,7 +87,7 @@ class KubeRayAndTrainers:
             else StageReport(phase="Succeeded", attempt=attempt, checkpoint=f"s3://runs/{job}/{stage}/model")
         )
         data = {"data": {"report.json": json.dumps(report.to_wire())}}
-        self.admin.patch(CONFIGMAP, self.namespace, report_configmap_name(job, stage), data)
+        self.admin.patch(CONFIGMAP, self.namespace, stage_configmap_name(job, stage), data)
         status = {"status": FAILED if fail else DONE}
         self.admin.patch(RAYJOB, self.namespace, rayjob["metadata"]["name"], status, subresource="status")
 

@@ -17,9 +17,8 @@ from finetune_api.render import (
     StageConfig,
     rayjob_name,
     render_stage,
-    report_configmap_name,
-    stage_config_configmap_name,
     stage_config_json,
+    stage_configmap_name,
 )
 from finetune_api.spec import FineTuneJobSpec
 from finetune_operator import children
@@ -41,9 +40,9 @@ def make_rayjob(job, sample_spec):
 
 
 def _entrypoint_config(rayjob, job, config) -> tuple[list[str], StageConfig]:
-    """The entrypoint's argv and the StageConfig it reads: the attempt's ConfigMap, at the path the pods mount it."""
+    """The entrypoint's argv and the StageConfig it reads: the stage's ConfigMap, at the path the pods mount it."""
     argv = shlex.split(rayjob["spec"]["entrypoint"])
-    configmap = children.stage_config_configmap(job, config)
+    configmap = children.stage_configmap(job, config)
     head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     [volume] = [v for v in head["volumes"] if v.get("configMap")]
     [mount] = [m for m in head["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
@@ -88,7 +87,7 @@ def test_entrypoint_runs_the_stage_with_the_previous_stage_output_as_input(make_
     rayjob, config = make_rayjob()
     argv, embedded = _entrypoint_config(rayjob, job, config)
     assert argv[:3] == ["python", "-m", "finetune_trainer.stage"]
-    assert argv[argv.index("--report") + 1] == "configmap://ml/demo.reward.report"
+    assert argv[argv.index("--report") + 1] == "configmap://ml/demo.reward.stage"
     assert "--no-ray" not in argv
     assert embedded == config
     assert embedded.input_model == "s3://runs/demo/sft/model"
@@ -120,7 +119,7 @@ def test_worker_pods_get_gpus_placement_secrets_and_volumes(make_rayjob):
         {"name": "pvc-0", "persistentVolumeClaim": {"claimName": "data"}},
         {
             "name": "stage-config",
-            "configMap": {"name": "demo.sft.1.config", "items": [{"key": "config.json", "path": "config.json"}]},
+            "configMap": {"name": "demo.sft.stage", "items": [{"key": "config.json", "path": "config.json"}]},
         },
         {"name": "scratch", "emptyDir": {}},
     ]
@@ -169,9 +168,10 @@ def test_pods_run_as_non_root_without_privileges(make_rayjob):
             }
 
 
-def test_trainer_role_allows_only_get_and_patch_of_the_jobs_report_configmaps(job, sample_spec):
+def test_trainer_role_allows_only_get_and_patch_of_the_jobs_stage_configmaps(job, sample_spec):
     spec = FineTuneJobSpec.model_validate(sample_spec())
-    account, role, binding = children.trainer_rbac(job, spec)
+    account = children.trainer_service_account(job)
+    role, binding = children.trainer_report_access(job, spec)
     assert (account["kind"], account["metadata"]["name"]) == ("ServiceAccount", "demo-trainer")
     assert role["kind"] == "Role"
     assert role["rules"] == [
@@ -179,7 +179,7 @@ def test_trainer_role_allows_only_get_and_patch_of_the_jobs_report_configmaps(jo
             "apiGroups": [""],
             "resources": ["configmaps"],
             "verbs": ["get", "patch"],
-            "resourceNames": ["demo.dpo.report", "demo.reward.report", "demo.sft.report"],
+            "resourceNames": ["demo.dpo.stage", "demo.reward.stage", "demo.sft.stage"],
         }
     ]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "demo-trainer"}
@@ -189,11 +189,20 @@ def test_trainer_role_allows_only_get_and_patch_of_the_jobs_report_configmaps(jo
         assert manifest["metadata"]["labels"]["finetune.dev/job"] == "demo"
 
 
-def test_report_configmap_is_empty_and_owned(job):
-    configmap = children.report_configmap(job, "sft")
-    assert configmap["metadata"]["name"] == "demo.sft.report"
-    assert configmap["metadata"]["labels"]["finetune.dev/stage"] == "sft"
-    assert configmap["data"] == {}
+def test_stage_configmap_carries_only_the_attempts_config_and_is_owned(job, sample_spec):
+    spec = FineTuneJobSpec.model_validate(sample_spec())
+    config = render_stage(job.name, spec, "sft", namespace=job.namespace, attempt=3)
+    configmap = children.stage_configmap(job, config)
+    assert configmap["metadata"]["name"] == "demo.sft.stage"
+    assert configmap["metadata"]["labels"] == {
+        "finetune.dev/job": "demo",
+        "app.kubernetes.io/managed-by": "finetune-operator",
+        "finetune.dev/stage": "sft",
+    }
+    assert configmap["metadata"]["ownerReferences"][0]["uid"] == "uid-1234"
+    # The trainer adds `report.json`; a retry replaces `config.json` only (a merge patch of this `data`).
+    assert list(configmap["data"]) == [children.STAGE_CONFIG_KEY]
+    assert StageConfig.model_validate_json(configmap["data"][children.STAGE_CONFIG_KEY]).attempt == 3
 
 
 def test_referenced_secrets_name_their_fields(sample_spec):
@@ -220,7 +229,7 @@ def test_local_command_adds_no_ray(job, sample_spec):
         "--config-file",
         "/state/config.json",
         "--report",
-        "configmap://ml/demo.sft.report",
+        "configmap://ml/demo.sft.stage",
         "--no-ray",
     ]
 
@@ -303,17 +312,14 @@ def test_every_child_name_is_valid_unique_and_deterministic_for_every_accepted_j
         assert DNS_1123_SUBDOMAIN.match(account) and len(account) <= 253
         claim("account", account, (job,))
         for stage in stages:
-            report = report_configmap_name(job, stage)
-            assert DNS_1123_SUBDOMAIN.match(report) and len(report) <= 253
-            claim("configmap", report, (job, stage, "report"))
+            configmap = stage_configmap_name(job, stage)
+            assert DNS_1123_SUBDOMAIN.match(configmap) and len(configmap) <= 253
+            claim("configmap", configmap, (job, stage))
             for attempt in (1, 2, 3, 11):
                 name = rayjob_name(job, stage, attempt)
                 assert DNS_1035.match(name) and len(name) <= 47, name
                 assert name == rayjob_name(job, stage, attempt)
                 claim("rayjob", name, (job, stage, attempt))
-                config = stage_config_configmap_name(job, stage, attempt)
-                assert DNS_1123_SUBDOMAIN.match(config) and len(config) <= 253
-                claim("configmap", config, (job, stage, attempt))
 
 
 def test_names_stay_readable():
@@ -322,10 +328,7 @@ def test_names_stay_readable():
     assert rayjob_name("llama3-8b-instruct-sft-dpo-2026-11-30-a", "preference-dpo", 1) == (
         "llama3-8b-instruct-sf-preference-dpo-1-6f4dbfd7"
     )
-    assert (report_configmap_name("demo", "sft"), stage_config_configmap_name("demo", "sft", 2)) == (
-        "demo.sft.report",
-        "demo.sft.2.config",
-    )
+    assert stage_configmap_name("demo", "sft") == "demo.sft.stage"
 
 
 # -- Kueue -------------------------------------------------------------------------------------------------------------
@@ -387,7 +390,7 @@ def test_the_config_survives_kuberays_submission_and_rays_shell_byte_for_byte(tm
     spec = FineTuneJobSpec.model_validate(spec_wire)
     config = render_stage(job.name, spec, "sft", namespace=job.namespace)
     rayjob = children.rayjob(job, spec, config, SETTINGS)
-    configmap = children.stage_config_configmap(job, config)
+    configmap = children.stage_configmap(job, config)
     # The kubelet's part: the ConfigMap's key as a file at the mount path.
     mounted = tmp_path / "root" / children.STAGE_CONFIG_PATH.lstrip("/")
     mounted.parent.mkdir(parents=True)
@@ -434,7 +437,7 @@ def test_the_stage_entrypoint_reads_its_config_from_a_file(tmp_path, job, sample
     argv = children.stage_command(config, config_path=str(path))
     with pytest.raises(SystemExit):
         stage.main(argv[3:])
-    assert calls == [((str(path), None, "configmap://ml/demo.sft.report"), {"use_ray": True})]
+    assert calls == [((str(path), None, "configmap://ml/demo.sft.stage"), {"use_ray": True})]
 
 
 def test_a_config_too_large_for_its_configmap_fails_the_job_clearly(job, sample_spec, monkeypatch):

@@ -15,10 +15,11 @@ import pytest
 from finetune_api.pipeline import ChildState
 from finetune_api.reasons import Reason
 from finetune_api.render import StageConfig as RenderedConfig
-from finetune_api.render import rayjob_name, render_stage
+from finetune_api.render import rayjob_name, render_stage, stage_config_json
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import FineTuneJobStatus, StageStatus
 from finetune_dev.testing import live_group_members
+from finetune_operator.children import STAGE_CONFIG_KEY
 from finetune_operator.executors import (
     KubeRayExecutor,
     LocalExecutor,
@@ -159,16 +160,16 @@ def test_local_attempt_runs_with_the_trainer_token_and_is_adopted_after_a_restar
     assert executor.observe(job, "sft", 1).state == ChildState.running
     assert executor.kube.created == [
         "ServiceAccount/demo-trainer",
+        "ConfigMap/demo.sft.stage",
         "Role/demo-trainer",
         "RoleBinding/demo-trainer",
-        "ConfigMap/demo.sft.report",
     ]
     directory = executor.attempt_dir(job, "sft", 1)
     _wait_for(lambda: "args:" in (directory / "stage.log").read_text())
     log = (directory / "stage.log").read_text()
     assert f"KUBECONFIG={directory / 'kubeconfig'}" in log
     config_file = directory / "config.json"
-    assert f"--config-file {config_file} --report configmap://ml/demo.sft.report --no-ray" in log
+    assert f"--config-file {config_file} --report configmap://ml/demo.sft.stage --no-ray" in log
     assert RenderedConfig.model_validate_json(config_file.read_text()) == config
     pid = int((directory / "pid").read_text())
 
@@ -406,13 +407,35 @@ def test_without_kueue_the_operator_suspends_and_resumes_its_rayjob(job, kuberay
     assert kube.calls[-1] == ("patch", "RayJob", name, '{"spec": {"suspend": true}}')
 
 
-def test_start_creates_the_config_configmap_before_the_rayjob(job, kuberay):
+def test_start_creates_what_the_pods_mount_then_the_rayjob_then_the_trainers_access(job, kuberay):
     spec, config, name = kuberay
     kube = RecordingKube()
     KubeRayExecutor(kube, Settings()).start(job, spec, config, active_deadline_seconds=900)
-    creates = [call[1:] for call in kube.calls if call[0] == "create"]
-    assert creates[-2:] == [("ConfigMap", "demo.sft.1.config"), ("RayJob", name)]
+    # The Role and RoleBinding are needed only once the trainer reports: they do not delay the RayJob.
+    assert kube.calls == [
+        ("create", "ServiceAccount", "demo-trainer"),
+        ("create", "ConfigMap", "demo.sft.stage"),
+        ("create", "RayJob", name),
+        ("create", "Role", "demo-trainer"),
+        ("create", "RoleBinding", "demo-trainer"),
+    ]
     assert kube.objects[("RayJob", name)]["spec"]["activeDeadlineSeconds"] == 900
+
+
+def test_a_retry_replaces_the_config_in_the_stage_configmap_and_skips_the_trainers_rbac(job, sample_spec, kuberay):
+    spec, first, _ = kuberay
+    kube = RecordingKube()
+    executor = KubeRayExecutor(kube, Settings())
+    executor.start(job, spec, first)
+    kube.calls.clear()
+    retry = render_stage(job.name, spec, "sft", namespace=job.namespace, attempt=2)
+    executor.start(job, spec, retry)
+    data = {"data": {STAGE_CONFIG_KEY: stage_config_json(retry)}}
+    assert kube.calls == [
+        ("create", "ConfigMap", "demo.sft.stage"),
+        ("patch", "ConfigMap", "demo.sft.stage", json.dumps(data)),
+        ("create", "RayJob", rayjob_name(job.name, "sft", 2)),
+    ]
 
 
 def test_an_initializing_attempt_reports_its_pods_problems(job, kuberay):
