@@ -2,13 +2,17 @@
 
     python bench/operator_scale.py [N ...]        (default: 1000)
 
-For each N, two runs, each on a fresh local control plane (etcd, kube-apiserver, kube-controller-manager for garbage
+For each N, three runs, each on a fresh local control plane (etcd, kube-apiserver, kube-controller-manager for garbage
 collection, KubeRay's CRDs):
-- **baseline**: an async raw client, 64 requests in flight, creates each FineTuneJob and then exactly the objects the
-  operator creates to start its first stage (built by the operator's own builders), and one status patch. Nothing
-  else runs: this is what the API server on this machine can take.
+- **baseline**: an async raw client, 64 requests in flight, creates each FineTuneJob (as cluster admin, like the
+  users) and then exactly the objects the operator creates to start its first stage (built by the operator's own
+  builders), and one status patch. Nothing else runs: this is what the API server on this machine can take.
+  - `admin`: the starts as cluster admin too, whom the API server neither authorizes nor queues (system:masters);
+  - `operator SA`: the starts as the operator's ServiceAccount with the chart's RBAC: the same requests, with the
+    authorization, RBAC escalation checks and priority-and-fairness queueing every operator's requests get;
 - **operator**: the operator as a subprocess (cluster-wide, the chart's RBAC, the kuberay executor: RayJobs are
   created, nothing runs them), and the same async client creating the N FineTuneJobs.
+The ratio divides each run's time by the `operator SA` baseline's.
 Measured: create -> RayJob latency (p50/p99, from a watch that continues from its resourceVersion), the time from the
 first create until every job shows a status, its ratio to the baseline's, API requests per job by verb and the 429s
 (the apiserver's own `/metrics`), the operator's peak RSS and CPU; with `--delete`, the time until deleting every job
@@ -70,14 +74,21 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class Client:
-    """aiohttp as cluster admin, `IN_FLIGHT` requests at most."""
+    """aiohttp with a kubeconfig's credentials (client certificate or token), `IN_FLIGHT` requests at most."""
 
     def __init__(self, kubeconfig: Path):
         configuration = load_configuration(str(kubeconfig))
         self.host = configuration.host
         context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
-        context.load_cert_chain(configuration.cert_file, configuration.key_file)
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context, limit=IN_FLIGHT))
+        if configuration.cert_file:
+            context.load_cert_chain(configuration.cert_file, configuration.key_file)
+        token = configuration.get_api_key_with_prefix("BearerToken") or configuration.get_api_key_with_prefix(
+            "authorization"
+        )
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=context, limit=IN_FLIGHT),
+            headers={"Authorization": token} if token else None,
+        )
         self.slots = asyncio.Semaphore(IN_FLIGHT)
 
     async def call(self, method: str, path: str, body: Any = None, patch: bool = False) -> dict[str, Any]:
@@ -135,8 +146,11 @@ async def count_with_status(client: Client) -> int:
     return sum(1 for item in items if (item.get("status") or {}).get("phase"))
 
 
-async def baseline_start(client: Client, name: str, settings: Settings, created_at: dict[str, float]) -> None:
-    """One job and what the operator creates to start it, then one status patch: the minimal writes."""
+async def baseline_start(
+    client: Client, starter: Client, name: str, settings: Settings, created_at: dict[str, float]
+) -> None:
+    """One job (by `client`) and what the operator creates to start it, then one status patch (by `starter`): the
+    minimal writes."""
     created = await client.create(job(name))
     created_at[name] = time.monotonic()
     ref = JobRef.from_body(created)
@@ -149,20 +163,26 @@ async def baseline_start(client: Client, name: str, settings: Settings, created_
         *children.trainer_report_access(ref, spec),
     ]
     for manifest in manifests:
-        await client.create(manifest)
+        await starter.create(manifest)
     path = Kube.path(FINETUNEJOB, NAMESPACE, name, "status")
-    await client.call("PATCH", path, {"status": {"phase": "Pending"}}, patch=True)
+    await starter.call("PATCH", path, {"status": {"phase": "Pending"}}, patch=True)
 
 
-async def measure(count: int, workdir: Path, baseline: bool, delete: bool) -> dict[str, float]:
+async def measure(count: int, workdir: Path, run: str, delete: bool) -> dict[str, float]:
+    """`run`: "admin" or "operator SA" (a baseline), or "operator"."""
+    baseline = run != "operator"
     with ControlPlane(components=("kube-controller-manager",)) as cluster:
         cluster.create_namespace(NAMESPACE)
         cluster.create_namespace(OPERATOR_NAMESPACE)
         operator = None
-        if not baseline:
-            kubeconfig = install_chart_rbac(cluster, "finetune-operator", OPERATOR_NAMESPACE, "kuberay", [])
-            operator = OperatorProcess(kubeconfig, workdir / f"operator-{count}.log", "kuberay").start()
         client = Client(cluster.kubeconfig)
+        starter = client
+        if run != "admin":
+            kubeconfig = install_chart_rbac(cluster, "finetune-operator", OPERATOR_NAMESPACE, "kuberay", [])
+            if baseline:
+                starter = Client(kubeconfig)
+            else:
+                operator = OperatorProcess(kubeconfig, workdir / f"operator-{count}.log", "kuberay").start()
         seen: dict[str, float] = {}
         watcher = asyncio.create_task(client.watch_rayjobs(seen))
         try:
@@ -173,7 +193,7 @@ async def measure(count: int, workdir: Path, baseline: bool, delete: bool) -> di
 
             async def start(name: str) -> None:
                 if baseline:
-                    await baseline_start(client, name, settings, created)
+                    await baseline_start(client, starter, name, settings, created)
                 else:
                     await client.create(job(name))
                     created[name] = time.monotonic()
@@ -211,6 +231,8 @@ async def measure(count: int, workdir: Path, baseline: bool, delete: bool) -> di
         finally:
             watcher.cancel()
             await client.close()
+            if starter is not client:
+                await starter.close()
             if operator is not None:
                 operator.stop()
 
@@ -244,9 +266,13 @@ def main() -> None:
     )
     print("|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
     for count in args.counts:
-        base = asyncio.run(measure(count, workdir, baseline=True, delete=False))
-        ours = asyncio.run(measure(count, workdir, baseline=False, delete=args.delete))
-        for label, result in (("baseline", base), ("operator", ours)):
+        runs = {
+            "baseline, admin": asyncio.run(measure(count, workdir, "admin", delete=False)),
+            "baseline, operator SA": asyncio.run(measure(count, workdir, "operator SA", delete=False)),
+            "operator": asyncio.run(measure(count, workdir, "operator", delete=args.delete)),
+        }
+        base = runs["baseline, operator SA"]
+        for label, result in runs.items():
             verbs = ", ".join(f"{verb} {value:.1f}" for verb, value in result["verbs_per_job"].items())
             print(
                 f"| {count} | {label} | {result['all_status_seconds']:.1f} "

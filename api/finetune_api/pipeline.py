@@ -1,7 +1,7 @@
 """The controller's decisions, as one pure function: (job, status, observations, now) -> new status + actions.
 
 No API calls and no clock reads here: the handler gathers observations of the current stage's child (RayJob or
-local process) and report ConfigMap, calls `reconcile`, then carries out the actions and writes the status.
+local process) and stage ConfigMap, calls `reconcile`, then carries out the actions and writes the status.
 Because the state lives in the status and in children with deterministic names, running `reconcile` again after a
 crash or an operator restart reaches the same decisions: nothing is started twice and finished work never re-runs.
 """

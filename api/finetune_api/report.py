@@ -14,6 +14,9 @@ from pydantic import AfterValidator, Field, PlainSerializer
 from finetune_api.spec import ApiModel
 
 REPORT_KEY = "report.json"
+# The report shares the stage's ConfigMap (1 MiB in all) with the config, which may take all but 64 KiB of it
+# (render.STAGE_CONFIG_MAX_BYTES): a failure's message, an exception's text, is cut to fit.
+MESSAGE_MAX_CHARS = 8 * 1024  # at most 32 KiB of UTF-8
 
 
 def _finite_or_none(value: float | None) -> float | None:
@@ -29,6 +32,13 @@ def _finite_only(metrics: dict[str, float]) -> dict[str, float]:
 # validation).
 FiniteOrNone = Annotated[float | None, AfterValidator(_finite_or_none), PlainSerializer(_finite_or_none)]
 FiniteMetrics = Annotated[dict[str, float], AfterValidator(_finite_only), PlainSerializer(_finite_only)]
+
+
+def _bounded(message: str) -> str:
+    return message if len(message) <= MESSAGE_MAX_CHARS else message[: MESSAGE_MAX_CHARS - 1] + "…"
+
+
+BoundedMessage = Annotated[str, AfterValidator(_bounded), PlainSerializer(_bounded)]
 
 
 class StageReport(ApiModel):
@@ -57,7 +67,7 @@ class StageReport(ApiModel):
     reason: str = Field(
         default="", description="CamelCase reason when Failed (e.g. InvalidDataset, QualityGateFailed)."
     )
-    message: str = Field(default="", description="Human-readable detail.")
+    message: BoundedMessage = Field(default="", description="Human-readable detail.")
     updated_at: str | None = Field(default=None, description="RFC 3339 time of this report.")
 
 

@@ -359,7 +359,7 @@ class Controller:
             self.queue.add(key)
 
     def child_event(self, namespace: str, job_name: str) -> None:
-        """A RayJob or report ConfigMap of the job changed (on the event loop)."""
+        """A RayJob or stage ConfigMap of the job changed (on the event loop)."""
         key = (namespace, job_name)
         if key in self.bodies:
             self.queue.add(key)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ FINETUNEJOB = (f"{GROUP}/{VERSION}", "FineTuneJob")
 RUNTIME = (f"{GROUP}/{VERSION}", RUNTIME_KIND)
 CLUSTER_RUNTIME = (f"{GROUP}/{VERSION}", CLUSTER_RUNTIME_KIND)
 MERGE_PATCH = "application/merge-patch+json"
+CREDENTIAL_REFRESH_SECONDS = 10.0
 
 
 def load_configuration(kubeconfig: str | None) -> kubernetes.client.Configuration:
@@ -72,9 +75,32 @@ class _NoDiscovery:
         del client, cache_file
 
 
+def throttle_credential_refresh(configuration: kubernetes.client.Configuration, seconds: float) -> None:
+    """Renew credentials at most every `seconds`: the kubeconfig loader's hook re-applies the whole kubeconfig before
+    every request (kube_config.py `_set_config`: setting `host` re-reads the proxy settings from the environment), a
+    fixed cost per request. Tokens live for minutes or more, so renewing every few seconds still renews in time."""
+    hooks = [configuration.refresh_api_key_hook]
+    if hooks[0] is None:
+        return
+    renewed = [-math.inf]
+
+    def refresh(config: kubernetes.client.Configuration) -> None:
+        now = time.monotonic()
+        if now - renewed[0] >= seconds:
+            renewed[0] = now
+            hooks[0](config)
+            # The loader's hook installs itself again (`_set_config`): keep its newest self, and this in front of it.
+            if config.refresh_api_key_hook is not refresh:
+                hooks[0] = config.refresh_api_key_hook
+                config.refresh_api_key_hook = refresh
+
+    configuration.refresh_api_key_hook = refresh
+
+
 class Kube:
     def __init__(self, configuration: kubernetes.client.Configuration):
         self.configuration = configuration
+        throttle_credential_refresh(configuration, CREDENTIAL_REFRESH_SECONDS)
         self.client = kubernetes.client.ApiClient(configuration)
         self.dynamic = DynamicClient(self.client, discoverer=_NoDiscovery)
 
