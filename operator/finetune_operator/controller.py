@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +27,7 @@ from finetune_api.pipeline import (
     AttemptObservation,
     ChildState,
     DeleteJob,
+    Event,
     JobRef,
     Observations,
     Policy,
@@ -72,6 +75,15 @@ def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return patch
 
 
+@dataclasses.dataclass(frozen=True)
+class Started:
+    """A pass that has created its attempt's child, with the rest of it still to do (what the start left, the Events,
+    the status write). Workers take it up after the keys waiting now, so in a burst every job gets its RayJob before
+    any job's bookkeeping delays another's."""
+
+    finish: Callable[[], tuple[float | None, FineTuneJobStatus]]
+
+
 class Controller:
     def __init__(self, settings: Settings, kube: Kube, metrics: OperatorMetrics | None = None):
         self.settings, self.kube = settings, kube
@@ -85,6 +97,8 @@ class Controller:
             local_paths_allowed=settings.executor == "local",
         )
         self.queue = WorkQueue()
+        # Passes that created their attempt's child and left the rest for later (see `Started`), by key.
+        self.unfinished: dict[tuple[str, str], Started] = {}
         # (namespace, name) -> the job as its last watch event showed it, and the status this operator last stored
         self.bodies: dict[tuple[str, str], dict[str, Any]] = {}
         self.known: dict[tuple[str, str], FineTuneJobStatus] = {}
@@ -194,11 +208,12 @@ class Controller:
             log.warning("%s/%s: ignoring an unreadable report for stage %s: %s", job.namespace, job.name, stage, exc)
             return None
 
-    def execute(self, job: JobRef, action: StartAttempt | StopAttempt | DeleteJob) -> None:
+    def execute(self, job: JobRef, action: StartAttempt | StopAttempt | DeleteJob) -> Callable[[], None] | None:
+        """Carry out one action; returns what a start left for later (see `Executor.start`)."""
         if isinstance(action, StartAttempt):
             config = action.config
             try:
-                self.executor.start(job, action.spec, config, action.active_deadline_seconds)
+                return self.executor.start(job, action.spec, config, action.active_deadline_seconds)
             except ApiException as exc:
                 if exc.status not in REFUSED_STATUSES:
                     raise
@@ -216,6 +231,7 @@ class Controller:
                 job, "Normal", Reason.TTL_EXPIRED, "ttlSecondsAfterFinished passed: deleting the FineTuneJob"
             )
             self.kube.delete(FINETUNEJOB, job.namespace, job.name)
+        return None
 
     def post_event(self, job: JobRef, type_: str, reason: str, message: str, key: str = "") -> None:
         try:
@@ -245,8 +261,9 @@ class Controller:
 
     def reconcile_once(
         self, body: dict[str, Any], known: FineTuneJobStatus | None
-    ) -> tuple[float | None, FineTuneJobStatus]:
-        """One pass for one job (blocking; runs in a worker thread). Returns (requeue delay, status now stored)."""
+    ) -> tuple[float | None, FineTuneJobStatus] | Started:
+        """One pass for one job (blocking; runs in a worker thread). Returns (requeue delay, status now stored), or,
+        when a start left work for later, `Started` with the rest of the pass."""
         job = JobRef.from_body(body)
         spec_raw = body.get("spec") or {}
         current = known if known is not None else FineTuneJobStatus.model_validate(body.get("status") or {})
@@ -256,19 +273,49 @@ class Controller:
         starts = [action for action in decision.actions if isinstance(action, StartAttempt)]
         if starts and self.needs_finalizer(starts[0].spec):
             self.ensure_finalizer(job, body)
+        rests = []
         for action in decision.actions:
-            self.execute(self.with_runtime_queue(job, decision.status), action)
+            rest = self.execute(self.with_runtime_queue(job, decision.status), action)
+            if rest is not None:
+                rests.append(rest)
             if new_attempt and isinstance(action, StartAttempt):
                 self.metrics.stage_attempts.labels(type=action.config.stage.type).inc()
         if any(isinstance(action, DeleteJob) for action in decision.actions):
             return None, current
         stored = known.to_wire() if known is not None else (body.get("status") or {})
+        delay = decision.requeue_after
+        if any((job.uid, a.config.stage.name, a.config.attempt) in self.refusals for a in starts):
+            # Record the refusal in status on the next pass, now.
+            delay = 0.0
+        live = observations.attempt.state in LIVE_STATES or bool(starts)
+        if self.executor.poll_seconds and live:
+            delay = min(delay, self.executor.poll_seconds) if delay is not None else self.executor.poll_seconds
+        # Only what the rest needs is kept: many passes may wait in the queue for their second half.
+        finish = functools.partial(
+            self.finish_pass, job, stored, current, decision.status, decision.events, delay, rests
+        )
+        return Started(finish) if rests else finish()
+
+    def finish_pass(
+        self,
+        job: JobRef,
+        stored: dict[str, Any],
+        current: FineTuneJobStatus,
+        status: FineTuneJobStatus,
+        events: list[Event],
+        delay: float | None,
+        rests: list[Callable[[], None]],
+    ) -> tuple[float | None, FineTuneJobStatus]:
+        """The rest of a pass: what starting the children left, the Events, the status write. Returns (requeue delay,
+        status now stored)."""
+        for rest in rests:
+            rest()
         # A patch that goes through ends a refusal: the condition saying so is dropped.
-        decision.status.conditions = [c for c in decision.status.conditions if c.type != STATUS_UPDATED]
-        patch = merge_patch(stored, decision.status.to_wire())
+        status.conditions = [c for c in status.conditions if c.type != STATUS_UPDATED]
+        patch = merge_patch(stored, status.to_wire())
         # Events go out before the status that records their transition: if this process dies in between, the next
         # pass decides the same transition again and re-posts the same (deterministically named) Event.
-        for event in decision.events:
+        for event in events:
             self.post_event(job, event.type, event.reason, event.message, key=event.key)
         if patch:
             try:
@@ -280,18 +327,8 @@ class Controller:
                 if exc.status != 409:  # a conflict is not a refusal of what the patch says
                     self.status_patch_refused(job, stored, exc)
                 raise
-        self.metrics.observe_phase(job.uid, decision.status.phase)
-        delay = decision.requeue_after
-        if any(
-            isinstance(a, StartAttempt) and (job.uid, a.config.stage.name, a.config.attempt) in self.refusals
-            for a in decision.actions
-        ):
-            # Record the refusal in status on the next pass, now.
-            delay = 0.0
-        live = observations.attempt.state in LIVE_STATES or any(isinstance(a, StartAttempt) for a in decision.actions)
-        if self.executor.poll_seconds and live:
-            delay = min(delay, self.executor.poll_seconds) if delay is not None else self.executor.poll_seconds
-        return delay, decision.status
+        self.metrics.observe_phase(job.uid, status.phase)
+        return delay, status
 
     def needs_finalizer(self, spec: FineTuneJobSpec) -> bool:
         """Whether deleting the job needs this operator: owner references let the garbage collector delete every
@@ -365,7 +402,7 @@ class Controller:
             self.queue.add(key)
 
     def forget(self, key: tuple[str, str], uid: str | None) -> None:
-        for table in (self.bodies, self.known, self.generations):
+        for table in (self.bodies, self.known, self.generations, self.unfinished):
             table.pop(key, None)
         self.queue.forget(key)
         if uid:
@@ -383,23 +420,36 @@ class Controller:
     async def _work(self) -> None:
         while True:
             key = await self.queue.get()
+            deferred = False
             try:
-                await self._process(key)
+                deferred = await self._process(key)
             finally:
-                self.queue.done(key)
+                if not deferred:
+                    self.queue.done(key)
 
-    async def _process(self, key: tuple[str, str]) -> None:
-        body = self.bodies.get(key)
-        if body is None:
-            return
-        snapshot = copy.deepcopy(body)
-        started = time.monotonic()
+    async def _process(self, key: tuple[str, str]) -> bool:
+        """One pass, or the rest of one; True when the rest is left for later (the key stays held until then)."""
+        started, deferred = time.monotonic(), False
         try:
-            if (snapshot.get("metadata") or {}).get("deletionTimestamp"):
-                if FINALIZER in (snapshot["metadata"].get("finalizers") or []):
-                    await asyncio.to_thread(self.finalize, snapshot)
-                return
-            delay, self.known[key] = await asyncio.to_thread(self.reconcile_once, snapshot, self.known.get(key))
+            rest = self.unfinished.pop(key, None)
+            if rest is not None:
+                result = await asyncio.to_thread(rest.finish)
+            else:
+                body = self.bodies.get(key)
+                if body is None:
+                    return False
+                snapshot = copy.deepcopy(body)
+                if (snapshot.get("metadata") or {}).get("deletionTimestamp"):
+                    if FINALIZER in (snapshot["metadata"].get("finalizers") or []):
+                        await asyncio.to_thread(self.finalize, snapshot)
+                    return False
+                result = await asyncio.to_thread(self.reconcile_once, snapshot, self.known.get(key))
+                if isinstance(result, Started):
+                    self.unfinished[key] = result
+                    self.queue.defer(key)
+                    deferred = True
+                    return True
+            delay, self.known[key] = result
             self.metrics.reconciles.labels(result="ok").inc()
         except Exception as exc:  # noqa: BLE001 - any failure is retried
             self.metrics.reconciles.labels(result="error").inc()
@@ -414,7 +464,9 @@ class Controller:
             self.known.pop(key, None)
             delay = ERROR_RETRY_SECONDS
         finally:
-            self.metrics.reconcile_seconds.observe(time.monotonic() - started)
+            if not deferred:
+                self.metrics.reconcile_seconds.observe(time.monotonic() - started)
         if key in self.bodies:
             resync = self.settings.resync_seconds
             self.queue.add_after(key, resync if delay is None else min(delay, resync))
+        return False

@@ -7,12 +7,14 @@ they see of an attempt into an `AttemptObservation` for the state machine.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,7 +49,10 @@ class Executor(Protocol):
 
     def start(
         self, job: JobRef, spec: FineTuneJobSpec, config: StageConfig, active_deadline_seconds: int | None = None
-    ) -> None: ...
+    ) -> Callable[[], None] | None:
+        """Start the attempt (idempotent). Returns the rest of the start, which need not precede the attempt's child
+        and may run later (None: nothing is left)."""
+        ...
 
     def observe(self, job: JobRef, stage: str, attempt: int) -> AttemptObservation: ...
 
@@ -166,11 +171,10 @@ class _Base:
             # (the report, which names its attempt, stays until the new attempt writes one).
             self.kube.patch(CONFIGMAP, job.namespace, manifest["metadata"]["name"], {"data": manifest["data"]})
 
-    def grant_report_access(self, job: JobRef, spec: FineTuneJobSpec) -> None:
-        """The trainer's Role and RoleBinding (idempotent). Needed only once the trainer reports, seconds after its
-        pods start, so the RayJob need not wait for them."""
+    def grant_report_access(self, job: JobRef, manifests: list[dict[str, Any]]) -> None:
+        """The trainer's Role and RoleBinding (`children.trainer_report_access`; idempotent)."""
         if job.uid not in self.access_ready:
-            for manifest in children.trainer_report_access(job, spec):
+            for manifest in manifests:
                 self.kube.create_if_absent(manifest)
             self.access_ready.add(job.uid)
 
@@ -198,13 +202,17 @@ class KubeRayExecutor(_Base):
 
     def start(
         self, job: JobRef, spec: FineTuneJobSpec, config: StageConfig, active_deadline_seconds: int | None = None
-    ) -> None:
+    ) -> Callable[[], None] | None:
         self.prepare(job, config)
+        # The trainer's Role and RoleBinding are left for later: the trainer needs them only once it reports, seconds
+        # after its pods start, and creating them as the operator waits on the API server's RBAC escalation check (a
+        # consistent read of every binding, ~100 ms each; kube-apiserver pkg/registry/rbac/role/policybased).
+        rest = None
+        if job.uid not in self.access_ready:
+            rest = functools.partial(self.grant_report_access, job, children.trainer_report_access(job, spec))
         manifest = children.rayjob(job, spec, config, self.settings, active_deadline_seconds)
-        created = self.kube.create_if_absent(manifest)
-        self.grant_report_access(job, spec)
-        if created:
-            return
+        if self.kube.create_if_absent(manifest):
+            return rest
         name = manifest["metadata"]["name"]
         existing = self.kube.get(RAYJOB, job.namespace, name) or {}
         if (existing.get("metadata") or {}).get("deletionTimestamp"):
@@ -213,9 +221,10 @@ class KubeRayExecutor(_Base):
             raise RuntimeError(f"RayJob {job.namespace}/{name} is still being deleted; it is created again once gone")
         if children.is_kueue_managed(job):
             # Kueue alone decides when a queued RayJob runs: it clears `suspend` on admission.
-            return
+            return rest
         if (existing.get("spec") or {}).get("suspend"):
             self.kube.patch(RAYJOB, job.namespace, name, {"spec": {"suspend": False}})
+        return rest
 
     def observe(self, job: JobRef, stage: str, attempt: int) -> AttemptObservation:
         rayjob = self.kube.get(RAYJOB, job.namespace, rayjob_name(job.name, stage, attempt))
@@ -283,7 +292,8 @@ class LocalExecutor(_Base):
         self, job: JobRef, spec: FineTuneJobSpec, config: StageConfig, active_deadline_seconds: int | None = None
     ) -> None:
         self.prepare(job, config)
-        self.grant_report_access(job, spec)
+        # The process may report at once: nothing is left for later.
+        self.grant_report_access(job, children.trainer_report_access(job, spec))
         directory = self.attempt_dir(job, config.stage.name, config.attempt)
         if self._alive_pid(directory) is not None:
             return

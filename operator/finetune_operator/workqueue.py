@@ -4,6 +4,9 @@
 - a key is never handed to two workers at once; one added while a worker holds it is handed out again after `done`;
 - `add_after` keeps one timer per key, the earliest: a requeue never postpones a wakeup that is due sooner.
 
+And one lane more: `defer` hands a key that a worker holds out again, still held, once no other key waits (or once it
+has waited `DEFER_MAX_SECONDS`): the second half of a pass goes after the first halves of the passes waiting now.
+
 Single event loop, no threads: every method runs on the loop that awaits `get`.
 """
 
@@ -13,6 +16,9 @@ import asyncio
 import collections
 from collections.abc import Hashable
 
+# The longest a deferred key gives way to newly added ones: under a steady stream of new keys it is still handed out.
+DEFER_MAX_SECONDS = 10.0
+
 
 class WorkQueue:
     def __init__(self) -> None:
@@ -20,10 +26,11 @@ class WorkQueue:
         self._dirty: set[Hashable] = set()  # waiting in `_ready`, or re-added while processed
         self._processing: set[Hashable] = set()
         self._timers: dict[Hashable, asyncio.TimerHandle] = {}
+        self._deferred: collections.deque[tuple[float, Hashable]] = collections.deque()  # (when deferred, key)
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     def __len__(self) -> int:
-        return len(self._ready)
+        return len(self._ready) + len(self._deferred)
 
     def add(self, key: Hashable) -> None:
         timer = self._timers.pop(key, None)
@@ -55,8 +62,15 @@ class WorkQueue:
         if timer is not None:
             timer.cancel()
 
+    def defer(self, key: Hashable) -> None:
+        """A held key (taken by `get`, not yet `done`) is to be handed out again, still held, after the keys waiting."""
+        if key not in self._processing:
+            raise ValueError(f"{key!r} is not held by a worker")
+        self._deferred.append((asyncio.get_running_loop().time(), key))
+        self._wake_one()
+
     async def get(self) -> Hashable:
-        while not self._ready:
+        while not self._ready and not self._deferred:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
@@ -67,6 +81,10 @@ class WorkQueue:
                 elif waiter.done() and not waiter.cancelled():
                     self._wake_one()  # pass the wakeup this cancelled getter received on to another
                 raise
+        if self._deferred and (
+            not self._ready or asyncio.get_running_loop().time() - self._deferred[0][0] >= DEFER_MAX_SECONDS
+        ):
+            return self._deferred.popleft()[1]
         key = self._ready.popleft()
         self._dirty.discard(key)
         self._processing.add(key)

@@ -407,18 +407,18 @@ def test_without_kueue_the_operator_suspends_and_resumes_its_rayjob(job, kuberay
     assert kube.calls[-1] == ("patch", "RayJob", name, '{"spec": {"suspend": true}}')
 
 
-def test_start_creates_what_the_pods_mount_then_the_rayjob_then_the_trainers_access(job, kuberay):
+def test_start_creates_what_the_pods_mount_then_the_rayjob_and_leaves_the_trainers_access(job, kuberay):
     spec, config, name = kuberay
     kube = RecordingKube()
-    KubeRayExecutor(kube, Settings()).start(job, spec, config, active_deadline_seconds=900)
-    # The Role and RoleBinding are needed only once the trainer reports: they do not delay the RayJob.
+    rest = KubeRayExecutor(kube, Settings()).start(job, spec, config, active_deadline_seconds=900)
     assert kube.calls == [
         ("create", "ServiceAccount", "demo-trainer"),
         ("create", "ConfigMap", "demo.sft.stage"),
         ("create", "RayJob", name),
-        ("create", "Role", "demo-trainer"),
-        ("create", "RoleBinding", "demo-trainer"),
     ]
+    # The Role and RoleBinding are needed only once the trainer reports: they do not delay the RayJob.
+    rest()
+    assert kube.calls[3:] == [("create", "Role", "demo-trainer"), ("create", "RoleBinding", "demo-trainer")]
     assert kube.objects[("RayJob", name)]["spec"]["activeDeadlineSeconds"] == 900
 
 
@@ -426,10 +426,10 @@ def test_a_retry_replaces_the_config_in_the_stage_configmap_and_skips_the_traine
     spec, first, _ = kuberay
     kube = RecordingKube()
     executor = KubeRayExecutor(kube, Settings())
-    executor.start(job, spec, first)
+    executor.start(job, spec, first)()
     kube.calls.clear()
     retry = render_stage(job.name, spec, "sft", namespace=job.namespace, attempt=2)
-    executor.start(job, spec, retry)
+    assert executor.start(job, spec, retry) is None
     data = {"data": {STAGE_CONFIG_KEY: stage_config_json(retry)}}
     assert kube.calls == [
         ("create", "ConfigMap", "demo.sft.stage"),

@@ -1,7 +1,10 @@
-"""The work queue's guarantees: one wait per key, one worker per key, the earliest requeue wins."""
+"""The work queue's guarantees: one wait per key, one worker per key, the earliest requeue wins, deferred halves last."""
 
 import asyncio
 
+import pytest
+
+from finetune_operator import workqueue
 from finetune_operator.workqueue import WorkQueue
 
 
@@ -91,3 +94,45 @@ def test_forget_drops_a_pending_requeue():
         return len(queue)
 
     assert run(scenario()) == 0
+
+
+def test_a_deferred_key_goes_after_the_keys_waiting_and_stays_held():
+    async def scenario():
+        queue = WorkQueue()
+        queue.add("a")
+        held = await queue.get()
+        for key in ("b", "c"):
+            queue.add(key)
+        queue.defer(held)
+        queue.add("a")  # an event for the held job: handed out after its deferred half is done, never beside it
+        order = [await queue.get() for _ in range(3)]
+        empty = len(queue)
+        queue.done("a")
+        again = await asyncio.wait_for(queue.get(), 1)
+        return order, empty, again
+
+    assert run(scenario()) == (["b", "c", "a"], 0, "a")
+
+
+def test_a_deferred_key_waits_for_new_keys_only_so_long(monkeypatch):
+    monkeypatch.setattr(workqueue, "DEFER_MAX_SECONDS", 0.05)
+
+    async def scenario():
+        queue = WorkQueue()
+        queue.add("old")
+        queue.defer(await queue.get())
+        await asyncio.sleep(0.1)
+        queue.add("new")
+        return [await queue.get(), await queue.get()]
+
+    assert run(scenario()) == ["old", "new"]
+
+
+def test_only_a_held_key_can_be_deferred():
+    async def scenario():
+        queue = WorkQueue()
+        queue.add("a")
+        with pytest.raises(ValueError, match="not held"):
+            queue.defer("a")
+
+    run(scenario())
