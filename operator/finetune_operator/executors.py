@@ -205,8 +205,10 @@ class KubeRayExecutor(_Base):
     ) -> Callable[[], None] | None:
         self.prepare(job, config)
         # The trainer's Role and RoleBinding are left for later: the trainer needs them only once it reports, seconds
-        # after its pods start, and creating them as the operator waits on the API server's RBAC escalation check (a
-        # consistent read of every binding, ~100 ms each; kube-apiserver pkg/registry/rbac/role/policybased).
+        # after its pods start, and creating them as the operator takes ~100 ms each. The RBAC escalation check lists
+        # the bindings with a consistent read (kube-apiserver pkg/registry/rbac/rest/storage_rbac.go), which the
+        # watch cache answers after etcd's next progress notification, requested every 100 ms (k8s.io/apiserver
+        # pkg/storage/cacher/progress/watch_progress.go).
         rest = None
         if job.uid not in self.access_ready:
             rest = functools.partial(self.grant_report_access, job, children.trainer_report_access(job, spec))
