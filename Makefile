@@ -8,6 +8,9 @@ UV := $(CACHE_DIR)/uv-$(UV_VERSION)/bin/uv
 # The project's environment. uv makes it match the lock exactly on every target; CI points VENV at a fresh directory.
 VENV ?= $(CURDIR)/.venv
 export UV_PROJECT_ENVIRONMENT := $(VENV)
+# Bytecode compiled at install (as in the images): with PYTHONDONTWRITEBYTECODE set, as on CI machines, every process
+# would otherwise compile torch, transformers, peft and deepspeed from source at each import (21 s against 7.6 s).
+export UV_COMPILE_BYTECODE := 1
 PY := $(VENV)/bin/python
 # The product packages (api/, operator/, trainer/) are installed editable by uv; dev tooling runs from the tree.
 export PYTHONPATH := $(CURDIR)/dev

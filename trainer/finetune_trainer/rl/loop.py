@@ -189,21 +189,26 @@ class PPOLoop:
 
     # -- rollout ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def rollout(self, batch: PromptBatch) -> Rollout:
-        options, micro = self.options, self.plan.micro_batch
-        pad, stop = self.tokenizer.pad_token_id, self.stop_token_ids
+    def sample(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The policy's completions of `batch`: responses, their mask, and which ones stopped on their own."""
+        options = self.options
         self.policy.module.eval()  # generation with a KV cache, even when gradient checkpointing is on
-        started = time.perf_counter()
         with self.policy.gathered() as policy:
-            responses, mask, finished = sample_completions(
+            return sample_completions(
                 policy,
                 batch,
                 temperature=options.temperature,
                 top_p=options.top_p,
                 max_new_tokens=options.max_new_tokens,
-                pad_token_id=pad,
-                stop_token_ids=stop,
+                pad_token_id=self.tokenizer.pad_token_id,
+                stop_token_ids=self.stop_token_ids,
             )
+
+    @torch.no_grad()
+    def rollout(self, batch: PromptBatch) -> Rollout:
+        options, micro = self.options, self.plan.micro_batch
+        started = time.perf_counter()
+        responses, mask, finished = self.sample(batch)
         self.timings["generation"] += time.perf_counter() - started
 
         started = time.perf_counter()
@@ -389,7 +394,6 @@ class PPOLoop:
         """The current policy on the held-out prompts: one sampled completion each, its raw reward-model score and its
         per-sequence KL to the reference (the stage's estimator), every prompt counted once over all workers."""
         options, micro = self.options, self.plan.micro_batch
-        pad, stop = self.tokenizer.pad_token_id, self.stop_token_ids
 
         def per_batch(prompts: list[Prompt]) -> torch.Tensor:
             batch = encode_prompts(self.tokenizer, prompts, self.max_prompt_tokens)
@@ -397,17 +401,7 @@ class PPOLoop:
                 batch.input_ids.to(self.device),
                 batch.attention_mask.to(self.device),
             )
-            self.policy.module.eval()
-            with self.policy.gathered() as policy:
-                responses, mask, finished = sample_completions(
-                    policy,
-                    batch,
-                    temperature=options.temperature,
-                    top_p=options.top_p,
-                    max_new_tokens=options.max_new_tokens,
-                    pad_token_id=pad,
-                    stop_token_ids=stop,
-                )
+            responses, mask, finished = self.sample(batch)
             scores = self.reward(batch, responses, mask, finished)
             kl = sequence_kl(
                 self.policy,
