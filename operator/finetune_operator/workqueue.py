@@ -17,7 +17,9 @@ import collections
 from collections.abc import Hashable
 
 # The longest a deferred key gives way to newly added ones: under a steady stream of new keys it is still handed out.
-DEFER_MAX_SECONDS = 10.0
+# Longer than a burst of 1000 new jobs takes to get its RayJobs on 2 cores (10-12 s): at 10 s the first jobs' second
+# halves cut in ahead of the last RayJobs and doubled their p99 (docs/benchmarks.md).
+DEFER_MAX_SECONDS = 30.0
 
 
 class WorkQueue:
